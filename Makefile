@@ -1,0 +1,39 @@
+# Two commands: `make demo` (the main job on the embedded default) and `make test` (the suite).
+# Each creates/refreshes .venv with the pinned CPU stack when it is missing or out of date.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# One process per core share, never spin-waiting (DESIGN.md: spinning OpenMP threads made steps 8-30x slower).
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_AUTH_MODE ?= disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/cpu.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sapo_ray.main $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/algo_bench.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis

@@ -1,0 +1,348 @@
+"""SynthVista: a seeded, procedurally generated visual-math task in MathVista's exact row schema.
+
+Small RGB images (PIL drawing) with questions whose answers follow from the generator's own
+parameters, sized for a ~7M-parameter model: values 1-9, 2-4 bars, up to 5 + 3 shapes.
+
+Templates (``metadata["template"]``) and the MathVista answer type each covers:
+
+| template     | question                                        | question/answer type      |
+|--------------|-------------------------------------------------|---------------------------|
+| `count`      | How many <colour> shapes are there?             | free_form / integer       |
+| `bar_max`    | value of the tallest bar                        | free_form / integer       |
+| `bar_sum`    | sum of two named bars                           | free_form / integer       |
+| `bar_diff`   | how much larger one named bar is than another   | free_form / integer       |
+| `bar_argmax` | which colour is the tallest bar (2-5 options)   | multi_choice / text       |
+| `bar_mean`   | mean of the bar values                          | free_form / float (prec 1)|
+| `bar_list`   | bar values from left to right, e.g. "[3, 5, 2]" | free_form / list          |
+
+Held-out split. Each row has a *key colour* whose role depends on the template: the colour counted
+(`count`), the tallest bar (`bar_max`, `bar_argmax`), the first-named bar (`bar_sum`), the larger
+named bar (`bar_diff`), the leftmost bar (`bar_mean`, `bar_list`). ``HELD_OUT`` reserves one
+(template, key colour) combination per template, each colour once:
+
+    count/purple, bar_max/orange, bar_sum/green, bar_diff/blue, bar_argmax/red,
+    bar_mean/yellow, bar_list/brown
+
+``split="test"`` yields only these combinations; ``"train"`` and ``"val"`` never do (the colours
+still appear in other roles). Every split and row index has its own random stream, so row ``i`` of
+``generate(n, seed)`` does not depend on ``n``. Bar values within a chart are distinct, so the
+tallest bar is unique. The generator parameters are stored as JSON in ``metadata["params"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from decimal import ROUND_HALF_UP, Decimal
+
+from PIL import Image, ImageDraw, ImageFont
+
+from sapo_ray.data.schema import build_query, row_to_example
+
+COLOURS = {
+    "red": (220, 50, 47), "green": (40, 160, 70), "blue": (38, 90, 210), "yellow": (235, 195, 20),
+    "purple": (135, 70, 180), "orange": (245, 125, 25), "brown": (125, 80, 45),
+}
+SHAPES = ("circle", "square", "triangle")
+TEMPLATES = ("count", "bar_max", "bar_sum", "bar_diff", "bar_argmax", "bar_mean", "bar_list")
+HELD_OUT = {
+    "count": "purple", "bar_max": "orange", "bar_sum": "green", "bar_diff": "blue",
+    "bar_argmax": "red", "bar_mean": "yellow", "bar_list": "brown",
+}
+SPLITS = ("train", "val", "test")
+
+# (question_type, answer_type, precision, skills) per template.
+_TYPES = {
+    "count": ("free_form", "integer", None, ["arithmetic reasoning"]),
+    "bar_max": ("free_form", "integer", None, ["statistical reasoning"]),
+    "bar_sum": ("free_form", "integer", None, ["arithmetic reasoning", "statistical reasoning"]),
+    "bar_diff": ("free_form", "integer", None, ["arithmetic reasoning", "statistical reasoning"]),
+    "bar_argmax": ("multi_choice", "text", None, ["statistical reasoning"]),
+    "bar_mean": ("free_form", "float", 1, ["arithmetic reasoning", "statistical reasoning"]),
+    "bar_list": ("free_form", "list", None, ["statistical reasoning"]),
+}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Difficulty and rendering knobs of the generator (keyword arguments of ``generate``)."""
+
+    image_size: int = 112
+    """Side of the square RGB image, pixels."""
+    count_range: tuple[int, int] = (1, 5)
+    """Inclusive range of the number of shapes of the asked colour (``count``)."""
+    distractors: int = 3
+    """Most distractor shapes of other colours in a ``count`` scene (uniform in 0..distractors)."""
+    num_bars: tuple[int, int] = (2, 4)
+    """Inclusive range of the number of bars in a chart."""
+    value_range: tuple[int, int] = (1, 9)
+    """Inclusive range of bar values; the y axis has a grid line at every integer up to the max."""
+    num_choices: tuple[int, int] = (2, 5)
+    """Inclusive range of the number of options of ``bar_argmax`` (absent colours fill in)."""
+    value_labels: bool = False
+    """Print each bar's value above it (turns reading heights into reading digits)."""
+    templates: tuple[str, ...] = TEMPLATES
+    """Templates to draw from, uniformly."""
+
+    def __post_init__(self):
+        """Reject impossible knob values with a message naming the knob."""
+        lo, hi = self.value_range
+        bad = [t for t in self.templates if t not in TEMPLATES]
+        checks = [
+            (not bad and self.templates, f"templates: unknown {bad}, choose from {TEMPLATES}"),
+            (self.image_size >= 32, "image_size: must be >= 32 pixels"),
+            (1 <= self.count_range[0] <= self.count_range[1], "count_range: need 1 <= min <= max"),
+            (self.distractors >= 0, "distractors: must be >= 0"),
+            (0 <= lo < hi, "value_range: need 0 <= min < max"),
+            (2 <= self.num_bars[0] <= self.num_bars[1] <= min(len(COLOURS), hi - lo + 1),
+             "num_bars: need 2 <= min <= max <= number of colours and of distinct values"),
+            (2 <= self.num_choices[0] <= self.num_choices[1] <= len(COLOURS), "num_choices: need 2 <= min <= max <= 7"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"synthvista knob {message} (got {self})")
+
+
+def generate(n: int, seed: int, split: str = "train", text_only: bool = False, **knobs) -> list[dict]:
+    """Generate ``n`` SynthVista rows in MathVista's schema, deterministically from ``seed``.
+
+    Each row has MathVista's keys (``pid, question, image, decoded_image, choices, unit, precision,
+    answer, question_type, answer_type, metadata, query``) plus ``solution``, a short reference
+    ``<think>Step 1: ...</think> The answer is \\boxed{...}.`` text. ``split`` is ``train``, ``val``
+    (same combinations as train, another random stream) or ``test`` (the ``HELD_OUT`` combinations).
+    ``text_only=True`` yields the same rows without an image, the picture described in the question.
+    ``knobs`` are the fields of ``Knobs``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"synthvista split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"synthvista n must be >= 0, got {n}")
+    # Lists (YAML, OmegaConf ListConfig) become the tuples the frozen dataclass expects.
+    k = Knobs(**{key: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+                 for key, v in knobs.items()})
+    return [_make_row(i, seed, split, k, text_only) for i in range(n)]
+
+
+def to_example(row: dict) -> dict:
+    """Map a SynthVista row to an Example dict (``docs/CONTRACTS.md``), ``data_source="synthvista"``."""
+    return row_to_example(row, "synthvista")
+
+
+def knob_names() -> list[str]:
+    """Names of the generator knobs accepted by ``generate``."""
+    return [f.name for f in fields(Knobs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def sample_params(rng: random.Random, split: str, k: Knobs) -> dict:
+    """Draw one row's parameters (template, key colour, scene) from ``rng``; JSON-serialisable."""
+    template = rng.choice(k.templates)
+    held = HELD_OUT[template]
+    key = held if split == "test" else rng.choice([c for c in COLOURS if c != held])
+    others = [c for c in COLOURS if c != key]
+    if template == "count":
+        return {"template": template, "key": key, **_sample_scene(rng, key, others, k)}
+
+    m = rng.randint(*k.num_bars)
+    colours = [key] + rng.sample(others, m - 1)
+    values = rng.sample(range(k.value_range[0], k.value_range[1] + 1), m)
+    params = {"template": template, "key": key}
+    if template in ("bar_max", "bar_argmax"):
+        values.sort(reverse=True)  # the key colour (first) gets the largest value
+    elif template in ("bar_sum", "bar_diff"):
+        other = rng.choice(colours[1:])
+        j = colours.index(other)
+        if template == "bar_diff" and values[0] < values[j]:
+            values[0], values[j] = values[j], values[0]
+        params["named"] = [key, other]
+    bars = [{"colour": c, "value": v} for c, v in zip(colours, values)]
+    if template in ("bar_mean", "bar_list"):
+        bars = bars[:1] + rng.sample(bars[1:], m - 1)  # the key colour is the leftmost bar
+    else:
+        rng.shuffle(bars)
+    params["bars"] = bars
+    if template == "bar_argmax":
+        n_choices = rng.randint(*k.num_choices)
+        present = rng.sample(colours[1:], min(n_choices - 1, m - 1))
+        absent = rng.sample([c for c in COLOURS if c not in colours], n_choices - 1 - len(present))
+        choices = [key] + present + absent
+        rng.shuffle(choices)
+        params["choices"] = choices
+    return params
+
+
+def _grid_size(k: Knobs) -> int:
+    """Side of the placement grid of a ``count`` scene: room for 1.5x the most shapes."""
+    return max(3, math.ceil(math.sqrt(1.5 * (k.count_range[1] + k.distractors))))
+
+
+def _sample_scene(rng: random.Random, key: str, others: list[str], k: Knobs) -> dict:
+    """Shapes of the key colour and distractors, each in its own grid cell with a small jitter."""
+    n_target, n_distract = rng.randint(*k.count_range), rng.randint(0, k.distractors)
+    objects = [(rng.choice(SHAPES), key) for _ in range(n_target)]
+    objects += [(rng.choice(SHAPES), rng.choice(others)) for _ in range(n_distract)]
+    rng.shuffle(objects)
+    grid = _grid_size(k)
+    cells = rng.sample(range(grid * grid), len(objects))
+    return {"grid": grid, "objects": [
+        {"shape": s, "colour": c, "cell": cell,
+         "jitter": [round(rng.uniform(-0.12, 0.12), 3), round(rng.uniform(-0.12, 0.12), 3)]}
+        for (s, c), cell in zip(objects, cells)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: question, description, answer, solution
+
+
+def _mean_text(values: list[int]) -> str:
+    """Mean rounded half-up to one decimal, as text ("3.3")."""
+    return str((Decimal(sum(values)) / Decimal(len(values))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+def _shapes_text(params: dict) -> str:
+    """'red circle, blue square, ...' for a ``count`` scene."""
+    return ", ".join(f"{o['colour']} {o['shape']}" for o in params["objects"])
+
+
+def _bars_text(params: dict) -> str:
+    """'red 3, blue 5, ...' for a bar chart, left to right."""
+    return ", ".join(f"{b['colour']} {b['value']}" for b in params["bars"])
+
+
+def describe(params: dict) -> str:
+    """Describe the picture in words (the text-only twin's stand-in for the image)."""
+    if params["template"] == "count":
+        return f"Shapes: {_shapes_text(params)}."
+    return f"Bars from left to right: {_bars_text(params)}."
+
+
+def question_answer_solution(params: dict) -> tuple[str, str, str]:
+    """Return (question, answer, solution) for a row's parameters."""
+    t, key = params["template"], params["key"]
+    if t == "count":
+        found = [o["shape"] for o in params["objects"] if o["colour"] == key]
+        answer = str(len(found))
+        steps = [f"The shapes are {_shapes_text(params)}.",
+                 f"The {key} ones are {', '.join(found)}.", f"That is {answer} shapes."]
+        return f"How many {key} shapes are there?", answer, _solution(steps, answer)
+
+    bars = params["bars"]
+    value = {b["colour"]: b["value"] for b in bars}
+    values = [b["value"] for b in bars]
+    steps = [f"The bars are {_bars_text(params)}."]
+    if t in ("bar_max", "bar_argmax"):
+        top = max(bars, key=lambda b: b["value"])
+        steps.append(f"The largest value is {top['value']}, the {top['colour']} bar.")
+        if t == "bar_max":
+            return "What is the value of the tallest bar?", str(top["value"]), _solution(steps, str(top["value"]))
+        return "Which bar is the tallest?", top["colour"], _solution(steps, top["colour"])
+    if t in ("bar_sum", "bar_diff"):
+        a, b = params["named"]
+        steps.append(f"{a} is {value[a]} and {b} is {value[b]}.")
+        if t == "bar_sum":
+            answer = str(value[a] + value[b])
+            steps.append(f"{value[a]} + {value[b]} = {answer}.")
+            return f"What is the sum of the {a} bar and the {b} bar?", answer, _solution(steps, answer)
+        answer = str(value[a] - value[b])
+        steps.append(f"{value[a]} - {value[b]} = {answer}.")
+        return f"How much larger is the {a} bar than the {b} bar?", answer, _solution(steps, answer)
+    if t == "bar_mean":
+        answer = _mean_text(values)
+        steps += [f"The sum is {' + '.join(map(str, values))} = {sum(values)}.",
+                  f"{sum(values)} / {len(values)} = {answer}."]
+        return "What is the mean of the bar values?", answer, _solution(steps, answer)
+    assert t == "bar_list", t
+    answer = "[" + ", ".join(map(str, values)) + "]"
+    steps.append(f"In order the values are {answer}.")
+    return "List the values of the bars from left to right.", answer, _solution(steps, answer)
+
+
+def _solution(steps: list[str], answer: str) -> str:
+    """Format numbered steps in the trained format: ``<think>Step 1: ...</think> The answer is \\boxed{a}.``"""
+    body = " ".join(f"Step {i}: {s[0].upper() + s[1:]}" for i, s in enumerate(steps, 1))
+    return f"<think>{body}</think> The answer is \\boxed{{{answer}}}."
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def render(params: dict, k: Knobs) -> Image.Image:
+    """Draw a row's picture (RGB, ``k.image_size`` square) from its parameters; no randomness."""
+    s = k.image_size
+    img = Image.new("RGB", (s, s), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    if params["template"] == "count":
+        cell = s / params["grid"]
+        r = 0.3 * cell
+        for o in params["objects"]:
+            row, col = divmod(o["cell"], params["grid"])
+            cx, cy = (col + 0.5 + o["jitter"][0]) * cell, (row + 0.5 + o["jitter"][1]) * cell
+            fill = COLOURS[o["colour"]]
+            if o["shape"] == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            elif o["shape"] == "square":
+                draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        return img
+
+    left, right, bottom = 0.1 * s, 0.96 * s, 0.92 * s
+    top = (0.16 if k.value_labels else 0.06) * s  # room for the label above a full-height bar
+    vmax = k.value_range[1]
+    unit = (bottom - top) / vmax
+    for v in range(1, vmax + 1):  # grid lines so heights can be read off
+        draw.line([(left, bottom - v * unit), (right, bottom - v * unit)], fill=(215, 215, 215))
+    bars = params["bars"]
+    slot = (right - left) / len(bars)
+    font = ImageFont.load_default() if k.value_labels else None
+    for i, b in enumerate(bars):
+        x0 = left + (i + 0.2) * slot
+        y0 = bottom - b["value"] * unit
+        draw.rectangle([x0, y0, x0 + 0.6 * slot, bottom], fill=COLOURS[b["colour"]])
+        if font is not None:
+            draw.text((x0 + 0.3 * slot, y0 - 1), str(b["value"]), fill=(0, 0, 0), font=font, anchor="mb")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=(0, 0, 0))
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def _make_row(i: int, seed: int, split: str, k: Knobs, text_only: bool) -> dict:
+    """Build row ``i`` of (seed, split) from its own random stream."""
+    rng = random.Random(f"synthvista:{seed}:{split}:{i}")
+    params = sample_params(rng, split, k)
+    question, answer, solution = question_answer_solution(params)
+    if text_only:
+        question = f"{describe(params)} {question}"
+    template = params["template"]
+    question_type, answer_type, precision, skills = _TYPES[template]
+    choices = params.get("choices")
+    pid = f"synth-{split}-{seed}-{i}"
+    is_bar = template != "count"
+    size = None if text_only else k.image_size
+    metadata = {
+        "split": split, "language": "english", "img_width": size, "img_height": size,
+        "source": "synthvista", "category": "general-vqa",
+        "task": "figure question answering" if is_bar else "visual question answering",
+        "context": "bar chart" if is_bar else "synthetic scene", "grade": "elementary school",
+        "skills": list(skills), "template": template,
+        "params": json.dumps({**params, "knobs": asdict(k)}, sort_keys=True),
+    }
+    return {
+        "pid": pid, "question": question,
+        "image": None if text_only else f"images/{pid}.png",
+        "decoded_image": None if text_only else render(params, k),
+        "choices": choices, "unit": None, "precision": precision, "answer": answer,
+        "question_type": question_type, "answer_type": answer_type, "metadata": metadata,
+        "query": build_query(question, question_type, answer_type, precision, choices),
+        "solution": solution,
+    }

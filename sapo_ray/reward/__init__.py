@@ -1,0 +1,131 @@
+"""Rewards: `score = acc_weight * acc + format_weight * format`, with `acc` chosen by the example's data source.
+
+An accuracy function maps `(response, example) -> float in [0, 1]`. Built-ins are registered by data
+source (`mathvista`, `synthvista`, `geometry3k`); a new source registers its own with
+`@register_reward("name")`, and a user hook is loaded from a file with `load_reward_fn("file.py:fn")`.
+`RewardPool` scores a batch in worker processes with a per-sample timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from sapo_ray.reward.extract import last_boxed
+from sapo_ray.reward.format import format_reward
+from sapo_ray.reward.verify import is_equivalent, plain
+
+RewardFn = Callable[[str, dict], float]
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register_reward(data_source: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering an accuracy function `(response, example) -> float` for `data_source`."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if data_source in _REGISTRY:
+            raise ValueError(f"a reward function is already registered for data_source {data_source!r}")
+        _REGISTRY[data_source] = fn
+        return fn
+
+    return decorator
+
+
+def get_reward_fn(data_source: str) -> RewardFn:
+    """The accuracy function registered for `data_source`."""
+    if data_source not in _REGISTRY:
+        raise KeyError(
+            f"no reward function for data_source {data_source!r} (registered: {sorted(_REGISTRY)}); "
+            "register one with @sapo_ray.reward.register_reward or pass reward_fn='file.py:function'"
+        )
+    return _REGISTRY[data_source]
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Load a user accuracy function from `"path/to/file.py:function"` (path relative to the working dir)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ValueError(f"reward_fn {spec!r} must look like 'path/to/file.py:function'")
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"reward_fn {spec!r}: file {file} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"sapo_ray_user_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise AttributeError(f"reward_fn {spec!r}: {file} defines no function {name!r} (callables there: {found})")
+    return fn
+
+
+def compute_score(
+    response: str, example: dict, acc_weight: float = 0.9, format_weight: float = 0.1, reward_fn: RewardFn | None = None
+) -> dict[str, float]:
+    """Score one response: {"score": acc_weight * acc + format_weight * format, "acc", "format"}.
+
+    `acc` comes from `reward_fn` when given, else from the function registered for
+    `example["data_source"]`; `format` is `format_reward(response)`.
+    """
+    fn = reward_fn or get_reward_fn(example["data_source"])
+    acc = fn(response, example)
+    if not isinstance(acc, numbers.Real):
+        raise TypeError(f"reward function {getattr(fn, '__name__', fn)!r} returned {acc!r}; expected a float in [0, 1]")
+    acc, fmt = float(acc), format_reward(response)
+    return {"score": acc_weight * acc + format_weight * fmt, "acc": acc, "format": fmt}
+
+
+def _unwrap_box(box: str, example: dict) -> str:
+    """Turn a boxed answer into what MathVista's answer extractor would return for it.
+
+    Drops `$` and `\\text{}`-like wrappers; a bare letter `B`, `(B)` or `B.` stays a letter; numeric
+    answers lose units, degree and percent signs and thousands separators (`1,000 \\text{ cm}` -> `1000`).
+    """
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", box).replace("$", "").strip()
+    if example["question_type"] == "multi_choice":
+        letter = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
+        return letter.group(1) if letter else text
+    if example["answer_type"] in ("integer", "float"):
+        text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\?%|°|(?<=\d),(?=\d{3})", "", text).strip()
+        number = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*[A-Za-z]*\.?", text)
+        return number.group(1) if number else text
+    return text
+
+
+@register_reward("mathvista")
+@register_reward("synthvista")
+def mathvista_acc(response: str, example: dict) -> float:
+    """1.0 iff the last box, normalised by MathVista's rules (choice, integer, float, list), equals the answer."""
+    # Imported here so that `python -m sapo_ray.reward.mathvista` does not find the module pre-imported.
+    from sapo_ray.reward.mathvista import judge
+
+    box = last_boxed(response)
+    if box is None or not box.strip():
+        return 0.0
+    return float(judge(example, _unwrap_box(box, example))[1])
+
+
+@register_reward("geometry3k")
+def math_acc(response: str, example: dict) -> float:
+    """1.0 iff the last box equals the gold answer as plain strings or by math_verify equivalence."""
+    box = last_boxed(response)
+    if box is None or not box.strip():
+        return 0.0
+    gold = str(example["answer"])
+    return float(plain(box) == plain(gold) or is_equivalent(box, gold))
+
+
+from sapo_ray.reward.pool import RewardPool  # noqa: E402  (pool.py imports compute_score from here)
+
+__all__ = [
+    "RewardPool",
+    "compute_score",
+    "format_reward",
+    "get_reward_fn",
+    "last_boxed",
+    "load_reward_fn",
+    "register_reward",
+]

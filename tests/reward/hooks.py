@@ -1,0 +1,31 @@
+"""User reward hooks for the tests, loaded by path ('tests/reward/hooks.py:name'), also inside workers."""
+
+import os
+import time
+
+from sapo_ray.reward import get_reward_fn
+
+
+def always_half(response, example):
+    return 0.5
+
+
+def not_a_number(response, example):
+    return "1"
+
+
+def misbehave(response, example):
+    """Behaviour chosen by `example["mode"]`: hang, raise, crash the process, report; else the built-in."""
+    mode = example.get("mode")
+    if mode == "hang":
+        with open(example["pid_file"], "w") as f:
+            f.write(str(os.getpid()))
+        while True:
+            time.sleep(1)
+    if mode == "raise":
+        raise RuntimeError("reward function failed")
+    if mode == "crash":
+        os._exit(3)
+    if mode == "has_images":
+        return float("images" in example)
+    return get_reward_fn(example["data_source"])(response, example)

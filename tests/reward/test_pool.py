@@ -1,0 +1,127 @@
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sapo_ray.reward import RewardPool
+
+MISBEHAVE = f"{Path(__file__).with_name('hooks.py')}:misbehave"
+TIMEOUT_S = 1.5
+ZERO = {"score": 0.0, "acc": 0.0, "format": 0.0}
+RIGHT = {"score": 1.0, "acc": 1.0, "format": 1.0}
+GOOD = r"<think>Count.</think> \boxed{3}"
+
+
+def example(**fields):
+    base = {"pid": "1", "data_source": "geometry3k", "answer": "3", "question_type": "free_form",
+            "answer_type": "integer", "precision": None, "choices": None}
+    return {**base, **fields}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RewardPool(num_workers=2, timeout_s=TIMEOUT_S, reward_fn=MISBEHAVE) as pool:
+        yield pool
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_scores_a_batch_in_order(pool):
+    responses = [GOOD, r"\boxed{3}", r"<think>x</think>\boxed{4}", r"\boxed{\frac{6}{2}}"]
+    results, n_errors, n_timeouts = pool.score(responses, [example()] * 4)
+    assert [r["acc"] for r in results] == [1.0, 1.0, 0.0, 1.0]
+    assert [r["format"] for r in results] == [1.0, 0.0, 1.0, 0.0]
+    assert (n_errors, n_timeouts) == (0, 0)
+
+
+def test_images_are_not_sent_to_workers(pool):
+    image = Image.new("RGB", (4, 4))
+    results, n_errors, _ = pool.score([GOOD], [example(mode="has_images", images=[image])])
+    assert results[0]["acc"] == 0.0 and n_errors == 0
+
+
+def test_adversarial_responses_come_back_scored(pool):
+    responses = [
+        "",
+        "x" * 3_000_000 + r"\boxed{3}",  # huge, still right
+        r"<think>}{</think>\boxed{3",  # unbalanced
+        r"\boxed{1}\boxed{2}\fbox{3}",  # several boxes: the last counts
+        "\udcff\ud800\x00 \\boxed{\udcff}",  # lone surrogates, NUL
+        r"<think>hm</think> \boxed{9^{9^{9^{9^{9}}}}}",  # sympy would compute this for ever
+        GOOD,
+    ]
+    start = time.monotonic()
+    results, n_errors, n_timeouts = pool.score(responses, [example() for _ in responses])
+    assert time.monotonic() - start < 6 * TIMEOUT_S
+    assert [r["acc"] for r in results] == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert results[5] == ZERO and results[6] == RIGHT
+    assert (n_errors, n_timeouts) == (0, 1)
+
+
+def test_hung_worker_is_killed_and_pool_keeps_working(pool, tmp_path):
+    pid_file = tmp_path / "hung.pid"
+    examples = [example(), example(mode="hang", pid_file=str(pid_file)), example(), example()]
+    start = time.monotonic()
+    results, n_errors, n_timeouts = pool.score([GOOD] * 4, examples)
+    assert time.monotonic() - start < 4 * TIMEOUT_S
+    assert results == [RIGHT, ZERO, RIGHT, RIGHT] and (n_errors, n_timeouts) == (0, 1)
+    hung_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while is_alive(hung_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(hung_pid)
+    assert pool.score([GOOD], [example()]) == ([RIGHT], 0, 0)
+
+
+def test_raising_and_crashing_reward_fns_are_counted_errors(pool):
+    examples = [example(mode="raise"), example(), example(mode="crash"), example(), example(mode="raise")]
+    results, n_errors, n_timeouts = pool.score([GOOD] * 5, examples)
+    assert results == [ZERO, RIGHT, ZERO, RIGHT, ZERO]
+    assert (n_errors, n_timeouts) == (3, 0)
+
+
+def test_inline_mode_counts_errors_without_timeout():
+    pool = RewardPool(num_workers=0, timeout_s=TIMEOUT_S, reward_fn=MISBEHAVE)
+    results, n_errors, n_timeouts = pool.score([GOOD, GOOD, ""], [example(), example(mode="raise"), example()])
+    assert results == [RIGHT, ZERO, ZERO] and (n_errors, n_timeouts) == (1, 0)
+    assert pool.score([], []) == ([], 0, 0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2 responses for 1 examples"):
+        RewardPool(0, 1.0).score(["a", "b"], [example()])
+    with pytest.raises(TypeError, match="cannot be sent to workers"):
+        RewardPool(1, 1.0, reward_fn=lambda response, example: 1.0)
+    with pytest.raises(ValueError, match="timeout_s > 0"):
+        RewardPool(1, 0)
+
+
+def run_in_thread(fn):
+    """Run fn() in a non-main thread (as Ray actors and trainer threads do) and return its result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(fn).result(timeout=60)
+
+
+def test_math_verify_works_outside_the_main_thread():
+    # With math_verify's signal-based timeouts left on, this raises in a thread and counts an error.
+    pool = RewardPool(num_workers=0, timeout_s=TIMEOUT_S)
+    half = example(answer="0.5")
+    assert run_in_thread(lambda: pool.score([r"<think>x</think>\boxed{\frac{1}{2}}"], [half])) == ([RIGHT], 0, 0)
+
+
+def test_pool_created_and_used_in_a_thread():
+    def create_and_score():
+        with RewardPool(num_workers=1, timeout_s=TIMEOUT_S) as pool:
+            return pool.score([r"\boxed{9^{9^{9^{9^{9}}}}}", GOOD], [example(), example()])
+
+    assert run_in_thread(create_and_score) == ([ZERO, RIGHT], 0, 1)
