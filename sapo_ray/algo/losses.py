@@ -1,0 +1,280 @@
+"""Policy and value losses, masked statistics (SAPO_SPEC.md sections 3-5).
+
+All functions are pure tensor code. Shapes: ``[B, T]`` per-token tensors, ``mask`` 1 on valid
+response tokens. Masked statistics are NaN-free: positions outside the mask are never read
+(``torch.where``, not multiplication), and empty masks give 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sapo_ray.algo.segments import Segments
+
+__all__ = [
+    "RATIO_LEVELS",
+    "LOSS_AGGS",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "entropy_from_logits",
+    "explained_variance",
+    "aggregate",
+    "log_ratio",
+    "policy_loss",
+    "value_loss",
+]
+
+RATIO_LEVELS = ("token", "segment", "sequence")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "segment_mean", "seq_mean_token_sum_norm")
+
+# Log-ratios are clamped before exp (as verl does) so one wild token cannot overflow the ratio.
+LOG_RATIO_CLAMP = 20.0
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x, x.new_zeros(()))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over ``mask`` (values outside the mask are never read, so may be NaN)."""
+    z = _zero_outside(x, mask)
+    return z.sum() if dim is None else z.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask) / sum(mask)``; 0 where the mask is empty."""
+    valid = mask.bool()
+    count = torch.count_nonzero(valid) if dim is None else valid.sum(dim=dim, dtype=torch.int32)
+    return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all masked entries; unbiased (``n - 1``) by default; 0 if ``n < 2``."""
+    n = torch.count_nonzero(mask.bool())
+    mean = masked_mean(x, mask)
+    ss = masked_sum((x - mean).square(), mask)
+    denom = (n - 1) if unbiased else n
+    return torch.where(n >= 2, ss / denom.clamp(min=1).to(x.dtype), torch.zeros_like(ss))
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with token-weighted mean and unbiased variance over ``mask``.
+
+    Entries outside the mask are returned as 0. ``shift_mean=False`` adds the mean back.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _zero_outside(out, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim: ``logsumexp(z) - sum(softmax(z) * z)``."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over ``mask`` (pass the critic-loss mask, e.g. the anchors).
+
+    Returns 0 (not NaN) when ``Var(R)`` is 0 or fewer than 2 entries are masked.
+    """
+    var_r = masked_var(returns, mask)
+    var_res = masked_var(returns - values, mask)
+    ok = var_r > 0
+    return torch.where(ok, 1.0 - var_res / torch.where(ok, var_r, torch.ones_like(var_r)), torch.zeros_like(var_r))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token_mean",
+    segments: Segments | None = None,
+    norm_len: float | None = None,
+    agg_denom: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss ``[B, T]`` to a scalar.
+
+    Modes (``n`` = valid tokens of the micro-batch, rows/segments with no valid token are skipped):
+      * ``token_mean``: ``sum_{b,t} l / n`` (PPO/SAPO default; DAPO's "token-sum / total tokens").
+      * ``seq_mean_token_mean``: mean over rows of each row's token mean (GRPO paper, GSPO).
+      * ``segment_mean``: mean over segments of each segment's token mean (needs ``segments``).
+      * ``seq_mean_token_sum_norm``: mean over rows of ``sum_t l / norm_len`` (Dr.GRPO); pass a
+        constant ``norm_len`` (the max response length); ``None`` uses ``T`` of this batch.
+
+    ``agg_denom`` replaces the micro-batch count in the outer mean (tokens, rows or segments of
+    the whole mini-batch) so that gradients accumulated over micro-batches equal one big batch.
+    """
+    valid = mask.bool()
+    if agg == "token_mean":
+        total = masked_sum(loss_mat, valid)
+        denom = torch.count_nonzero(valid).clamp(min=1) if agg_denom is None else agg_denom
+        return total / denom
+    if agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        lengths = valid.sum(dim=1, dtype=torch.int32).long()
+        row_sum = masked_sum(loss_mat, valid, dim=1)
+        if agg == "seq_mean_token_mean":
+            per_row = row_sum / lengths.clamp(min=1).to(loss_mat.dtype)
+        else:
+            per_row = row_sum / float(norm_len if norm_len is not None else loss_mat.shape[-1])
+        denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
+        return per_row.sum() / denom
+    if agg == "segment_mean":
+        if segments is None:
+            raise ValueError("agg='segment_mean' needs segments=")
+        if segments.mask is not mask and not torch.equal(segments.mask, valid):
+            segments = Segments.from_end_mask(segments.end_mask, valid)  # a narrower loss mask
+        lengths = segments.segment_lengths()
+        per_seg = segments.segment_sum(loss_mat) / lengths.clamp(min=1).to(loss_mat.dtype)
+        denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
+        return per_seg.sum() / denom
+    raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {LOSS_AGGS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Policy loss
+# --------------------------------------------------------------------------------------------
+
+
+def log_ratio(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "segment",
+    segments: Segments | None = None,
+) -> torch.Tensor:
+    """Per-token log importance ratio ``log s`` at the given level (SAPO_SPEC.md section 3).
+
+    ``l_t = clamp(logp_t - old_logp_t, -20, 20)``;
+      * ``token``:    ``log s_t = l_t``
+      * ``segment``:  ``log s_t = L_m = mean_{u in z_m} l_u`` for ``t in z_m`` (needs ``segments``)
+      * ``sequence``: ``log s_t = mean_{u valid} l_u`` (GSPO)
+    Gradients flow through the means. 0 on padding.
+    """
+    valid = mask.bool()
+    lr = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if level == "token":
+        return _zero_outside(lr, valid)
+    if level == "segment":
+        if segments is None:
+            raise ValueError("level='segment' needs segments= (see sapo_ray.algo.segments.segment)")
+        if segments.seg_id.shape != lr.shape:
+            raise ValueError(f"segments are {tuple(segments.seg_id.shape)} but log-probs are {tuple(lr.shape)}")
+        return segments.segment_mean(lr)
+    if level == "sequence":
+        seq = masked_mean(lr, valid, dim=1)
+        return _zero_outside(seq.unsqueeze(1).expand_as(lr), valid)
+    raise ValueError(f"unknown ratio level {level!r}; choose one of {RATIO_LEVELS}")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "segment",
+    segments: Segments | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+    agg: str = "token_mean",
+    is_weights: torch.Tensor | None = None,
+    norm_len: float | None = None,
+    agg_denom: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss with a token/segment/sequence importance ratio (SAPO_SPEC.md 3-4).
+
+    Per valid token, with ``s = exp(log_ratio(...))`` and advantage ``A``::
+
+        pg = max(-A * s, -A * clip(s, 1 - clip_low, 1 + clip_high))
+        pg = min(pg, -A * dual_clip)            if A < 0 and dual_clip is not None
+
+    then ``pg *= is_weights`` (optional per-token truncated-IS weights for a rollout/learner
+    mismatch; treated as constants) and ``loss = aggregate(pg, mask, agg, ...)``.
+
+    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors:
+      * ``pg_clipfrac``: fraction of valid tokens where the clipped branch is active,
+      * ``pg_clipfrac_lower``: fraction where the dual clip is active (``A < 0``),
+      * ``ppo_kl``: masked mean of ``-log s`` (approximate KL(old || new) at the chosen level).
+    """
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    valid = mask.bool()
+    log_s = log_ratio(logp, old_logp, valid, level, segments)  # 0 on padding
+    ratio = torch.exp(log_s)
+    adv = _zero_outside(adv.detach(), valid)  # so every padding term below is exactly 0
+
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(loss_unclipped, loss_clipped)
+    if dual_clip is not None:
+        # the dual clip only bounds A < 0: -A * c there, no bound elsewhere
+        bound = torch.where(adv < 0, -adv * dual_clip, torch.full((), float("inf"), dtype=adv.dtype, device=adv.device))
+        dual_active = pg.detach() > bound
+        pg = torch.minimum(pg, bound)
+    else:
+        dual_active = None
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
+
+    loss = aggregate(pg, valid, agg, segments=segments, norm_len=norm_len, agg_denom=agg_denom)
+    with torch.no_grad():
+        n = torch.count_nonzero(valid).clamp(min=1).to(logp.dtype)
+        clipped = (loss_clipped > loss_unclipped) & valid
+        lower = logp.new_zeros(()) if dual_active is None else torch.count_nonzero(dual_active & valid).to(logp.dtype)
+        metrics = {
+            "pg_clipfrac": torch.count_nonzero(clipped).to(logp.dtype) / n,
+            "pg_clipfrac_lower": lower / n,
+            "ppo_kl": -log_s.detach().sum() / n,
+        }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Value loss
+# --------------------------------------------------------------------------------------------
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    loss_mask: torch.Tensor,
+    clip: float | None = 0.5,
+    agg_denom: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (SAPO_SPEC.md section 5), token-mean over ``loss_mask``::
+
+        0.5 * mean(max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2))
+
+    For SAPO pass ``loss_mask = advantages.anchor_mask(seg, value_anchor)`` (one position per
+    segment); for token-level PPO the response mask. ``clip=None`` disables clipping.
+    Metrics: ``vf_clipfrac`` (fraction where the clipped term is the larger one).
+    """
+    valid = loss_mask.bool()
+    err = (values - returns).square()
+    if clip is None:
+        per_token = err
+        clipfrac = values.new_zeros(())
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        err_clipped = (v_clipped - returns).square()
+        per_token = torch.maximum(err, err_clipped)
+        with torch.no_grad():
+            clipfrac = masked_mean((err_clipped > err).to(values.dtype), valid)
+    loss = 0.5 * aggregate(per_token, valid, "token_mean", agg_denom=agg_denom)
+    return loss, {"vf_clipfrac": clipfrac.detach()}

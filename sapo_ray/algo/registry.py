@@ -1,0 +1,428 @@
+"""Algorithm table and registries (SAPO_SPEC.md section 6).
+
+A trainer never branches on an algorithm's name: it looks the :class:`AlgorithmSpec` up in
+``ALGORITHMS`` (or :func:`get_algorithm`, with config overrides) and calls
+
+    scores = shape_scores(spec, scores, response_lengths, max_response_len)   # DAPO overlong penalty
+    keep   = dynamic_sampling_keep(scores, group_index)   # per sample; only if spec.dynamic_sampling
+    seg    = make_segments(spec, mask, entropy=old_entropy)          # None when not needed
+    adv, returns = compute_advantages(spec, scores=..., mask=..., values=..., segments=seg, ...)
+    loss, metrics = policy_loss(spec, logp, old_logp, adv, mask, segments=seg)
+    vf_mask = critic_mask(spec, mask, seg)                         # anchors for SAPO
+
+A new algorithm is an ``AlgorithmSpec`` passed to :func:`register_algorithm`; a new advantage
+estimator is a function decorated with ``@register_advantage(name)``; a new segmentation is a
+function decorated with ``@register_segmenter(name)`` (defined in ``segments``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+
+from sapo_ray.algo import advantages as adv_mod
+from sapo_ray.algo import kl as kl_mod
+from sapo_ray.algo import losses
+from sapo_ray.algo.segments import SEGMENTERS, Segments, register_segmenter, segment
+
+__all__ = [
+    "AlgorithmSpec",
+    "ALGORITHMS",
+    "ADVANTAGES",
+    "SEGMENTERS",
+    "register_algorithm",
+    "register_advantage",
+    "register_segmenter",
+    "get_algorithm",
+    "make_segments",
+    "compute_advantages",
+    "policy_loss",
+    "critic_mask",
+    "kl_loss",
+    "shape_scores",
+    "overlong_penalty",
+    "dynamic_sampling_keep",
+    "dynamic_sampling_groups",
+]
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """Everything that distinguishes one RL algorithm from another in this trainer."""
+
+    name: str
+    """Registry key, e.g. ``sapo``."""
+    advantage: str
+    """Advantage estimator in ``ADVANTAGES``: ``segment_gae``, ``token_gae`` or ``group``."""
+    ratio_level: str
+    """Importance-ratio level: ``token`` (PPO), ``segment`` (SAPO) or ``sequence`` (GSPO)."""
+    loss_agg: str
+    """Policy-loss aggregation, one of ``losses.LOSS_AGGS``."""
+    needs_critic: bool
+    """Train a value model (GAE estimators)."""
+    needs_group: bool
+    """Needs ``n >= 2`` samples per prompt (group baselines)."""
+    clip_low: float = 0.2
+    """``eps_low``: the ratio is clipped below at ``1 - clip_low``."""
+    clip_high: float = 0.2
+    """``eps_high``: the ratio is clipped above at ``1 + clip_high`` (clip-higher when > clip_low)."""
+    dual_clip: float | None = 3.0
+    """Dual-clip constant ``c`` for ``A < 0`` (``None`` disables)."""
+    group_kind: str | None = None
+    """For ``advantage='group'``: ``grpo``, ``dr_grpo`` or ``rloo``."""
+    group_eps: float = 1e-6
+    """``eps`` in GRPO's ``(R - mean) / (std + eps)``."""
+    gamma: float = 1.0
+    """Discount factor of the GAE estimators."""
+    lam: float = 0.95
+    """GAE lambda for the actor's advantages."""
+    lam_critic: float | None = None
+    """GAE lambda for the critic's returns (VC-PPO's decoupled GAE); ``None`` = ``lam``."""
+    whiten: bool = True
+    """Whiten GAE advantages over the batch's valid tokens."""
+    adv_clip: float | None = 5.0
+    """Clamp whitened GAE advantages to ``[-adv_clip, adv_clip]`` (``None`` disables)."""
+    segmenter: str = "entropy_topk"
+    """Segmentation strategy in ``SEGMENTERS`` (for segment-level advantages/ratios)."""
+    frac: float = 0.3
+    """``entropy_topk``: fraction of valid tokens that end a segment."""
+    segment_options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra options for other segmenters (``n``, ``rho``, ``pattern``, ``min_len``, ``max_len``)."""
+    value_anchor: str = "seg_end_prev"
+    """Segment value position: ``seg_end_prev`` (reference code) or ``seg_start`` (paper text)."""
+    kl_in_reward: bool = False
+    """Subtract ``kl_coef * kl_t`` from the token rewards."""
+    kl_coef: float = 0.0
+    """``beta`` of the KL-in-reward penalty."""
+    kl_kind: str = "k1"
+    """Estimator of the KL in the reward."""
+    kl_loss: bool = False
+    """Add ``kl_loss_coef * KL(pi || pi_ref)`` to the actor loss (GRPO's optional KL loss)."""
+    kl_loss_coef: float = 0.0
+    """Weight of the KL loss."""
+    kl_loss_kind: str = "k3"
+    """Estimator of the KL loss."""
+    dynamic_sampling: bool = False
+    """DAPO: drop prompt groups whose scores are all equal, resample until the batch is full."""
+    overlong_penalty: bool = False
+    """DAPO soft overlong punishment on the score."""
+    overlong_buffer_len: int = 512
+    """Length of the linear penalty ramp ending at the max response length."""
+    overlong_penalty_factor: float = 1.0
+    """Penalty at the max response length."""
+
+    def replace(self, **overrides: Any) -> "AlgorithmSpec":
+        """A copy with fields overridden (config values); unknown keys raise."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown algorithm field(s) {unknown} for {self.name!r}; valid fields: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def needs_segments(self) -> bool:
+        return self.advantage == "segment_gae" or self.ratio_level == "segment" or self.loss_agg == "segment_mean"
+
+
+# --------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {}
+
+# An advantage estimator: fn(spec, *, rewards, scores, mask, values, segments, group_index) -> (adv, returns)
+AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_algorithm(spec: AlgorithmSpec) -> AlgorithmSpec:
+    if spec.name in ALGORITHMS and ALGORITHMS[spec.name] != spec:
+        raise ValueError(f"algorithm {spec.name!r} is already registered")
+    ALGORITHMS[spec.name] = spec
+    return spec
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def decorator(fn: AdvantageFn) -> AdvantageFn:
+        if name in ADVANTAGES and ADVANTAGES[name] is not fn:
+            raise ValueError(f"advantage estimator {name!r} is already registered ({ADVANTAGES[name]})")
+        ADVANTAGES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_algorithm(name: str, **overrides: Any) -> AlgorithmSpec:
+    """The registered spec ``name`` with config overrides applied."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name].replace(**overrides) if overrides else ALGORITHMS[name]
+
+
+def _require(value, what: str, spec: AlgorithmSpec):
+    if value is None:
+        raise ValueError(f"algorithm {spec.name!r} ({spec.advantage} advantages) needs {what}=")
+    return value
+
+
+@register_advantage("segment_gae")
+def _segment_gae(spec: AlgorithmSpec, *, rewards, mask, values, segments, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    values = _require(values, "values", spec)
+    segments = _require(segments, "segments", spec)
+    kw = dict(gamma=spec.gamma, value_anchor=spec.value_anchor, whiten=spec.whiten, clip=spec.adv_clip)
+    adv, ret = adv_mod.segment_gae(rewards, values, mask, segments, lam=spec.lam, **kw)
+    if spec.lam_critic is not None and spec.lam_critic != spec.lam:
+        _, ret = adv_mod.segment_gae(rewards, values, mask, segments, lam=spec.lam_critic, **kw)
+    return adv, ret
+
+
+@register_advantage("token_gae")
+def _token_gae(spec: AlgorithmSpec, *, rewards, mask, values, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    values = _require(values, "values", spec)
+    kw = dict(gamma=spec.gamma, whiten=spec.whiten, clip=spec.adv_clip)
+    adv, ret = adv_mod.token_gae(rewards, values, mask, lam=spec.lam, **kw)
+    if spec.lam_critic is not None and spec.lam_critic != spec.lam:
+        _, ret = adv_mod.token_gae(rewards, values, mask, lam=spec.lam_critic, **kw)
+    return adv, ret
+
+
+@register_advantage("group")
+def _group(spec: AlgorithmSpec, *, rewards, mask, group_index, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    group_index = _require(group_index, "group_index", spec)
+    # The outcome is the row's total reward (the score, minus the KL penalty if it is in the reward).
+    outcome = losses.masked_sum(rewards, mask, dim=1)
+    adv = adv_mod.group_advantage(outcome, group_index, mask, kind=spec.group_kind or "grpo", eps=spec.group_eps)
+    returns = torch.where(mask.bool(), outcome.unsqueeze(1), outcome.new_zeros(()))
+    return adv, returns
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by the trainer
+# --------------------------------------------------------------------------------------------
+
+
+_SEGMENTER_INPUTS: dict[str, tuple[str, ...]] = {
+    "entropy_topk": ("entropy",),
+    "low_prob": ("logprobs",),
+    "newline": ("token_texts", "token_ids", "tokenizer"),
+    "step_marker": ("token_texts", "token_ids", "tokenizer"),
+    "token": (),
+    "sequence": (),
+    "fixed": (),
+}
+
+
+def make_segments(spec: AlgorithmSpec, mask: torch.Tensor, **inputs: Any) -> Segments | None:
+    """Segment a rollout batch if ``spec`` needs it (else ``None``).
+
+    ``inputs`` are the strategy's inputs (``entropy`` for ``entropy_topk``, ``logprobs`` for
+    ``low_prob``, ``token_texts`` / ``token_ids`` + ``tokenizer`` for the text strategies); extra
+    inputs that the strategy does not take are ignored.
+    """
+    if not spec.needs_segments:
+        return None
+    options = dict(spec.segment_options)
+    if spec.segmenter == "entropy_topk":
+        options.setdefault("frac", spec.frac)
+    # Built-in strategies take only their own inputs; a custom strategy receives all of them.
+    wanted = _SEGMENTER_INPUTS.get(spec.segmenter)
+    passed = {k: v for k, v in inputs.items() if (wanted is None or k in wanted) and v is not None}
+    needed = {"entropy_topk": "entropy", "low_prob": "logprobs"}.get(spec.segmenter)
+    if needed is not None and needed not in passed:
+        raise ValueError(f"segmentation {spec.segmenter!r} of algorithm {spec.name!r} needs {needed}= (old policy)")
+    return segment(spec.segmenter, mask=mask, **options, **passed)
+
+
+@torch.no_grad()
+def compute_advantages(
+    spec: AlgorithmSpec,
+    *,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    segments: Segments | None = None,
+    group_index: torch.Tensor | Sequence[Hashable] | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, returns)`` ``[B, T]`` for any registered algorithm.
+
+    ``scores [B]`` are the (shaped) outcome scores; the token rewards are
+    ``advantages.token_rewards`` with the spec's KL-in-reward penalty. ``returns`` are the
+    critic targets for GAE estimators (before whitening); for group estimators they are the
+    outcome broadcast to the valid tokens (unused without a critic).
+    """
+    if spec.advantage not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {spec.advantage!r}; choose one of {sorted(ADVANTAGES)}")
+    kl_coef = spec.kl_coef if spec.kl_in_reward else 0.0
+    rewards = adv_mod.token_rewards(scores, mask, old_logp, ref_logp, kl_coef=kl_coef, kl_kind=spec.kl_kind)
+    fn = ADVANTAGES[spec.advantage]
+    return fn(
+        spec, rewards=rewards, scores=scores, mask=mask, values=values, segments=segments, group_index=group_index
+    )
+
+
+def policy_loss(
+    spec: AlgorithmSpec,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    segments: Segments | None = None,
+    is_weights: torch.Tensor | None = None,
+    norm_len: float | None = None,
+    agg_denom: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``losses.policy_loss`` with the spec's ratio level, clip ranges and aggregation."""
+    return losses.policy_loss(
+        logp,
+        old_logp,
+        adv,
+        mask,
+        level=spec.ratio_level,
+        segments=segments,
+        clip_low=spec.clip_low,
+        clip_high=spec.clip_high,
+        dual_clip=spec.dual_clip,
+        agg=spec.loss_agg,
+        is_weights=is_weights,
+        norm_len=norm_len,
+        agg_denom=agg_denom,
+    )
+
+
+def critic_mask(spec: AlgorithmSpec, mask: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+    """Where the value loss is taken: segment anchors for segment GAE, every valid token otherwise."""
+    if spec.advantage == "segment_gae":
+        return adv_mod.anchor_mask(_require(segments, "segments", spec), spec.value_anchor)
+    return mask.bool()
+
+
+def kl_loss(
+    spec: AlgorithmSpec,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    agg_denom: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kl_loss_coef * KL`` aggregated like the policy loss (token mean for segment_mean), 0 if off."""
+    if not spec.kl_loss:
+        return logp.new_zeros(())
+    agg = "token_mean" if spec.loss_agg == "segment_mean" else spec.loss_agg
+    return spec.kl_loss_coef * kl_mod.kl_loss(logp, ref_logp, mask, spec.kl_loss_kind, agg=agg, agg_denom=agg_denom)
+
+
+# --------------------------------------------------------------------------------------------
+# DAPO helpers
+# --------------------------------------------------------------------------------------------
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment, ``[B]`` values in ``[-penalty, 0]`` to add to the scores::
+
+        0                                               if L <= max_len - buffer_len
+        -penalty * (L - (max_len - buffer_len)) / buffer_len   in the buffer
+        -penalty                                        if L >= max_len
+    """
+    if not 0 < buffer_len <= max_len:
+        raise ValueError(f"overlong buffer_len must be in (0, max_len={max_len}], got {buffer_len}")
+    excess = lengths.to(torch.float32) - float(max_len - buffer_len)
+    return -penalty * torch.clamp(excess / buffer_len, 0.0, 1.0)
+
+
+def shape_scores(
+    spec: AlgorithmSpec,
+    scores: torch.Tensor,
+    response_lengths: torch.Tensor | None = None,
+    max_response_len: int | None = None,
+) -> torch.Tensor:
+    """Scores after the spec's reward shaping (the DAPO overlong penalty when enabled)."""
+    if not spec.overlong_penalty:
+        return scores
+    if response_lengths is None or max_response_len is None:
+        raise ValueError(
+            f"algorithm {spec.name!r} has overlong_penalty on: pass response_lengths= and max_response_len="
+        )
+    pen = overlong_penalty(response_lengths, max_response_len, spec.overlong_buffer_len, spec.overlong_penalty_factor)
+    return scores + pen.to(scores.device, scores.dtype if scores.is_floating_point() else torch.float32)
+
+
+def dynamic_sampling_keep(scores: torch.Tensor, group_index: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
+    """DAPO dynamic sampling: BoolTensor ``[B]``, False for every sample of a group whose scores are
+
+    all equal (all correct or all wrong: zero group advantage, no gradient). The decision is made
+    per group and broadcast to the group's samples, so ``batch[keep]`` filters whole groups;
+    :func:`dynamic_sampling_groups` gives one bool per group.
+    """
+    dense, _ = adv_mod.group_ids(group_index, device=scores.device)
+    return dynamic_sampling_groups(scores, group_index)[dense]
+
+
+def dynamic_sampling_groups(scores: torch.Tensor, group_index: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
+    """BoolTensor ``[G]``: True for a group whose scores are not all equal. Groups are ordered as
+
+    ``advantages.group_ids`` numbers them: sorted ids for a tensor, first appearance for labels.
+    """
+    dense, G = adv_mod.group_ids(group_index, device=scores.device)
+    s = scores.to(torch.float64)
+    hi = torch.full((G,), float("-inf"), dtype=s.dtype, device=s.device).scatter_reduce(0, dense, s, "amax")
+    lo = torch.full((G,), float("inf"), dtype=s.dtype, device=s.device).scatter_reduce(0, dense, s, "amin")
+    return hi > lo
+
+
+# --------------------------------------------------------------------------------------------
+# The algorithms (SAPO_SPEC.md section 6)
+# --------------------------------------------------------------------------------------------
+
+# SAPO: segment GAE (lam 0.99, gamma 1) with KL in the reward (beta 0.001), segment ratio,
+# clip-higher 0.2 / 0.28, dual clip 3, critic loss at the segment anchors.
+register_algorithm(AlgorithmSpec(
+    name="sapo", advantage="segment_gae", ratio_level="segment", loss_agg="token_mean",
+    needs_critic=True, needs_group=False, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+    lam=0.99, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
+))
+# PPO: token GAE (lam 0.95), token ratio; same reward (KL in reward) as SAPO for a fair comparison.
+register_algorithm(AlgorithmSpec(
+    name="ppo", advantage="token_gae", ratio_level="token", loss_agg="token_mean",
+    needs_critic=True, needs_group=False, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+    lam=0.95, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
+))
+# VC-PPO: decoupled GAE, lam 0.99 for the actor and 1.0 (Monte-Carlo returns) for the critic.
+register_algorithm(AlgorithmSpec(
+    name="vc_ppo", advantage="token_gae", ratio_level="token", loss_agg="token_mean",
+    needs_critic=True, needs_group=False, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+    lam=0.99, lam_critic=1.0, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
+))
+# GRPO: group-normalised outcome advantage, token ratio, optional k3 KL loss (on by default).
+register_algorithm(AlgorithmSpec(
+    name="grpo", advantage="group", group_kind="grpo", ratio_level="token", loss_agg="token_mean",
+    needs_critic=False, needs_group=True, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+    kl_loss=True, kl_loss_coef=0.001, kl_loss_kind="k3",
+))
+# Dr.GRPO: no std normalisation, token sums over a constant length (pass norm_len).
+register_algorithm(AlgorithmSpec(
+    name="dr_grpo", advantage="group", group_kind="dr_grpo", ratio_level="token",
+    loss_agg="seq_mean_token_sum_norm", needs_critic=False, needs_group=True,
+    clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+))
+# RLOO: leave-one-out baseline.
+register_algorithm(AlgorithmSpec(
+    name="rloo", advantage="group", group_kind="rloo", ratio_level="token", loss_agg="token_mean",
+    needs_critic=False, needs_group=True, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+))
+# GSPO: group-normalised advantage, sequence-level (length-normalised) ratio, tiny clip range,
+# sequence-mean aggregation, no dual clip (as in the GSPO paper and verl's gspo loss).
+register_algorithm(AlgorithmSpec(
+    name="gspo", advantage="group", group_kind="grpo", ratio_level="sequence", loss_agg="seq_mean_token_mean",
+    needs_critic=False, needs_group=True, clip_low=3e-4, clip_high=4e-4, dual_clip=None,
+))
+# DAPO: clip-higher, token-sum / total tokens (token_mean with agg_denom = mini-batch tokens),
+# dynamic sampling, soft overlong punishment, no KL.
+register_algorithm(AlgorithmSpec(
+    name="dapo", advantage="group", group_kind="grpo", ratio_level="token", loss_agg="token_mean",
+    needs_critic=False, needs_group=True, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+    dynamic_sampling=True, overlong_penalty=True, overlong_buffer_len=512, overlong_penalty_factor=1.0,
+))

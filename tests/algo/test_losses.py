@@ -1,0 +1,267 @@
+"""Policy/value losses, aggregation modes and masked statistics, with hand-worked numbers."""
+
+import math
+
+import pytest
+import torch
+
+from sapo_ray.algo import losses
+from sapo_ray.algo.segments import Segments, segment
+
+D = torch.float64
+
+
+def lmask(lengths, T):
+    return torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def f(x):
+    return float(x)
+
+
+# ---- token level -----------------------------------------------------------------------------
+
+
+def test_token_level_policy_loss_by_hand():
+    mask = lmask([3], 4)
+    old = torch.zeros(1, 4, dtype=D)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1), 7.0]], dtype=D)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]], dtype=D)
+    loss, m = losses.policy_loss(logp, old, adv, mask, level="token", clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    # t0: s=1.5, A=1  -> max(-1.5, -1.28) = -1.28 (clipped)
+    # t1: s=0.5, A=-1 -> max(0.5, 0.8) = 0.8 (clipped), dual min(0.8, 3) = 0.8
+    # t2: s=1.1, A=2  -> max(-2.2, -2.2) = -2.2 (not clipped)
+    # token mean = (-1.28 + 0.8 - 2.2) / 3 = -0.893333
+    assert f(loss) == pytest.approx(-0.8933333333, abs=1e-9)
+    assert f(m["pg_clipfrac"]) == pytest.approx(2 / 3)
+    assert f(m["pg_clipfrac_lower"]) == 0.0
+    # ppo_kl = mean(-log s) = -(ln 1.5 + ln 0.5 + ln 1.1) / 3 = 0.0641240
+    assert f(m["ppo_kl"]) == pytest.approx(0.06412396421581866, abs=1e-12)
+
+
+def test_dual_clip_branch():
+    mask = lmask([1], 1)
+    logp = torch.tensor([[math.log(5.0)]], dtype=D)
+    adv = torch.tensor([[-1.0]], dtype=D)
+    # s=5, A=-1: max(5, 1.28) = 5 ; dual clip min(5, 3 * 1) = 3
+    loss, m = losses.policy_loss(logp, torch.zeros_like(logp), adv, mask, level="token", dual_clip=3.0)
+    assert f(loss) == pytest.approx(3.0)
+    assert f(m["pg_clipfrac_lower"]) == 1.0 and f(m["pg_clipfrac"]) == 0.0
+    loss, m = losses.policy_loss(logp, torch.zeros_like(logp), adv, mask, level="token", dual_clip=None)
+    assert f(loss) == pytest.approx(5.0) and f(m["pg_clipfrac_lower"]) == 0.0
+    with pytest.raises(ValueError, match="dual_clip"):
+        losses.policy_loss(logp, torch.zeros_like(logp), adv, mask, level="token", dual_clip=0.5)
+
+
+def test_clip_higher_branch():
+    mask = lmask([1], 1)
+    logp = torch.tensor([[math.log(1.25)]], dtype=D)
+    adv = torch.ones(1, 1, dtype=D)
+    # s=1.25 < 1 + 0.28: unclipped -> -1.25 ; symmetric 0.2 clips it to -1.2
+    loss, m = losses.policy_loss(logp, torch.zeros_like(logp), adv, mask, level="token", clip_low=0.2, clip_high=0.28)
+    assert f(loss) == pytest.approx(-1.25) and f(m["pg_clipfrac"]) == 0.0
+    loss, m = losses.policy_loss(logp, torch.zeros_like(logp), adv, mask, level="token", clip_low=0.2, clip_high=0.2)
+    assert f(loss) == pytest.approx(-1.2) and f(m["pg_clipfrac"]) == 1.0
+
+
+def textbook_ppo_clip(logp, old, adv, mask, eps_low, eps_high, c):
+    """PPO-clip with dual clip, token mean, written per token from the definition."""
+    total, n = 0.0, 0
+    for b in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not mask[b, t]:
+                continue
+            r = math.exp(float(logp[b, t] - old[b, t]))
+            a = float(adv[b, t])
+            surrogate = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+            loss = -surrogate
+            if a < 0:
+                loss = min(loss, -c * a)
+            total += loss
+            n += 1
+    return total / n
+
+
+def test_token_level_equals_textbook_ppo():
+    torch.manual_seed(0)
+    B, T = 4, 16
+    mask = lmask([16, 3, 1, 12], T)
+    old = -torch.rand(B, T, dtype=D) * 2
+    logp = old + torch.randn(B, T, dtype=D)  # large enough that every branch is taken
+    adv = torch.randn(B, T, dtype=D)
+    loss, m = losses.policy_loss(logp, old, adv, mask, level="token", clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    assert f(loss) == pytest.approx(textbook_ppo_clip(logp, old, adv, mask, 0.2, 0.28, 3.0), abs=1e-12)
+    assert 0 < f(m["pg_clipfrac"]) < 1 and 0 < f(m["pg_clipfrac_lower"]) < 1  # all branches hit
+
+
+# ---- segment and sequence levels -------------------------------------------------------------
+
+
+def test_segment_ratio_by_hand():
+    mask = lmask([4], 4)
+    seg = Segments.from_end_mask(torch.tensor([[False, True, False, False]]), mask)  # {0,1} {2,3}
+    old = torch.zeros(1, 4, dtype=D)
+    logp = torch.tensor([[0.2, 0.0, -0.1, -0.3]], dtype=D)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=D)
+    # L_0 = 0.1 -> s_0 = e^0.1 = 1.105171 (inside [0.8, 1.28]) -> pg = -1.105171 on t=0,1
+    # L_1 = -0.2 -> s_1 = e^-0.2 = 0.818731 (inside) -> pg = +0.818731 on t=2,3
+    # token mean = (2 * -1.105171 + 2 * 0.818731) / 4 = -0.143220 ; ppo_kl = -(2*0.1 - 2*0.2)/4 = 0.05
+    loss, m = losses.policy_loss(logp, old, adv, mask, level="segment", segments=seg)
+    assert f(loss) == pytest.approx(-0.14322008249883295, abs=1e-12)
+    assert f(m["ppo_kl"]) == pytest.approx(0.05, abs=1e-12)
+    assert f(m["pg_clipfrac"]) == 0.0
+    ratio = losses.log_ratio(logp, old, mask, "segment", seg).exp()
+    torch.testing.assert_close(ratio, torch.tensor([[1.1051709180756477] * 2 + [0.8187307530779818] * 2], dtype=D))
+
+
+def test_one_segment_gives_the_gspo_sequence_ratio():
+    torch.manual_seed(3)
+    B, T = 3, 6
+    mask = lmask([6, 2, 4], T)
+    old = -torch.rand(B, T, dtype=D)
+    logp = old + 0.05 * torch.randn(B, T, dtype=D)
+    adv = torch.randn(B, 1, dtype=D).expand(B, T)
+    seq_seg = segment("sequence", mask=mask)
+    a = losses.policy_loss(logp, old, adv, mask, level="segment", segments=seq_seg, clip_low=3e-4, clip_high=4e-4)
+    b = losses.policy_loss(logp, old, adv, mask, level="sequence", clip_low=3e-4, clip_high=4e-4)
+    assert f(a[0]) == pytest.approx(f(b[0]), abs=1e-12)
+    # GSPO: s_i = exp(mean_t (logp - old)) over the valid tokens of row i
+    for i, n in enumerate([6, 2, 4]):
+        s_i = math.exp(float((logp[i, :n] - old[i, :n]).mean()))
+        got = losses.log_ratio(logp, old, mask, "sequence")[i, :n].exp()
+        torch.testing.assert_close(got, torch.full((n,), s_i, dtype=D))
+
+
+def test_segment_level_with_token_segments_equals_token_level():
+    torch.manual_seed(4)
+    B, T = 3, 5
+    mask = lmask([5, 1, 3], T)
+    old, logp, adv = -torch.rand(B, T, dtype=D), -torch.rand(B, T, dtype=D), torch.randn(B, T, dtype=D)
+    tok_seg = segment("token", mask=mask)
+    a, ma = losses.policy_loss(logp, old, adv, mask, level="segment", segments=tok_seg)
+    b, mb = losses.policy_loss(logp, old, adv, mask, level="token")
+    assert f(a) == pytest.approx(f(b), abs=1e-12)
+    assert {k: f(v) for k, v in ma.items()} == pytest.approx({k: f(v) for k, v in mb.items()})
+
+
+def test_segment_level_needs_segments():
+    with pytest.raises(ValueError, match="segments"):
+        losses.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), lmask([2], 2), level="segment")
+    with pytest.raises(ValueError, match="ratio level"):
+        losses.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), lmask([2], 2), level="word")
+
+
+def test_segment_ratio_loss_gradcheck():
+    torch.manual_seed(5)
+    B, T = 2, 6
+    mask = lmask([6, 4], T)
+    seg = segment("entropy_topk", mask=mask, entropy=torch.rand(B, T), frac=0.4)
+    old = -torch.rand(B, T, dtype=D)
+    adv = torch.randn(B, T, dtype=D)
+    logp = (old + 0.3 * torch.randn(B, T, dtype=D)).requires_grad_(True)
+
+    def fn(lp):
+        return losses.policy_loss(lp, old, adv, mask, level="segment", segments=seg, agg="token_mean")[0]
+
+    assert torch.autograd.gradcheck(fn, (logp,))
+    x = torch.randn(B, T, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(seg.segment_mean, (x,))
+
+
+def test_importance_weights_scale_each_token():
+    mask = lmask([2], 2)
+    logp = torch.zeros(1, 2, dtype=D)
+    adv = torch.tensor([[1.0, 2.0]], dtype=D)
+    w = torch.tensor([[0.5, 2.0]], dtype=D)
+    # s = 1 everywhere: pg = -A = [-1, -2]; weighted [-0.5, -4]; mean -2.25
+    loss, _ = losses.policy_loss(logp, logp, adv, mask, level="token", is_weights=w)
+    assert f(loss) == pytest.approx(-2.25)
+
+
+def test_padding_garbage_does_not_leak():
+    mask = lmask([2, 0], 3)
+    nan = float("nan")
+    logp = torch.tensor([[-1.0, -1.0, nan], [nan, nan, nan]])
+    adv = torch.tensor([[1.0, -1.0, nan], [nan, nan, nan]])
+    seg = segment("sequence", mask=mask)
+    for level in ("token", "segment", "sequence"):
+        for agg in losses.LOSS_AGGS:
+            lp = logp.clone().requires_grad_(True)
+            loss, m = losses.policy_loss(lp, logp, adv, mask, level=level, segments=seg, agg=agg)
+            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in m.values()), (level, agg)
+            loss.backward()
+            assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all(), (level, agg)
+
+
+# ---- aggregation -----------------------------------------------------------------------------
+
+
+def test_aggregation_modes_by_hand():
+    mask = lmask([3, 1], 4)
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 60.0, 70.0, 80.0]], dtype=D)
+    seg = Segments.from_end_mask(torch.tensor([[False, True, False, False], [False] * 4]), mask)
+    # token_mean: (1+2+3+4)/4 = 2.5 ; seq_mean_token_mean: (2 + 4)/2 = 3
+    # seq_mean_token_sum_norm (norm_len 4): (6/4 + 4/4)/2 = 1.25 ; segment_mean: segments {1,2},{3},{4} -> (1.5+3+4)/3
+    assert f(losses.aggregate(loss_mat, mask, "token_mean")) == pytest.approx(2.5)
+    assert f(losses.aggregate(loss_mat, mask, "seq_mean_token_mean")) == pytest.approx(3.0)
+    assert f(losses.aggregate(loss_mat, mask, "seq_mean_token_sum_norm", norm_len=4)) == pytest.approx(1.25)
+    assert f(losses.aggregate(loss_mat, mask, "seq_mean_token_sum_norm", norm_len=8)) == pytest.approx(0.625)
+    assert f(losses.aggregate(loss_mat, mask, "segment_mean", segments=seg)) == pytest.approx(8.5 / 3)
+    # agg_denom: the mini-batch's token count for gradient accumulation (DAPO token-sum / total tokens)
+    assert f(losses.aggregate(loss_mat, mask, "token_mean", agg_denom=20)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="segments"):
+        losses.aggregate(loss_mat, mask, "segment_mean")
+    with pytest.raises(ValueError, match="aggregation"):
+        losses.aggregate(loss_mat, mask, "mean")
+
+
+def test_aggregation_skips_empty_rows():
+    mask = lmask([2, 0], 2)
+    loss_mat = torch.tensor([[1.0, 3.0], [100.0, 100.0]])
+    assert f(losses.aggregate(loss_mat, mask, "seq_mean_token_mean")) == pytest.approx(2.0)
+    assert f(losses.aggregate(torch.ones(1, 2), lmask([0], 2), "token_mean")) == 0.0
+
+
+# ---- value loss and statistics ---------------------------------------------------------------
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.5, 2.0, 9.0]], dtype=D)
+    old = torch.tensor([[0.5, 2.0, 0.0]], dtype=D)
+    returns = torch.tensor([[2.0, 1.0, 0.2]], dtype=D)
+    loss_mask = torch.tensor([[True, True, False]])
+    # t0: v=1.5, clip to [0, 1.0] -> 1.0 ; (1.5-2)^2 = 0.25, (1.0-2)^2 = 1 -> 1 (clipped term larger)
+    # t1: v=2.0 = old -> (2-1)^2 = 1 both -> 1 ; t2 masked out
+    # loss = 0.5 * (1 + 1) / 2 = 0.5 ; vf_clipfrac = 1/2
+    loss, m = losses.value_loss(values, old, returns, loss_mask, clip=0.5)
+    assert f(loss) == pytest.approx(0.5) and f(m["vf_clipfrac"]) == pytest.approx(0.5)
+    # unclipped: 0.5 * (0.25 + 1) / 2 = 0.3125
+    loss, _ = losses.value_loss(values, old, returns, loss_mask, clip=None)
+    assert f(loss) == pytest.approx(0.3125)
+
+
+def test_masked_statistics_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]], dtype=D)
+    mask = lmask([3], 4)
+    assert f(losses.masked_mean(x, mask)) == pytest.approx(2.0)
+    assert f(losses.masked_var(x, mask)) == pytest.approx(1.0)  # unbiased: (1 + 0 + 1) / 2
+    assert f(losses.masked_var(x, mask, unbiased=False)) == pytest.approx(2 / 3)
+    torch.testing.assert_close(losses.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]], dtype=D))
+    assert losses.masked_mean(x, lmask([0], 4)).item() == 0.0
+    assert losses.masked_whiten(x, lmask([1], 4)).tolist() == [[0.0, 0.0, 0.0, 0.0]]
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=D)
+    values = torch.tensor([[1.0, 2.0, 3.0, 3.0]], dtype=D)
+    # residual [0,0,0,1]: unbiased var 0.25 ; Var(R) = 5/3 -> 1 - 0.25 / (5/3) = 0.85
+    assert f(losses.explained_variance(returns, values, lmask([4], 4))) == pytest.approx(0.85)
+    assert f(losses.explained_variance(torch.ones(1, 4), values, lmask([4], 4))) == 0.0  # Var(R) = 0
+
+
+def test_entropy_from_logits_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]], dtype=D)
+    # uniform over 2: ln 2 ; p = [0.25, 0.75]: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335
+    torch.testing.assert_close(
+        losses.entropy_from_logits(logits), torch.tensor([math.log(2.0), 0.5623351446188083], dtype=D)
+    )
