@@ -1,0 +1,106 @@
+"""The data that moves between the driver, the rollout workers and the learners.
+
+A `Sample` is one sampled response (what a rollout engine returns). A `Batch` is the padded tensor
+form the learners consume: prompts left-padded to a common length P, responses right-padded to R, so
+`response_mask[b, t] = 1` for the `t < T_b` valid tokens (left-aligned, the convention of
+`sapo_ray.algo`). Images stay per sample (`pixel_values[b]`, `image_grid_thw[b]`) because a vision
+tower consumes them flattened and micro-batches must be able to pick any subset of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One response sampled for one prompt."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logp: list[float]  # log-prob of each sampled token under the engine's distribution
+    text: str  # decoded response (special tokens skipped)
+    finished: bool  # ended with an end-of-turn token rather than at the length limit
+    prompt_index: int  # position of its prompt in the step's prompt batch
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def _pad(rows: list[list[int]] | list[list[float]], value, left: bool, dtype) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            if left:
+                out[i, out.shape[1] - len(r) :] = torch.tensor(r, dtype=dtype)
+            else:
+                out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+@dataclass
+class Batch:
+    """Padded tensors for `B` sequences plus named per-token (`[B, R]`) or per-sequence (`[B]`) fields."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, R] right-padded
+    response_mask: torch.Tensor  # [B, R] float, 1 on valid response tokens
+    pixel_values: list[torch.Tensor | None]
+    image_grid_thw: list[torch.Tensor | None]
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], pad_id: int) -> "Batch":
+        prompt_ids = _pad([s.prompt_ids for s in samples], pad_id, left=True, dtype=torch.long)
+        prompt_mask = _pad([[1] * len(s.prompt_ids) for s in samples], 0, left=True, dtype=torch.long)
+        response_ids = _pad([s.response_ids for s in samples], pad_id, left=False, dtype=torch.long)
+        response_mask = _pad([[1.0] * len(s.response_ids) for s in samples], 0.0, left=False, dtype=torch.float32)
+        rollout_logp = _pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32)
+        return cls(
+            prompt_ids, prompt_mask, response_ids, response_mask,
+            [s.pixel_values for s in samples], [s.image_grid_thw for s in samples],
+            {"rollout_logp": rollout_logp},
+        )
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, index: torch.Tensor | list[int] | slice) -> "Batch":
+        """Rows `index` (all fields), trimming padding columns no selected row uses."""
+        if isinstance(index, slice):
+            index = list(range(len(self)))[index]
+        index = torch.as_tensor(index, dtype=torch.long)
+        pm, rm = self.prompt_mask[index], self.response_mask[index]
+        p_keep = max(int(pm.sum(1).max()) if len(index) else 1, 1)
+        r_keep = max(int(rm.sum(1).max()) if len(index) else 1, 1)
+        p0 = self.prompt_ids.shape[1] - p_keep
+        data = {k: (v[index][:, :r_keep] if v.dim() == 2 else v[index]) for k, v in self.data.items()}
+        return Batch(
+            self.prompt_ids[index][:, p0:], pm[:, p0:], self.response_ids[index][:, :r_keep], rm[:, :r_keep],
+            [self.pixel_values[i] for i in index.tolist()], [self.image_grid_thw[i] for i in index.tolist()], data,
+        )
+
+    def with_data(self, **fields: torch.Tensor) -> "Batch":
+        return replace(self, data={**self.data, **fields})
+
+    def chunks(self, size: int) -> list["Batch"]:
+        """Consecutive row chunks of at most `size` rows."""
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def model_inputs(self, image_token_id: int | None) -> dict[str, torch.Tensor]:
+        """`input_ids = [prompt | response]` with its attention mask, images and (for Qwen-VL) token types."""
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        pixels = [p for p in self.pixel_values if p is not None]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels)
+            inputs["image_grid_thw"] = torch.cat([g for g in self.image_grid_thw if g is not None])
+            inputs["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        else:
+            # Text-only: positions from the mask, so left padding does not shift them.
+            inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return inputs

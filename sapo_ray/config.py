@@ -1,0 +1,280 @@
+"""Typed configuration: Hydra structured configs registered in a ConfigStore.
+
+Every YAML under `conf/` is validated against these dataclasses before Ray starts, so a misspelt key
+or a wrong type fails at once with the key's name. `validate(cfg)` adds the cross-field checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED = "bundled:"
+
+
+def resolve_model_path(path: str) -> str:
+    """`bundled:NAME` -> the shipped checkpoint directory; anything else is a path, returned as is."""
+    return str(ASSETS / path[len(BUNDLED):]) if path.startswith(BUNDLED) else path
+
+
+@dataclass
+class ModelConfig:
+    # HF directory of the policy (a Qwen2-VL-family VLM or a causal LM); `bundled:NAME` = a checkpoint
+    # shipped in sapo_ray/assets (tiny-vlm, tiny-lm).
+    path: str = "bundled:tiny-vlm"
+    # HF directory the critic's backbone starts from; empty = the policy's path.
+    critic_path: str = ""
+    # Weights dtype of every model copy: float32 on CPU, bfloat16 on GPU.
+    dtype: str = "float32"
+    # Attention kernel; sdpa needs no extra package (flash_attention_2 needs the `flash` extra).
+    attn_implementation: str = "sdpa"
+    # Recompute activations in the backward pass (saves memory on long responses).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Training dataset: synthvista (generated), geometry3k (parquet path or hub).
+    train: str = "synthvista"
+    # Local parquet file/dir for `train` (None: generated, or the hub when online).
+    train_path: Optional[str] = None
+    # Validation dataset: synthvista, mathvista, geometry3k.
+    val: str = "synthvista"
+    # Local parquet file/dir for `val`.
+    val_path: Optional[str] = None
+    # Split names passed to the loaders.
+    train_split: str = "train"
+    val_split: str = "test"
+    # Rows generated for synthvista's train split (ignored by file datasets).
+    train_size: int = 4096
+    # Validation rows (a prefix of the val split; null = all).
+    val_size: Optional[int] = 128
+    # Prompts drawn per training step (each sampled rollout.n times).
+    prompts_per_step: int = 16
+    # Instruction appended to every question (empty for the tiny model; the paper's for Qwen2.5-VL).
+    instruction: str = ""
+    # Prompts longer than this many tokens (images included) are skipped and counted.
+    max_prompt_length: int = 1024
+    # Generator knobs of synthvista (ignored by other datasets).
+    image_size: int = 112
+
+
+@dataclass
+class RolloutConfig:
+    # Engine: hf (Hugging Face generate, CPU or GPU).
+    engine: str = "hf"
+    # Number of rollout worker actors; prompts are split evenly between them.
+    num_workers: int = 1
+    # Responses sampled per prompt (GRPO-family needs >= 2).
+    n: int = 8
+    # Sampling temperature for training rollouts (log-probs are computed at this temperature).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Response length limit in tokens.
+    max_new_tokens: int = 64
+    # Largest batch one generate call takes.
+    max_batch_size: int = 256
+    # Ray resources of each worker.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # torch threads per worker (its CPU share).
+    num_threads: int = 2
+    # Validation sampling (the paper's: T = 0.6, top-p 0.95); greedy accuracy is reported too.
+    val_temperature: float = 0.6
+    val_top_p: float = 0.95
+    val_n: int = 1
+    # Bound on the size of one weight-sync bucket in MB.
+    sync_bucket_mb: int = 256
+    # Optional ray custom resource the workers require (e.g. {rollout_node: 0.01} for placement).
+    resources: dict = field(default_factory=dict)
+
+
+def _algorithm_config():
+    """`AlgorithmConfig`: every field of `sapo_ray.algo.registry.AlgorithmSpec` (documented there),
+    defaulting to SAPO's values, plus the trainer-side knobs below. The YAML files in
+    `conf/algorithm/` set every field; a test checks each agrees with its registered spec."""
+    from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec
+
+    kinds = {"str": str, "float": float, "bool": bool, "int": int}
+    sapo = ALGORITHMS["sapo"]
+    specs = []
+    for f in fields(AlgorithmSpec):
+        kind = str(f.type).replace(" ", "")
+        default = getattr(sapo, f.name)
+        if kind.startswith("Mapping"):
+            specs.append((f.name, Dict[str, Any], field(default_factory=lambda d=dict(default): dict(d))))
+        elif kind.endswith("|None"):
+            specs.append((f.name, Optional[kinds[kind[:-5]]], field(default=default)))
+        else:
+            specs.append((f.name, kinds[kind], field(default=default)))
+    extra = [
+        # Entropy bonus in the actor loss (0 = off).
+        ("entropy_coef", float, field(default=0.0)),
+        # Critic's clipped value loss range around the rollout-time values.
+        ("value_clip", float, field(default=0.5)),
+        # Dynamic sampling: extra prompt batches drawn at most to refill dropped groups.
+        ("max_refill", int, field(default=3)),
+    ]
+    return make_dataclass("AlgorithmConfig", specs + extra)
+
+
+AlgorithmConfig = _algorithm_config()
+TRAINER_ONLY_ALGORITHM_KEYS = ("entropy_coef", "value_clip", "max_refill")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    # constant or cosine after warm-up.
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LearnerConfig:
+    # FSDP2 ranks (Ray actors) in this group.
+    world_size: int = 1
+    # Ray resources and torch threads per rank.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    num_threads: int = 2
+    # Rows per optimizer step across all ranks, and per forward/backward on one rank.
+    mini_batch_size: int = 64
+    micro_batch_size: int = 32
+    ppo_epochs: int = 1
+    # Shuffle rows before cutting mini-batches.
+    shuffle: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Optional ray custom resource the ranks require (placement on a given node).
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    # Weights of the paper's reward: acc_weight * accuracy + format_weight * format.
+    acc_weight: float = 0.9
+    format_weight: float = 0.1
+    # Processes scoring answers, and the per-sample time limit (a hung check scores 0 and is counted).
+    num_workers: int = 1
+    timeout_s: float = 10.0
+    # A user reward function `path/to/file.py:function(response, example) -> float | dict`.
+    custom: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    # Training steps (one step = one prompt batch).
+    steps: int = 20
+    # Validate every this many steps (and before the first and after the last); 0 = only those.
+    val_every: int = 5
+    # Save a checkpoint every this many steps; 0 = only at the end.
+    save_every: int = 0
+    # auto: continue the latest checkpoint in run_dir; never: start fresh; or a checkpoint path.
+    resume: str = "auto"
+    # Where metrics, TensorBoard logs and checkpoints go (Hydra's job directory by default).
+    run_dir: str = "${hydra:runtime.output_dir}"
+    # Export the final policy as a Hugging Face directory.
+    export_hf: bool = True
+    # Loggers: console, jsonl, tensorboard, wandb.
+    loggers: list = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    project: str = "sapo-ray"
+    experiment: str = "${algorithm.name}-seed${seed}"
+
+
+@dataclass
+class RayConfig:
+    # Cluster to join (also read from RAY_ADDRESS); null = start a local one.
+    address: Optional[str] = None
+    # Resources of a local cluster (null = what the machine has).
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: LearnerConfig = field(default_factory=lambda: LearnerConfig(optim=OptimConfig(lr=2e-5)))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="algorithm", name="base_algorithm", node=AlgorithmConfig)
+
+
+def algorithm_spec(cfg):
+    """The `AlgorithmSpec` the config describes (trainer-side keys left out)."""
+    from omegaconf import OmegaConf
+
+    from sapo_ray.algo.registry import AlgorithmSpec
+
+    values = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    for key in TRAINER_ONLY_ALGORITHM_KEYS:
+        values.pop(key)
+    return AlgorithmSpec(**values)
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot work; the message names the key."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg) -> None:
+    """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
+    from sapo_ray.algo.registry import ADVANTAGES, SEGMENTERS
+    from sapo_ray.algo.losses import LOSS_AGGS
+
+    a, r, d = cfg.algorithm, cfg.rollout, cfg.data
+    choices = {
+        "algorithm.advantage": (a.advantage, set(ADVANTAGES)),
+        "algorithm.segmenter": (a.segmenter, set(SEGMENTERS)),
+        "algorithm.value_anchor": (a.value_anchor, {"seg_end_prev", "seg_start"}),
+        "algorithm.ratio_level": (a.ratio_level, {"token", "segment", "sequence"}),
+        "algorithm.loss_agg": (a.loss_agg, set(LOSS_AGGS)),
+        "algorithm.kl_kind": (a.kl_kind, {"k1", "k2", "k3"}),
+        "algorithm.kl_loss_kind": (a.kl_loss_kind, {"k1", "k2", "k3"}),
+        "model.dtype": (cfg.model.dtype, {"float32", "bfloat16", "float16"}),
+        "actor.optim.schedule": (cfg.actor.optim.schedule, {"constant", "cosine"}),
+        "critic.optim.schedule": (cfg.critic.optim.schedule, {"constant", "cosine"}),
+        "rollout.engine": (r.engine, {"hf"}),
+    }
+    for key, (value, allowed) in choices.items():
+        _check(value in allowed, f"{key}={value!r} is not one of {sorted(allowed)}")
+    _check(0 < a.frac <= 1, f"algorithm.frac={a.frac} must be in (0, 1]")
+    spec = algorithm_spec(cfg)
+    if spec.needs_group:
+        _check(r.n >= 2, f"algorithm {a.name!r} compares responses to one prompt: set rollout.n >= 2 (got {r.n})")
+    if a.overlong_penalty:
+        _check(0 < a.overlong_buffer_len <= r.max_new_tokens,
+               f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
+    rows = d.prompts_per_step * r.n
+    for group in ("actor", "critic"):
+        if group == "critic" and not spec.needs_critic:
+            continue
+        g = cfg[group]
+        _check(g.mini_batch_size % g.world_size == 0,
+               f"{group}.mini_batch_size={g.mini_batch_size} must be divisible by {group}.world_size={g.world_size}")
+        _check(rows % g.world_size == 0,
+               f"data.prompts_per_step * rollout.n = {rows} rows must be divisible by {group}.world_size={g.world_size}")
+    _check(1 <= r.num_workers <= d.prompts_per_step,
+           f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
+    _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")

@@ -1,0 +1,57 @@
+"""A group of learner ranks as Ray actors: creation, rendezvous and data-parallel calls."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from sapo_ray.batch import Batch
+from sapo_ray.utils import actor_env
+
+
+class WorkerGroup:
+    """`world_size` Ray actors of `cls` forming one torch.distributed group.
+
+    `call(method, ...)` runs a method on every rank with the same arguments (collectives such as
+    weight gathering); `call_sharded(method, batch, ...)` gives rank r the r-th equal row shard.
+    """
+
+    def __init__(self, cls, world_size: int, cfg: dict, num_cpus: float, num_gpus: float,
+                 num_threads: int, resources: dict | None = None, name: str = "learner"):
+        actor = ray.remote(cls)
+        self.name = name
+        self.workers = [
+            actor.options(
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                runtime_env={"env_vars": actor_env(num_threads)}, name=None,
+            ).remote(rank, world_size, cfg, num_threads)
+            for rank in range(world_size)
+        ]
+        host, port = ray.get(self.workers[0].address.remote())
+        ray.get([w.init_group.remote(host, port) for w in self.workers])
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+
+    def call_sharded(self, method: str, batch: Batch, *args, **kwargs) -> list:
+        n = len(batch)
+        assert n % self.world_size == 0, f"{self.name}: batch of {n} rows is not divisible by {self.world_size} ranks"
+        size = n // self.world_size
+        refs = [getattr(w, method).remote(batch.select(slice(r * size, (r + 1) * size)), *args, **kwargs)
+                for r, w in enumerate(self.workers)]
+        return ray.get(refs)
+
+    def gather_tensors(self, method: str, batch: Batch, *args) -> dict[str, torch.Tensor]:
+        """Concatenate each rank's `{name: [rows, R_r]}` result back to `[B, R]` in row order."""
+        parts = self.call_sharded(method, batch, *args)
+        R = batch.response_ids.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t, (0, R - t.shape[1])) if t.dim() == 2 else t
+        return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,336 @@
+"""FSDP2 learner workers: the policy (with its frozen reference) and the critic.
+
+Each worker is one rank of a torch.distributed group (gloo on CPU, NCCL on GPU) and wraps its model
+with `fully_shard` (every decoder/vision block, then the root). The driver hands each rank an equal
+shard of the batch; a mini-batch is `mini_batch_size / world_size` rows per rank, split into
+micro-batches whose gradients accumulate before one optimizer step, as in verl.
+These classes are plain Python; `sapo_ray.learner.group` turns them into Ray actors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sapo_ray.algo import losses
+from sapo_ray.algo.segments import Segments
+from sapo_ray.batch import Batch
+from sapo_ray.learner.forward import policy_forward, value_forward
+from sapo_ray.utils import set_threads
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+    """Multiplier of the base learning rate at optimizer step `s`: linear warm-up, then constant or cosine."""
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "cosine" and total_steps > warmup_steps:
+            progress = min(1.0, (s - warmup_steps) / (total_steps - warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+class FSDPWorker:
+    """What the policy and critic ranks share: process group, sharding, optimizer, checkpoints."""
+
+    def __init__(self, rank: int, world_size: int, cfg: dict, num_threads: int):
+        set_threads(num_threads)
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() and cfg.get("use_gpu") else torch.device("cpu")
+        self.model = None
+        self.optimizer = None
+        self.scheduler = None
+
+    # -- process group ---------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """An address and free port on this node for the group's TCP rendezvous (asked of rank 0)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_group(self, host: str, port: int) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size)
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        mp = None
+        if self.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        inner = getattr(model, "backbone", None)  # the critic's wrapped HF model
+        blocks |= set(getattr(inner, "_no_split_modules", None) or [])
+        kwargs = {"mp_policy": mp} if mp else {}
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def _make_optimizer(self, opt: dict, total_steps: int) -> None:
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(opt["warmup_steps"], total_steps, opt["schedule"])
+        )
+
+    def _optimizer_step(self, max_grad_norm: float) -> tuple[float, bool]:
+        """Clip, then step unless the gradient is not finite (a bad batch must not destroy the model)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        ok = math.isfinite(norm)
+        if ok:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm, ok
+
+    def _global_count(self, local: torch.Tensor | float) -> float:
+        """`sum over ranks / world_size`: the denominator that makes FSDP's gradient average exact."""
+        t = torch.tensor(float(local), dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return max(float(t) / self.world_size, 1e-8)
+
+    def _global_units(self, batch: Batch, agg: str) -> float:
+        """Tokens, non-empty rows or segments of `batch` (summed over ranks), as `agg` averages over."""
+        mask = batch.response_mask
+        if agg == "token_mean":
+            local = mask.sum()
+        elif agg == "segment_mean":
+            local = batch.data["seg_end"].float().mul(mask).sum()
+        else:
+            local = (mask.sum(1) > 0).sum()
+        return self._global_count(local)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        move = lambda t: None if t is None else t.to(self.device)
+        return Batch(move(batch.prompt_ids), move(batch.prompt_mask), move(batch.response_ids), move(batch.response_mask),
+                     [move(p) for p in batch.pixel_values], [move(g) for g in batch.image_grid_thw],
+                     {k: move(v) for k, v in batch.data.items()})
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded model + optimizer state (torch.distributed.checkpoint) and the LR schedule position."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if self.rank == 0:
+            Path(path, "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load_checkpoint(self, path: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(json.loads(Path(path, "scheduler.json").read_text()))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded weights on rank 0 (CPU); every rank must call it (it is a collective)."""
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.rank == 0 else None
+
+    def ready(self) -> bool:
+        return True
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+class PolicyWorker(FSDPWorker):
+    """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
+
+    def setup(self, total_steps: int) -> None:
+        from sapo_ray.models import load_policy, load_processor
+        from sapo_ray.models.processor import banned_token_ids
+
+        cfg = self.cfg
+        dtype = DTYPES[cfg["dtype"]]
+        torch.manual_seed(cfg["seed"])
+        processor = load_processor(cfg["path"])
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.banned = torch.tensor(banned_token_ids(tokenizer), dtype=torch.long)
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>") if "<|image_pad|>" in tokenizer.get_vocab() else None
+        self.model = self._shard(load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"]))
+        if cfg.get("gradient_checkpointing"):
+            self.model.gradient_checkpointing_enable()
+        self.ref = None
+        if cfg["needs_ref"]:
+            ref = load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"])
+            ref.requires_grad_(False)
+            self.ref = self._shard(ref).eval()
+        self._make_optimizer(cfg["optim"], total_steps)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: Batch, which: str = "policy") -> dict[str, torch.Tensor]:
+        """`old_logp` and `entropy` under the policy, or `ref_logp` under the frozen reference ([B, R] each)."""
+        model = self.model if which == "policy" else self.ref
+        model.eval()
+        out_logp, out_ent = [], []
+        for micro in batch.chunks(self.cfg["micro_batch_size"]):
+            logp, ent = policy_forward(model, self._to_device(micro), self.cfg["temperature"], self.banned,
+                                       self.image_token_id, with_entropy=which == "policy")
+            R = batch.response_ids.shape[1]
+            out_logp.append(torch.nn.functional.pad(logp.cpu(), (0, R - logp.shape[1])))
+            if ent is not None:
+                out_ent.append(torch.nn.functional.pad(ent.cpu(), (0, R - ent.shape[1])))
+        if which == "policy":
+            return {"old_logp": torch.cat(out_logp), "entropy": torch.cat(out_ent)}
+        return {"ref_logp": torch.cat(out_logp)}
+
+    def update(self, batch: Batch, spec, args: dict) -> dict[str, float]:
+        """PPO epochs x mini-batches x micro-batches of the clipped policy loss at `spec`'s ratio level.
+
+        Micro-batch losses are normalised by the whole mini-batch's unit count (tokens, rows or
+        segments, summed over ranks), so accumulation and data parallelism give the gradient of
+        one big batch.
+        """
+        from sapo_ray.algo import registry
+
+        self.model.train()
+        cfg = self.cfg
+        mini = max(1, cfg["mini_batch_size"] // self.world_size)
+        stats: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(cfg["seed"] + int(self.scheduler.last_epoch))
+        for _ in range(cfg["ppo_epochs"]):
+            order = torch.randperm(len(batch), generator=gen) if cfg["shuffle"] else torch.arange(len(batch))
+            for m0 in range(0, len(batch), mini):
+                minibatch = batch.select(order[m0 : m0 + mini])
+                denom = self._global_units(minibatch, spec.loss_agg)
+                tokens = self._global_units(minibatch, "token_mean")
+                for micro in minibatch.chunks(cfg["micro_batch_size"]):
+                    micro = self._to_device(micro)
+                    logp, entropy = policy_forward(self.model, micro, cfg["temperature"], self.banned,
+                                                   self.image_token_id, with_entropy=True)
+                    mask = micro.response_mask
+                    seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
+                    loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
+                                                   segments=seg, norm_len=args["norm_len"], agg_denom=denom)
+                    m = {f"actor/{k}": float(v) for k, v in m.items()}
+                    m["actor/pg_loss"] = float(loss.detach())
+                    if spec.kl_loss and spec.kl_loss_coef > 0:
+                        kl_term = registry.kl_loss(spec, logp, micro.data["ref_logp"], mask,
+                                                   agg_denom=tokens if spec.loss_agg == "segment_mean" else denom)
+                        loss = loss + kl_term
+                        m["actor/kl_loss"] = float(kl_term.detach())
+                    entropy_sum = losses.masked_sum(entropy, mask)
+                    if args["entropy_coef"] > 0:
+                        loss = loss - args["entropy_coef"] * entropy_sum / tokens
+                    m["actor/entropy"] = float(entropy_sum.detach()) / float(mask.sum().clamp(min=1))
+                    loss.backward()
+                    for k, v in m.items():
+                        stats.setdefault(k, []).append(v)
+                norm, ok = self._optimizer_step(cfg["optim"]["max_grad_norm"])
+                stats.setdefault("actor/grad_norm", []).append(norm)
+                stats.setdefault("actor/skipped_steps", []).append(0.0 if ok else 1.0)
+        out = {k: _mean(v) for k, v in stats.items() if k != "actor/pg_loss"}
+        # Each micro loss is a share of its mini-batch's loss: their sum per mini-batch is the loss.
+        n_minis = len(stats["actor/grad_norm"])
+        out["actor/pg_loss"] = float(sum(stats["actor/pg_loss"])) / n_minis
+        out["actor/skipped_steps"] = float(sum(stats["actor/skipped_steps"]))
+        out["actor/grad_norm_max"] = max(stats["actor/grad_norm"])
+        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes` (rank 0 only)."""
+        import ray
+
+        sd = self.full_state_dict()
+        if sd is None:
+            return []
+        refs, bucket, size = [], [], 0
+        for name, tensor in sd.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                refs.append(ray.put(bucket))
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += nbytes
+        if bucket:
+            refs.append(ray.put(bucket))
+        return refs
+
+    def export_hf(self, out_dir: str) -> None:
+        """Save the policy as a Hugging Face directory (safetensors + processor files) on rank 0."""
+        from sapo_ray.models import load_processor
+
+        sd = self.full_state_dict()
+        if self.rank == 0:
+            self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+            load_processor(self.cfg["path"]).save_pretrained(out_dir)
+
+
+class CriticWorker(FSDPWorker):
+    """A rank of the critic: values at every response position and the clipped value loss at anchors."""
+
+    def setup(self, total_steps: int) -> None:
+        from sapo_ray.models import load_processor
+        from sapo_ray.models.value import ValueModel
+
+        cfg = self.cfg
+        torch.manual_seed(cfg["seed"])
+        processor = load_processor(cfg["path"])
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>") if "<|image_pad|>" in tokenizer.get_vocab() else None
+        self.model = self._shard(ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]]))
+        self._make_optimizer(cfg["optim"], total_steps)
+
+    @torch.no_grad()
+    def compute_values(self, batch: Batch) -> dict[str, torch.Tensor]:
+        self.model.eval()
+        R = batch.response_ids.shape[1]
+        out = []
+        for micro in batch.chunks(self.cfg["micro_batch_size"]):
+            v = value_forward(self.model, self._to_device(micro), self.image_token_id).cpu()
+            out.append(torch.nn.functional.pad(v, (0, R - v.shape[1])))
+        return {"values": torch.cat(out) * batch.response_mask}
+
+    def update(self, batch: Batch, spec, args: dict) -> dict[str, float]:
+        """Clipped value loss on `value_mask` positions (segment anchors for SAPO, every token for PPO)."""
+        self.model.train()
+        cfg = self.cfg
+        mini = max(1, cfg["mini_batch_size"] // self.world_size)
+        stats: dict[str, list[float]] = {}
+        for _ in range(cfg["ppo_epochs"]):
+            for minibatch in batch.chunks(mini):
+                denom = self._global_count(minibatch.data["value_mask"].sum())
+                loss_sum = 0.0
+                for micro in minibatch.chunks(cfg["micro_batch_size"]):
+                    micro = self._to_device(micro)
+                    values = value_forward(self.model, micro, self.image_token_id)
+                    loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
+                                                micro.data["value_mask"], clip=args["value_clip"], agg_denom=denom)
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    for k, v in m.items():
+                        stats.setdefault(f"critic/{k}", []).append(float(v))
+                stats.setdefault("critic/vf_loss", []).append(loss_sum)
+                norm, ok = self._optimizer_step(cfg["optim"]["max_grad_norm"])
+                stats.setdefault("critic/grad_norm", []).append(norm)
+        out = {k: _mean(v) for k, v in stats.items()}
+        out["critic/lr"] = self.scheduler.get_last_lr()[0]
+        return out

@@ -1,0 +1,94 @@
+"""Entry point: `python -m sapo_ray.main [+experiment=NAME] [key=value ...]` (Hydra).
+
+Validates the composed config (before Ray starts), joins the Ray cluster named by `ray.address` or
+`RAY_ADDRESS` (e.g. under `ray job submit`) or starts a local one, then trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
+
+register_configs()
+log = logging.getLogger("sapo_ray")
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """What an experiment needs that this machine may lack: fail fast, naming it."""
+    import torch
+
+    from sapo_ray.trainer import model_path
+
+    path = Path(model_path(cfg))
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json there); "
+                          "download the model and set model.path to its directory")
+    if cfg.model.critic_path and not (Path(resolve_model_path(cfg.model.critic_path)) / "config.json").exists():
+        raise ConfigError(f"model.critic_path={cfg.model.critic_path!r} is not a Hugging Face model directory")
+    for key in ("train_path", "val_path"):
+        value = cfg.data[key]
+        if value and not Path(value).exists():
+            raise ConfigError(f"data.{key}={value!r} does not exist; point it at a local parquet file or directory")
+    wants_gpu = cfg.rollout.num_gpus > 0 or cfg.actor.num_gpus > 0 or (cfg.algorithm.needs_critic and cfg.critic.num_gpus > 0)
+    if wants_gpu and not os.environ.get("RAY_ADDRESS") and not cfg.ray.address and not torch.cuda.is_available():
+        raise ConfigError("this config places actors on GPUs (rollout/actor/critic num_gpus > 0) but no CUDA device "
+                          "is visible and no Ray cluster address is set; run on a GPU node or set ray.address")
+
+
+def init_ray(cfg: DictConfig) -> bool:
+    """Join `ray.address` / RAY_ADDRESS, or start a local cluster; True if this call started Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
+    return True
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, start Ray, train; returns the last validation metrics."""
+    validate(cfg)
+    check_environment(cfg)
+    import ray
+
+    from sapo_ray.trainer import Trainer
+
+    started = init_ray(cfg)
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        trainer.close()
+        if started:
+            ray.shutdown()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        result = run(cfg)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        sys.exit(2)
+    log.info("final validation: %s", {k: round(v, 4) for k, v in result.items() if k.startswith("val/accuracy")})
+    return result.get("val/accuracy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Rollout engines: turn encoded prompts into sampled responses with their log-probs.
+
+An engine implements `generate(prompts, params) -> list[Sample]` and
+`update_weights(named_tensors)`; engines are looked up by name in `ENGINES` (config `rollout.engine`).
+`hf` (Hugging Face `generate` with a KV cache) is the embedded default and runs on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from sapo_ray.batch import Sample
+from sapo_ray.learner.forward import logprobs_and_entropy
+
+
+@dataclass
+class Prompt:
+    """An encoded prompt: token ids (image placeholders expanded) and its images' vision inputs."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+ENGINES: dict[str, Callable[..., "HFEngine"]] = {}
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        ENGINES[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_engine(name: str, **kwargs):
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r} is not a known engine; choose one of {sorted(ENGINES)}")
+    return ENGINES[name](**kwargs)
+
+
+@register_engine("hf")
+class HFEngine:
+    """Batched `model.generate` with the banned (special/vision) tokens suppressed.
+
+    The returned `rollout_logp` is the log-prob of each sampled token under
+    `softmax(logits / temperature)` with the banned ids masked, the same distribution the learner
+    computes (top-p changes what is sampled, not this reference distribution).
+    """
+
+    def __init__(self, model, tokenizer, banned_ids: list[int], eos_ids: list[int], pad_id: int,
+                 image_token_id: int | None, max_batch_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.banned = torch.tensor(sorted(banned_ids), dtype=torch.long)
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.image_token_id = image_token_id
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
+        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
+        generator_seed = params.seed
+        samples: list[Sample] = []
+        for start in range(0, len(expanded), self.max_batch_size):
+            chunk = expanded[start : start + self.max_batch_size]
+            torch.manual_seed(generator_seed + start)  # reproducible sampling given (seed, chunk)
+            samples += self._generate_chunk(chunk, params)
+        return samples
+
+    def _generate_chunk(self, chunk: list[tuple[int, Prompt]], params: SamplingParams) -> list[Sample]:
+        width = max(len(p.ids) for _, p in chunk)
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, (_, p) in enumerate(chunk):
+            ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
+            attn[row, width - len(p.ids) :] = 1
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+        pixels = [p.pixel_values for _, p in chunk if p.pixel_values is not None]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(self.device)
+            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for _, p in chunk if p.pixel_values is not None]).to(self.device)
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
+        greedy = params.temperature <= 0
+        sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        out = self.model.generate(
+            **inputs, do_sample=not greedy, max_new_tokens=params.max_new_tokens,
+            suppress_tokens=self.banned.tolist(), eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            output_logits=True, return_dict_in_generate=True, **sampling,
+        )
+        responses = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()
+        logp, _ = logprobs_and_entropy(logits, responses, params.temperature if not greedy else 1.0, self.banned, False)
+        samples = []
+        eos = torch.tensor(self.eos_ids)
+        for row, (index, p) in enumerate(chunk):
+            tokens = responses[row]
+            is_eos = torch.isin(tokens, eos).nonzero()
+            finished = len(is_eos) > 0
+            length = int(is_eos[0]) + 1 if finished else len(tokens)
+            resp = tokens[:length].tolist()
+            samples.append(Sample(
+                prompt_ids=list(p.ids), response_ids=resp, rollout_logp=logp[row, :length].tolist(),
+                text=self.tokenizer.decode(resp, skip_special_tokens=True), finished=finished,
+                prompt_index=index, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+            ))
+        return samples
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy tensors into the live parameters in place (no reallocation); returns bytes loaded."""
+        state = self.model.state_dict()
+        loaded = 0
+        for name, tensor in named_tensors:
+            if name not in state:
+                raise KeyError(f"weight sync: the rollout model has no tensor named {name!r}")
+            state[name].copy_(tensor)
+            loaded += tensor.numel() * tensor.element_size()
+        return loaded
+

@@ -1,0 +1,61 @@
+"""Small helpers shared by the driver and the actors: thread counts, timing, seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+# Set in every actor's environment before its process starts (OpenMP reads them once, at load time).
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def actor_env(num_threads: int) -> dict[str, str]:
+    """Environment for an actor process that owns `num_threads` cores: no spinning, no oversubscription."""
+    n = str(max(1, int(num_threads)))
+    return {**THREAD_ENV, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def set_threads(num_threads: int) -> None:
+    """Pin torch's intra-op pool to this process's CPU share (the default, all cores, thrashes)."""
+    n = max(1, int(num_threads))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+@contextmanager
+def timer(name: str, timing: dict[str, float]):
+    """Add the wall time of the block to `timing[name]` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python/NumPy/torch RNG states as JSON-serialisable lists (checkpoints never pickle)."""
+    np_state = np.random.get_state()
+    return {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

@@ -1,0 +1,51 @@
+"""Builders shared by the system tests: small batches from a real engine, small configs."""
+
+from __future__ import annotations
+
+import torch
+
+from sapo_ray.batch import Batch
+from sapo_ray.data.loaders import load_dataset_split
+from sapo_ray.data.prompts import build_messages
+from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams
+
+
+def encode(processor, example) -> Prompt:
+    text = processor.apply_chat_template(build_messages(example, ""), tokenize=False, add_generation_prompt=True)
+    if example.get("images"):
+        enc = processor(text=[text], images=example["images"], return_tensors="pt")
+        return Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"])
+    tok = getattr(processor, "tokenizer", processor)
+    return Prompt(tok([text])["input_ids"][0].tolist())
+
+
+def engine_for(path: str) -> tuple[HFEngine, object]:
+    from sapo_ray.models import load_policy, load_processor
+    from sapo_ray.models.processor import banned_token_ids
+
+    processor = load_processor(path)
+    tok = getattr(processor, "tokenizer", processor)
+    vocab = tok.get_vocab()
+    engine = HFEngine(load_policy(path), tok, banned_token_ids(tok), [vocab["<|im_end|>"]],
+                      tok.pad_token_id if tok.pad_token_id is not None else 0, vocab.get("<|image_pad|>"))
+    return engine, processor
+
+
+def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 12, seed: int = 0,
+                 text_only: bool = False) -> tuple[Batch, HFEngine]:
+    """Real rollouts of the model at `path` on synthvista prompts, as a Batch with rollout log-probs."""
+    engine, processor = engine_for(path)
+    examples = load_dataset_split("synthvista", None, "train", n=prompts, seed=seed, text_only=text_only)
+    samples = engine.generate([encode(processor, e) for e in examples],
+                              SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed))
+    batch = Batch.from_samples(samples, engine.pad_id)
+    return batch.with_data(group_index=torch.tensor([s.prompt_index for s in samples])), engine
+
+
+def learner_cfg(path: str, **overrides) -> dict:
+    cfg = {"path": path, "dtype": "float32", "attn_implementation": "sdpa", "use_gpu": False, "seed": 0,
+           "needs_ref": False, "temperature": 1.0, "micro_batch_size": 4, "mini_batch_size": 8, "ppo_epochs": 1,
+           "shuffle": False, "optim": {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0,
+                                       "schedule": "constant", "max_grad_norm": 1.0}}
+    cfg.update(overrides)
+    return cfg
