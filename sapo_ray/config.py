@@ -278,3 +278,5 @@ def validate(cfg) -> None:
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
+    _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
+                                   "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")

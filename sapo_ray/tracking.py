@@ -6,8 +6,11 @@ import json
 import math
 from pathlib import Path
 
-CONSOLE_KEYS = ("critic/score/mean", "val/accuracy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
-                "critic/vf_explained_var", "response_length/mean", "timing_s/step", "perf/throughput")
+SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_greedy": "val_acc_greedy",
+         "actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl", "actor/entropy": "entropy",
+         "critic/vf_explained_var": "vf_ev", "response_length/mean": "resp_len", "timing_s/step": "step_s",
+         "perf/throughput": "tok/s"}
+CONSOLE_KEYS = tuple(SHORT)
 
 
 class Tracker:
@@ -29,11 +32,19 @@ class Tracker:
             import wandb  # optional: `pip install wandb`; WANDB_MODE=offline works without a network
 
             self.wandb = wandb.init(project=project, name=experiment, config=config, dir=str(self.run_dir))
-        self.console = None
-        if "console" in loggers:
-            from rich.console import Console
+        self.progress = None
+        self.task = None
 
-            self.console = Console()
+    def start(self, total_steps: int, done: int) -> None:
+        """Show a progress bar over the training steps (console logger only)."""
+        if "console" not in self.loggers:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.description}"))
+        self.task = self.progress.add_task("", total=total_steps, completed=done)
+        self.progress.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -46,12 +57,19 @@ class Tracker:
             self.tb.flush()
         if self.wandb:
             self.wandb.log(clean, step=step)
-        if self.console:
-            shown = "  ".join(f"{k.split('/', 1)[-1] if k != 'val/accuracy' else 'val_acc'}={clean[k]:.4g}"
-                              for k in CONSOLE_KEYS if k in clean)
-            self.console.print(f"[bold]step {step}[/bold]  {shown}")
+        if "console" in self.loggers:
+            shown = "  ".join(f"{SHORT[k]}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean)
+            if self.progress is not None:
+                self.progress.console.print(f"[bold]step {step}[/bold]  {shown}")
+                keys = ("critic/score/mean", "val/accuracy")
+                self.progress.update(self.task, completed=step,
+                                     description="  ".join(f"{SHORT[k]}={clean[k]:.3f}" for k in keys if k in clean))
+            else:
+                print(f"step {step}  {shown}", flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
         if self.jsonl:
             self.jsonl.close()
         if self.tb:

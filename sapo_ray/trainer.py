@@ -172,7 +172,7 @@ class Trainer:
         samples = [s for part in ray.get(refs) for s in part]
         return samples, kept, len(examples) - len(kept)
 
-    def rollout_step(self, timing: dict) -> tuple[Batch, list[dict], dict]:
+    def rollout_step(self, timing: dict) -> tuple[Batch | None, list[dict], dict]:
         """Generate and score until a full batch (DAPO's dynamic sampling may draw more prompts)."""
         cfg, spec = self.cfg, self.spec
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -181,7 +181,8 @@ class Trainer:
         kept_samples: list[Sample] = []
         kept_examples: list[dict] = []
         kept_scores: list[dict] = []
-        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/dropped_groups": 0.0}
+        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/dropped_groups": 0.0,
+                   "rollout/skipped_update": 0.0}
         first_scores: list[float] = []
         for attempt in range(1 + (cfg.algorithm.max_refill if spec.dynamic_sampling else 0)):
             with timer("gen", timing):
@@ -215,8 +216,11 @@ class Trainer:
             if len(kept_examples) >= target:
                 break
         if not kept_samples:
-            raise RuntimeError("no usable rollouts this step: every prompt was too long or every group was dropped "
-                               "(raise data.max_prompt_length, or disable algorithm.dynamic_sampling)")
+            # Every prompt too long or every group uninformative: no update this step, said in the metrics.
+            log.warning("step %d: no usable rollouts (prompts too long or all groups dropped by dynamic "
+                        "sampling); skipping the update", self.step + 1)
+            metrics["rollout/skipped_update"] = 1.0
+            return None, [], metrics
         # Keep whole groups, and a row count the learner ranks can split evenly.
         n_groups = min(len(kept_examples), target)
         keep = [i for i, s in enumerate(kept_samples) if s.prompt_index < n_groups]
@@ -283,6 +287,9 @@ class Trainer:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         batch, examples, metrics = self.rollout_step(timing)
+        if batch is None:
+            timing["step"] = time.perf_counter() - t0
+            return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
         with timer("old_log_prob", timing):
             batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
         if self.needs_ref:
@@ -307,7 +314,16 @@ class Trainer:
         tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
         metrics["perf/throughput"] = tokens / timing["step"]
         metrics["perf/response_tokens"] = float(batch.response_mask.sum())
+        metrics.update(self._memory_metrics())
         return metrics
+
+    def _memory_metrics(self) -> dict:
+        """Peak resident memory (MB) of the largest actor of each role."""
+        refs = {"rollout": [w.peak_memory_mb.remote() for w in self.rollout],
+                "actor": [w.peak_memory_mb.remote() for w in self.actor.workers]}
+        if self.critic:
+            refs["critic"] = [w.peak_memory_mb.remote() for w in self.critic.workers]
+        return {f"perf/peak_mem_mb/{role}": max(ray.get(r)) for role, r in refs.items()}
 
     def _batch_metrics(self, batch: Batch) -> dict:
         mask = batch.response_mask
@@ -388,7 +404,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg.trainer
         last_val: dict = {}
-        if self.step == 0 and cfg.val_every >= 0:
+        self.tracker.start(cfg.steps, self.step)
+        if self.step == 0:
             last_val = self.validate()
             self.tracker.log(last_val, step=0)
         while self.step < cfg.steps:

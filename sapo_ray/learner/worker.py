@@ -26,7 +26,7 @@ from sapo_ray.algo import losses
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch
 from sapo_ray.learner.forward import policy_forward, value_forward
-from sapo_ray.utils import set_threads
+from sapo_ray.utils import peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,6 +154,9 @@ class FSDPWorker:
 
     def ready(self) -> bool:
         return True
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb()
 
 
 def _mean(xs: list[float]) -> float:

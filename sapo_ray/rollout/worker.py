@@ -8,7 +8,7 @@ import ray
 
 from sapo_ray.batch import Sample
 from sapo_ray.rollout.engine import Prompt, SamplingParams, build_engine
-from sapo_ray.utils import set_threads
+from sapo_ray.utils import peak_memory_mb, set_threads
 
 
 class RolloutWorker:
@@ -48,3 +48,6 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb()

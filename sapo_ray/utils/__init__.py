@@ -27,6 +27,16 @@ def set_threads(num_threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
 
 
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (MB), and of the GPU allocator when CUDA is in use."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+    return peak
+
+
 @contextmanager
 def timer(name: str, timing: dict[str, float]):
     """Add the wall time of the block to `timing[name]` (seconds)."""

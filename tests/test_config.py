@@ -1,0 +1,96 @@
+"""Configuration: algorithm YAMLs agree with the registry; user mistakes fail fast, naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sapo_ray.algo.registry import ALGORITHMS
+from sapo_ray.config import ConfigError, algorithm_spec, register_configs, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def compose_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_algorithm_yaml_equals_registered_spec(name):
+    cfg = compose_cfg(f"algorithm={name}")
+    assert algorithm_spec(cfg) == ALGORITHMS[name]
+
+
+def test_every_algorithm_yaml_is_registered():
+    files = {p.stem for p in (ROOT / "conf" / "algorithm").glob("*.yaml")}
+    assert files == set(ALGORITHMS)
+
+
+def test_default_config_is_valid_and_overrides_apply():
+    cfg = compose_cfg("algorithm=grpo", "algorithm.clip_high=0.3", "rollout.n=4")
+    validate(cfg)
+    spec = algorithm_spec(cfg)
+    assert (spec.name, spec.clip_high, spec.ratio_level) == ("grpo", 0.3, "token")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["algorithm=grpo", "rollout.n=1"], "rollout.n"),
+    (["algorithm.ratio_level=segmnt"], "algorithm.ratio_level"),
+    (["algorithm.frac=0"], "algorithm.frac"),
+    (["actor.world_size=3"], "actor.world_size"),
+    (["rollout.num_workers=99"], "rollout.num_workers"),
+    (["algorithm=dapo"], "algorithm.overlong_buffer_len"),
+])
+def test_invalid_combinations_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg(*overrides))
+
+
+def _main(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "sapo_ray.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_typo_in_a_key_fails_before_ray_starts():
+    out = _main("algorithm.clip_hgh=0.3")
+    assert out.returncode != 0
+    assert "clip_hgh" in out.stderr and "Ray" not in out.stdout
+
+
+def test_mathvista_experiment_prints_config_and_fails_fast_without_model(tmp_path):
+    shown = _main("+experiment=mathvista", "--cfg", "job")
+    assert shown.returncode == 0
+    cfg = yaml.safe_load(shown.stdout)
+    assert cfg["data"]["train"] == "geometry3k" and cfg["data"]["val"] == "mathvista"
+    assert cfg["algorithm"]["name"] == "sapo" and cfg["actor"]["world_size"] == 8
+    missing = _main("+experiment=mathvista", f"model.path={tmp_path / 'nope'}")
+    assert missing.returncode == 2
+    assert "model.path" in missing.stderr + missing.stdout
+
+
+def test_mathvista_experiment_names_missing_data_then_gpus(random_tiny_models, tmp_path):
+    model = random_tiny_models["vlm"]
+    no_data = _main("+experiment=mathvista", f"model.path={model}", f"data.train_path={tmp_path / 'geo'}")
+    assert no_data.returncode == 2 and "data.train_path" in no_data.stderr + no_data.stdout
+    (tmp_path / "geo").mkdir()
+    (tmp_path / "mv").mkdir()
+    no_gpu = _main("+experiment=mathvista", f"model.path={model}", f"data.train_path={tmp_path / 'geo'}",
+                   f"data.val_path={tmp_path / 'mv'}")
+    assert no_gpu.returncode == 2 and "GPU" in no_gpu.stderr + no_gpu.stdout
+
+
+def test_mathvista_is_refused_as_training_data():
+    with pytest.raises(ConfigError, match="data.train.*training is prohibited"):
+        validate(compose_cfg("data.train=mathvista"))
