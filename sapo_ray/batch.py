@@ -21,6 +21,7 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     rollout_logp: list[float]  # log-prob of each sampled token under the engine's distribution
+    rollout_entropy: list[float]  # entropy of the engine's next-token distribution at each step
     text: str  # decoded response (special tokens skipped)
     finished: bool  # ended with an end-of-turn token rather than at the length limit
     prompt_index: int  # position of its prompt in the step's prompt batch
@@ -59,10 +60,11 @@ class Batch:
         response_ids = _pad([s.response_ids for s in samples], pad_id, left=False, dtype=torch.long)
         response_mask = _pad([[1.0] * len(s.response_ids) for s in samples], 0.0, left=False, dtype=torch.float32)
         rollout_logp = _pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32)
+        rollout_entropy = _pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32)
         return cls(
             prompt_ids, prompt_mask, response_ids, response_mask,
             [s.pixel_values for s in samples], [s.image_grid_thw for s in samples],
-            {"rollout_logp": rollout_logp},
+            {"rollout_logp": rollout_logp, "rollout_entropy": rollout_entropy},
         )
 
     def __len__(self) -> int:

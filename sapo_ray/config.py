@@ -89,7 +89,8 @@ class RolloutConfig:
     val_n: int = 1
     # Bound on the size of one weight-sync bucket in MB.
     sync_bucket_mb: int = 256
-    # Optional ray custom resource the workers require (e.g. {rollout_node: 0.01} for placement).
+    # Ray custom resources each worker requires (placement on nodes started with
+    # `ray start --resources='{"rollout_node": 1}'`); add keys with `+`: '+rollout.resources={rollout_node: 0.01}'.
     resources: dict = field(default_factory=dict)
 
 
@@ -151,8 +152,13 @@ class LearnerConfig:
     ppo_epochs: int = 1
     # Shuffle rows before cutting mini-batches.
     shuffle: bool = True
+    # Recompute old log-probs and entropies with the learner (verl's default). Off: use the engine's
+    # rollout-time values, exact when engine and learner run the same weights in the same precision
+    # (the hf engine in float32; `rollout/logp_diff_*` would show otherwise) and one forward cheaper.
+    recompute_old_logp: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # Optional ray custom resource the ranks require (placement on a given node).
+    # Ray custom resources each rank requires (placement on nodes started with
+    # `ray start --resources='{"learner_node": 1}'`); add keys with `+`: '+actor.resources={learner_node: 0.01}'.
     resources: dict = field(default_factory=dict)
 
 

@@ -13,6 +13,13 @@ SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_
 CONSOLE_KEYS = tuple(SHORT)
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Tracker:
     def __init__(self, run_dir: str, loggers: list[str], project: str, experiment: str, config: dict):
         self.run_dir = Path(run_dir)
@@ -21,7 +28,9 @@ class Tracker:
         if unknown:
             raise ValueError(f"trainer.loggers has unknown entries {sorted(unknown)}; use console, jsonl, tensorboard, wandb")
         self.loggers = list(loggers)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a") if "jsonl" in loggers else None
+        self.jsonl = None
+        if "jsonl" in loggers:
+            self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self.tb = None
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
@@ -36,7 +45,14 @@ class Tracker:
         self.task = None
 
     def start(self, total_steps: int, done: int) -> None:
-        """Show a progress bar over the training steps (console logger only)."""
+        """Drop logged rows past `done` (a fresh run, or steps after the checkpoint a run resumes
+        from, would otherwise appear twice) and show a progress bar (console logger only)."""
+        if self.jsonl is not None:
+            path = self.run_dir / "metrics.jsonl"
+            self.jsonl.close()
+            kept = [l for l in path.read_text().splitlines() if l.strip() and _step_of(l) is not None and _step_of(l) <= done and done > 0]
+            path.write_text("".join(l + "\n" for l in kept))
+            self.jsonl = open(path, "a")
         if "console" not in self.loggers:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

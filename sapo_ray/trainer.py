@@ -27,6 +27,7 @@ from sapo_ray.data.loader import PromptLoader
 from sapo_ray.data.loaders import load_dataset_split
 from sapo_ray.data.prompts import build_messages
 from sapo_ray.learner.group import WorkerGroup
+from sapo_ray.models.tokens import TokenIds
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.reward.pool import RewardPool
 from sapo_ray.rollout.engine import Prompt, SamplingParams
@@ -69,8 +70,7 @@ class Trainer:
 
         self.processor = load_processor(path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        vocab = self.tokenizer.get_vocab()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else vocab.get("<|endoftext|>", 0)
+        self.pad_id = TokenIds.of(self.tokenizer).pad
         self.has_vision = hasattr(self.processor, "image_processor")
 
         d = cfg.data
@@ -111,6 +111,7 @@ class Trainer:
         ray.get([w.ready.remote() for w in self.rollout])
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
 
     def _check_resources(self) -> None:
@@ -290,8 +291,11 @@ class Trainer:
         if batch is None:
             timing["step"] = time.perf_counter() - t0
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
-        with timer("old_log_prob", timing):
-            batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
+        if self.cfg.actor.recompute_old_logp:
+            with timer("old_log_prob", timing):
+                batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
+        else:
+            batch = batch.with_data(old_logp=batch.data["rollout_logp"], entropy=batch.data["rollout_entropy"])
         if self.needs_ref:
             with timer("ref", timing):
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "ref"))
@@ -334,7 +338,7 @@ class Trainer:
              "response_length/clip_ratio": float((~batch.data["finished"]).float().mean()),
              **_stats("prompt_length", batch.prompt_mask.sum(1).float())}
         diff = (batch.data["rollout_logp"] - batch.data["old_logp"]).abs()[mask.bool()]
-        if diff.numel():
+        if diff.numel() and self.cfg.actor.recompute_old_logp:
             m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
         return m
 

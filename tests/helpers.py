@@ -20,15 +20,10 @@ def encode(processor, example) -> Prompt:
 
 
 def engine_for(path: str) -> tuple[HFEngine, object]:
-    from sapo_ray.models import load_policy, load_processor
-    from sapo_ray.models.processor import banned_token_ids
+    from sapo_ray.models import load_processor
 
-    processor = load_processor(path)
-    tok = getattr(processor, "tokenizer", processor)
-    vocab = tok.get_vocab()
-    engine = HFEngine(load_policy(path), tok, banned_token_ids(tok), [vocab["<|im_end|>"]],
-                      tok.pad_token_id if tok.pad_token_id is not None else 0, vocab.get("<|image_pad|>"))
-    return engine, processor
+    engine = HFEngine.from_config({"path": path, "dtype": "float32", "attn_implementation": "sdpa"})
+    return engine, load_processor(path)
 
 
 def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 12, seed: int = 0,

@@ -59,6 +59,8 @@ def test_invalid_combinations_name_the_key(overrides, key):
 
 def _main(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    # Hydra's output dir goes to a temporary place, not the repository's outputs/.
+    args = ("hydra.run.dir=${oc.env:TMPDIR,/tmp}/sapo_ray_test_outputs/${now:%H-%M-%S-%f}", *args)
     return subprocess.run([sys.executable, "-m", "sapo_ray.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -32,11 +32,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_algorithm_runs(algorithm, ray_cluster, random_tiny_models, tmp_path):
+def test_algorithm_runs(algorithm, ray_cluster, tmp_path):
     from sapo_ray.main import run
 
-    extra = ["algorithm.overlong_buffer_len=4"] if algorithm == "dapo" else []
-    result = run(tiny_cfg(tmp_path, random_tiny_models["vlm"], f"algorithm={algorithm}", *extra))
+    # DAPO keeps only groups whose rewards differ: give the model room to answer (and sometimes not).
+    extra = ["algorithm.overlong_buffer_len=8", "rollout.max_new_tokens=48", "rollout.n=4"] if algorithm == "dapo" else []
+    result = run(tiny_cfg(tmp_path, "bundled:tiny-vlm", f"algorithm={algorithm}", *extra))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     step = rows[-1]
@@ -50,20 +51,22 @@ def test_algorithm_runs(algorithm, ray_cluster, random_tiny_models, tmp_path):
     assert expected <= set(step), sorted(expected - set(step))
     assert all(v is not None and math.isfinite(v) for v in step.values()), step
     assert "val/accuracy" in result
+    if algorithm == "dapo":
+        assert all(r["rollout/skipped_update"] == 0 for r in rows[1:])
     assert (tmp_path / "hf_policy" / "model.safetensors").exists()
 
 
-def test_resume_reproduces_uninterrupted_run(ray_cluster, random_tiny_models, tmp_path):
+def test_resume_reproduces_uninterrupted_run(ray_cluster, tmp_path):
     """3 steps straight == 2 steps, stop, resume for the third (CPU, same seeds)."""
     from sapo_ray.main import run
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(tiny_cfg(straight, random_tiny_models["vlm"], "trainer.steps=3", "trainer.save_every=1", "trainer.export_hf=false"))
-    run(tiny_cfg(split, random_tiny_models["vlm"], "trainer.steps=2", "trainer.save_every=1", "trainer.export_hf=false"))
-    run(tiny_cfg(split, random_tiny_models["vlm"], "trainer.steps=3", "trainer.save_every=1", "trainer.export_hf=false"))
+    run(tiny_cfg(straight, "bundled:tiny-vlm", "trainer.steps=3", "trainer.save_every=1", "trainer.export_hf=false"))
+    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=2", "trainer.save_every=1", "trainer.export_hf=false"))
+    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=3", "trainer.save_every=1", "trainer.export_hf=false"))
     a = {r["step"]: r for r in read_metrics(straight)}
     b = {r["step"]: r for r in read_metrics(split)}
-    keys = [k for k in a[3] if not k.startswith(("timing_s", "perf/throughput", "sync/gb_per_s"))]
+    keys = [k for k in a[3] if not k.startswith(("timing_s", "perf/", "sync/gb_per_s"))]
     assert len(keys) > 20
     for k in keys:
         assert a[3][k] == pytest.approx(b[3][k], rel=1e-5, abs=1e-6), k

@@ -106,6 +106,13 @@ class FSDPWorker:
         self.scheduler.step()
         return norm, ok
 
+    def _token_ids(self):
+        from sapo_ray.models import load_processor
+        from sapo_ray.models.tokens import TokenIds
+
+        processor = load_processor(self.cfg["path"])
+        return TokenIds.of(getattr(processor, "tokenizer", processor))
+
     def _global_count(self, local: torch.Tensor | float) -> float:
         """`sum over ranks / world_size`: the denominator that makes FSDP's gradient average exact."""
         t = torch.tensor(float(local), dtype=torch.float64)
@@ -167,16 +174,14 @@ class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
     def setup(self, total_steps: int) -> None:
-        from sapo_ray.models import load_policy, load_processor
-        from sapo_ray.models.processor import banned_token_ids
+        from sapo_ray.models import load_policy
 
         cfg = self.cfg
         dtype = DTYPES[cfg["dtype"]]
         torch.manual_seed(cfg["seed"])
-        processor = load_processor(cfg["path"])
-        tokenizer = getattr(processor, "tokenizer", processor)
-        self.banned = torch.tensor(banned_token_ids(tokenizer), dtype=torch.long)
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>") if "<|image_pad|>" in tokenizer.get_vocab() else None
+        ids = self._token_ids()
+        self.banned = torch.tensor(ids.banned, dtype=torch.long)
+        self.image_token_id = ids.image
         self.model = self._shard(load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"]))
         if cfg.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
@@ -291,14 +296,11 @@ class CriticWorker(FSDPWorker):
     """A rank of the critic: values at every response position and the clipped value loss at anchors."""
 
     def setup(self, total_steps: int) -> None:
-        from sapo_ray.models import load_processor
         from sapo_ray.models.value import ValueModel
 
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])
-        processor = load_processor(cfg["path"])
-        tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>") if "<|image_pad|>" in tokenizer.get_vocab() else None
+        self.image_token_id = self._token_ids().image
         self.model = self._shard(ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]]))
         self._make_optimizer(cfg["optim"], total_steps)
 

@@ -1,8 +1,10 @@
 """Rollout engines: turn encoded prompts into sampled responses with their log-probs.
 
-An engine implements `generate(prompts, params) -> list[Sample]` and
-`update_weights(named_tensors)`; engines are looked up by name in `ENGINES` (config `rollout.engine`).
-`hf` (Hugging Face `generate` with a KV cache) is the embedded default and runs on a CPU.
+An engine implements `from_config(cfg)`, `generate(prompts, params) -> list[Sample]` and
+`update_weights(named_tensors) -> bytes loaded`; engines are looked up by name in `ENGINES`
+(config `rollout.engine`). `hf` (Hugging Face `generate` with a KV cache) is the embedded default
+and runs on a CPU. `cfg` holds `path`, `dtype`, `attn_implementation`, `use_gpu`, `max_batch_size`
+and the engine's own keys.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ def register_engine(name: str):
     return wrap
 
 
-def build_engine(name: str, **kwargs):
+def build_engine(name: str, cfg: dict):
     if name not in ENGINES:
         raise ValueError(f"rollout.engine={name!r} is not a known engine; choose one of {sorted(ENGINES)}")
-    return ENGINES[name](**kwargs)
+    return ENGINES[name].from_config(cfg)
 
 
 @register_engine("hf")
@@ -57,19 +59,32 @@ class HFEngine:
 
     The returned `rollout_logp` is the log-prob of each sampled token under
     `softmax(logits / temperature)` with the banned ids masked, the same distribution the learner
-    computes (top-p changes what is sampled, not this reference distribution).
+    computes (top-p changes what is sampled, not this reference distribution); `rollout_entropy`
+    is that distribution's entropy, the rollout-time entropy SAPO segments on.
     """
 
-    def __init__(self, model, tokenizer, banned_ids: list[int], eos_ids: list[int], pad_id: int,
-                 image_token_id: int | None, max_batch_size: int = 64):
+    def __init__(self, model, tokenizer, max_batch_size: int = 64):
+        from sapo_ray.models.tokens import TokenIds
+
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.banned = torch.tensor(sorted(banned_ids), dtype=torch.long)
-        self.eos_ids = eos_ids
-        self.pad_id = pad_id
-        self.image_token_id = image_token_id
+        ids = TokenIds.of(tokenizer)
+        self.banned = torch.tensor(ids.banned, dtype=torch.long)
+        self.eos_ids = list(ids.eos)
+        self.pad_id = ids.pad
+        self.image_token_id = ids.image
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "HFEngine":
+        from sapo_ray.models import load_policy, load_processor
+
+        processor = load_processor(cfg["path"])
+        device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
+        model = load_policy(cfg["path"], dtype=getattr(torch, cfg["dtype"]),
+                            attn_implementation=cfg["attn_implementation"]).to(device)
+        return cls(model, getattr(processor, "tokenizer", processor), cfg.get("max_batch_size", 64))
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
@@ -104,7 +119,7 @@ class HFEngine:
         )
         responses = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()
-        logp, _ = logprobs_and_entropy(logits, responses, params.temperature if not greedy else 1.0, self.banned, False)
+        logp, entropy = logprobs_and_entropy(logits, responses, params.temperature if not greedy else 1.0, self.banned, True)
         samples = []
         eos = torch.tensor(self.eos_ids)
         for row, (index, p) in enumerate(chunk):
@@ -115,6 +130,7 @@ class HFEngine:
             resp = tokens[:length].tolist()
             samples.append(Sample(
                 prompt_ids=list(p.ids), response_ids=resp, rollout_logp=logp[row, :length].tolist(),
+                rollout_entropy=entropy[row, :length].tolist(),
                 text=self.tokenizer.decode(resp, skip_special_tokens=True), finished=finished,
                 prompt_index=index, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
             ))

@@ -77,9 +77,11 @@ def test_sync_makes_engine_sample_with_new_weights(ray_cluster, random_tiny_mode
     prompts = [encode(processor, e) for e in load_dataset_split("synthvista", None, "train", n=3, seed=5)]
     samples = ray.get(rollout.generate.remote(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3)))
     fresh = Batch.from_samples(samples, pad_id)
-    learner = group.gather_tensors("compute_logprobs", fresh, "policy")["old_logp"]
+    learner = group.gather_tensors("compute_logprobs", fresh, "policy")
     m = fresh.response_mask.bool()
-    diff = float((learner - fresh.data["rollout_logp"]).abs()[m].max())
-    assert diff < 1e-4, f"engine and learner disagree by {diff} after the sync"
+    diff = float((learner["old_logp"] - fresh.data["rollout_logp"]).abs()[m].max())
+    assert diff < 1e-4, f"engine and learner log-probs disagree by {diff} after the sync"
+    diff = float((learner["entropy"] - fresh.data["rollout_entropy"]).abs()[m].max())
+    assert diff < 1e-4, f"engine and learner entropies disagree by {diff} after the sync"
     ray.kill(rollout)
     group.shutdown()

@@ -1,0 +1,288 @@
+"""Compare training runs: a table of one metric per algorithm over seeds, and a PNG of the curves.
+
+    python -m sapo_ray.compare RUN_DIR [RUN_DIR ...] [--metric val/accuracy] [--out curves.png]
+
+A RUN_DIR is a directory with `metrics.jsonl` (a run's `trainer.run_dir`) or any directory above
+such runs (a Hydra multirun sweep dir); every run found under it is included. A run's algorithm and
+seed come from its `.hydra/config.yaml` (`algorithm.name`, `seed`) when present, else from a
+directory name ending in `<algorithm>-seed<N>` (the default `trainer.experiment`), else the whole
+directory name is the algorithm.
+
+For each run the metric's series gives three numbers: `first` (value at the first logged step),
+`last` (at the last) and `best` (max over steps; min with --lower-is-better). The table reports
+each as mean ± std over the algorithm's runs, std being the sample standard deviation (n - 1; shown
+only for n >= 2). The PNG draws the metric against the step: one colour per algorithm, one line
+per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+# `<anything>-<algorithm>-seed<N>`: Hydra's sweep subdir `0-sapo-seed1`, run dir `12-00-00-grpo-seed0`.
+DIR_NAME = re.compile(r"(?:^|-)(?P<algorithm>[^-]+)-seed(?P<seed>\d+)$")
+# Tableau-10: distinguishable on white, the usual plotting default.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+
+
+class CompareError(ValueError):
+    """A run directory or metric the user named cannot be compared; the message says why."""
+
+
+@dataclass
+class Run:
+    path: Path
+    algorithm: str
+    seed: int | None
+    # Metric name -> [(step, value)] sorted by step, one value per step.
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm} seed {self.seed}" if self.seed is not None else f"{self.algorithm} ({self.path.name})"
+
+
+@dataclass
+class Summary:
+    """One algorithm's numbers for one metric: per-run values and their mean/std over runs."""
+
+    algorithm: str
+    runs: list[Run]
+    first: list[float]
+    last: list[float]
+    best: list[float]
+    last_step: int
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); std is None for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+# -- reading runs ----------------------------------------------------------------------------------
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run directories named by `paths`: each path itself if it holds metrics.jsonl, else every
+    directory under it that does (sorted). Raises CompareError for a path with none."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CompareError(f"{p}: no such directory")
+        if not p.is_dir():
+            raise CompareError(f"{p}: not a directory; pass a run directory (with {METRICS_FILE}) or a sweep directory")
+        if (p / METRICS_FILE).is_file():
+            runs = [p]
+        else:
+            runs = sorted(f.parent for f in p.rglob(METRICS_FILE) if f.is_file())
+        if not runs:
+            raise CompareError(f"{p}: no {METRICS_FILE} here or in any directory below it; pass a run's "
+                               f"trainer.run_dir (or Hydra's job dir) or a multirun sweep dir "
+                               f"(was the run started with trainer.loggers including jsonl?)")
+        seen = {f.resolve() for f in found}
+        found += [r for r in runs if r.resolve() not in seen]
+    return found
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """`metrics.jsonl` as metric -> [(step, value)], sorted by step. A step logged twice (a resumed
+    run re-logs the steps after its checkpoint) keeps its last value; nulls (non-finite values) are
+    skipped; a truncated last line (a run killed mid-write) is ignored."""
+    lines = path.read_text().splitlines()
+    by_step: dict[int, dict] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: ignoring a truncated last line", file=sys.stderr)
+                continue
+            raise CompareError(f"{path}:{number}: not a JSON object ({err})") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise CompareError(f"{path}:{number}: expected a JSON object with a 'step' key")
+        by_step.setdefault(int(row["step"]), {}).update(row)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step in sorted(by_step):
+        for key, value in by_step[step].items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key != "step" and numeric and math.isfinite(value):
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def run_identity(path: Path) -> tuple[str, int | None]:
+    """(algorithm, seed) of a run directory: its Hydra config, else its name."""
+    for config in (path / ".hydra" / "config.yaml", path / "config.yaml"):
+        if config.is_file():
+            import yaml
+
+            cfg = yaml.safe_load(config.read_text()) or {}
+            algorithm = (cfg.get("algorithm") or {}).get("name")
+            if algorithm:
+                seed = cfg.get("seed")
+                return str(algorithm), int(seed) if isinstance(seed, int) else None
+    match = DIR_NAME.search(path.name)
+    if match:
+        return match["algorithm"], int(match["seed"])
+    return path.name, None
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    runs = []
+    for path in find_runs(paths):
+        algorithm, seed = run_identity(path)
+        runs.append(Run(path, algorithm, seed, read_metrics(path / METRICS_FILE)))
+    return runs
+
+
+# -- summarising -----------------------------------------------------------------------------------
+def summarize(runs: list[Run], metric: str, lower_is_better: bool = False) -> list[Summary]:
+    """Per algorithm (sorted by name): first/last/best of `metric` in each run that logged it.
+    Runs without the metric are left out with a warning; none at all raises CompareError."""
+    missing = [r for r in runs if not r.series.get(metric)]
+    if len(missing) == len(runs):
+        known = sorted({k for r in runs for k in r.series})
+        hint = [k for k in known if k.startswith("val/")] or known
+        raise CompareError(f"no run logged metric {metric!r}; pass --metric with one of: {', '.join(hint[:30])}"
+                           + (" ..." if len(hint) > 30 else ""))
+    for r in missing:
+        print(f"warning: {r.path} has no values of {metric!r}; left out", file=sys.stderr)
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.series.get(metric):
+            groups.setdefault(r.algorithm, []).append(r)
+    pick = min if lower_is_better else max
+    out = []
+    for algorithm in sorted(groups):
+        members = sorted(groups[algorithm], key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
+        values = [[v for _, v in r.series[metric]] for r in members]
+        out.append(Summary(algorithm, members, [v[0] for v in values], [v[-1] for v in values],
+                           [pick(v) for v in values], max(r.series[metric][-1][0] for r in members)))
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_table(summaries: list[Summary], metric: str, lower_is_better: bool = False) -> str:
+    """A plain-text table: algorithm, runs, their seeds, last step, first/last/best as mean ± std."""
+    header = ["algorithm", "runs", "seeds", "steps", "first", "last", "best"]
+    rows = [[s.algorithm, str(len(s.runs)), ",".join("?" if x is None else str(x) for x in s.seeds),
+             str(s.last_step), _fmt(s.first), _fmt(s.last), _fmt(s.best)] for s in summaries]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    best = "min" if lower_is_better else "max"
+    title = f"{metric}: first/last/best ({best} over steps) per run, mean ± std (n-1) over runs"
+    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# -- plotting (Pillow only: matplotlib is not a dependency) ---------------------------------------
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round tick values covering [lo, hi]."""
+    span = hi - lo
+    raw = span / max(1, count)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _tick_labels(ticks: list[float]) -> list[str]:
+    """Tick values with as many decimals as their spacing needs (0.25 -> 2, 5 -> 0)."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    decimals = min(6, len(f"{step:.6f}".rstrip("0").split(".")[1]))
+    return [f"{t:.{decimals}f}" for t in ticks]
+
+
+def plot_curves(summaries: list[Summary], metric: str, out: str | Path, size: tuple[int, int] = (960, 600)) -> Path:
+    """Save a PNG of `metric` vs step: one colour per algorithm, one line (and dots) per run."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    left, right, top, bottom = 80, 190, 50, 60
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    points = [p for s in summaries for r in s.runs for p in r.series[metric]]
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi) * 0.1, 0.05)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+    to_px = lambda x, y: (left + (x - x_lo) / (x_hi - x_lo) * plot_w, top + (y_hi - y) / (y_hi - y_lo) * plot_h)
+
+    y_ticks = _ticks(y_lo, y_hi)
+    for y, label in zip(y_ticks, _tick_labels(y_ticks)):
+        _, py = to_px(x_lo, y)
+        draw.line([(left, py), (left + plot_w, py)], fill="#e6e6e6")
+        draw.text((left - 8, py), label, fill="black", font=font, anchor="rm")
+    x_ticks = _ticks(x_lo, x_hi)
+    for x, label in zip(x_ticks, _tick_labels(x_ticks)):
+        px, _ = to_px(x, y_lo)
+        draw.line([(px, top + plot_h), (px, top + plot_h + 5)], fill="black")
+        draw.text((px, top + plot_h + 8), label, fill="black", font=font, anchor="mt")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    draw.text((left + plot_w / 2, top + plot_h + 30), "step", fill="black", font=font, anchor="mt")
+    draw.text((left + plot_w / 2, top / 2), metric, fill="black", font=font, anchor="mm")
+
+    for i, s in enumerate(summaries):
+        colour = PALETTE[i % len(PALETTE)]
+        for r in s.runs:
+            xy = [to_px(x, y) for x, y in r.series[metric]]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2, joint="curve")
+            for px, py in xy:
+                draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=colour)
+        ly = top + 10 + 20 * i
+        draw.line([(left + plot_w + 15, ly), (left + plot_w + 40, ly)], fill=colour, width=3)
+        draw.text((left + plot_w + 48, ly), f"{s.algorithm} (n={len(s.runs)})", fill="black", font=font, anchor="lm")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sapo_ray.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (with metrics.jsonl) or sweep directories")
+    parser.add_argument("--metric", default="val/accuracy",
+                        help="metric name as logged in metrics.jsonl (default: %(default)s)")
+    parser.add_argument("--out", default="curves.png", help="PNG of the curves (default: %(default)s); '' = no plot")
+    parser.add_argument("--lower-is-better", action="store_true", help="best = min over steps (losses, lengths)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+        summaries = summarize(runs, args.metric, args.lower_is_better)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(summaries, args.metric, args.lower_is_better))
+    if args.out:
+        print(f"curves: {plot_curves(summaries, args.metric, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

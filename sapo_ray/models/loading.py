@@ -1,0 +1,44 @@
+"""Load a policy (any HF model directory, vision-language or text-only) by path."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+
+from sapo_ray.models.processor import _check_dir
+
+
+def is_vision_config(config: PretrainedConfig) -> bool:
+    """True for vision-language configs (Qwen2-VL, Qwen2.5-VL, ...), False for text-only LMs."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_class(config: PretrainedConfig):
+    """The auto class that builds `config`: AutoModelForImageTextToText for VLMs, else AutoModelForCausalLM."""
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
+def load_policy(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    **kwargs,
+) -> torch.nn.Module:
+    """Load the policy in the HF directory `path` (the config key `model.path`).
+
+    A VLM such as Qwen2.5-VL-3B-Instruct or `sapo_ray/assets/tiny-vlm` loads with
+    AutoModelForImageTextToText, a text-only LM (`sapo_ray/assets/tiny-lm`) with
+    AutoModelForCausalLM. Extra `kwargs` go to `from_pretrained`.
+    """
+    path = _check_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    return model_class(config).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+
+
+def build_from_config(
+    config: PretrainedConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
+    """A randomly initialised model of `config`'s architecture (VLM or causal LM)."""
+    return model_class(config).from_config(config, dtype=dtype, attn_implementation=attn_implementation)
