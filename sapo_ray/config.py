@@ -65,7 +65,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    # Engine: hf (Hugging Face generate, CPU or GPU).
+    # Engine: hf (Hugging Face generate, CPU or GPU) or vllm (vLLM, production on GPUs; text models on a
+    # CPU with the `make .venv-vllm` build).
     engine: str = "hf"
     # Number of rollout worker actors; prompts are split evenly between them.
     num_workers: int = 1
@@ -92,6 +93,14 @@ class RolloutConfig:
     # Ray custom resources each worker requires (placement on nodes started with
     # `ray start --resources='{"rollout_node": 1}'`); add keys with `+`: '+rollout.resources={rollout_node: 0.01}'.
     resources: dict = field(default_factory=dict)
+    # vllm engine only: GPUs one engine shards the model over (rollout.num_gpus must cover them).
+    tensor_parallel_size: int = 1
+    # vllm engine only: share of each GPU's memory for weights and KV cache (lower when sharing GPUs).
+    gpu_memory_utilization: float = 0.5
+    # vllm engine only: longest prompt + response in tokens (null = the model's limit).
+    max_model_len: Optional[int] = None
+    # vllm engine only: no CUDA graphs (faster start, slower decoding); always on with the CPU build.
+    enforce_eager: bool = False
 
 
 def _algorithm_config():
@@ -261,7 +270,7 @@ def validate(cfg) -> None:
         "model.dtype": (cfg.model.dtype, {"float32", "bfloat16", "float16"}),
         "actor.optim.schedule": (cfg.actor.optim.schedule, {"constant", "cosine"}),
         "critic.optim.schedule": (cfg.critic.optim.schedule, {"constant", "cosine"}),
-        "rollout.engine": (r.engine, {"hf"}),
+        "rollout.engine": (r.engine, {"hf", "vllm"}),
     }
     for key, (value, allowed) in choices.items():
         _check(value in allowed, f"{key}={value!r} is not one of {sorted(allowed)}")
@@ -281,8 +290,26 @@ def validate(cfg) -> None:
                f"{group}.mini_batch_size={g.mini_batch_size} must be divisible by {group}.world_size={g.world_size}")
         _check(rows % g.world_size == 0,
                f"data.prompts_per_step * rollout.n = {rows} rows must be divisible by {group}.world_size={g.world_size}")
+    if r.engine == "vllm":
+        _validate_vllm(cfg)
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
     _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
                                    "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")
+
+
+def _validate_vllm(cfg) -> None:
+    import importlib.util
+
+    from sapo_ray.rollout.engine import VLLM_INSTALL_HINT
+
+    r = cfg.rollout
+    _check(importlib.util.find_spec("vllm") is not None, VLLM_INSTALL_HINT)
+    _check(cfg.actor.recompute_old_logp, "rollout.engine=vllm returns no per-token entropies (segments need them): "
+                                         "set actor.recompute_old_logp=true")
+    _check(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} must be >= 1")
+    _check(r.tensor_parallel_size == 1 or r.num_gpus >= r.tensor_parallel_size,
+           f"rollout.tensor_parallel_size={r.tensor_parallel_size} shards each engine over that many GPUs: "
+           f"set rollout.num_gpus >= it (got {r.num_gpus})")
+    _check(0 < r.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")

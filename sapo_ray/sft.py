@@ -13,7 +13,7 @@ end-of-turn token), prompts built exactly as the RL trainer builds them (`build_
 model's chat template), AdamW with warmup and cosine decay. Evaluation on `split="test"` (held-out
 template/colour combinations): greedy accuracy and sampled accuracy (T=0.6, top-p 0.95, mean over
 `eval_samples` samples) with `sapo_ray.reward.compute_score`. The model is meant to be useful but
-far from perfect, so RL has room: DESIGN.md saw an imperfect teacher give RL more to do.
+far from perfect, so RL has room to improve it.
 """
 
 from __future__ import annotations

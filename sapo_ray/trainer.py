@@ -91,7 +91,9 @@ class Trainer:
         common = {"path": path, "dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation,
                   "use_gpu": use_gpu}
         rollout_cfg = {**common, "engine": cfg.rollout.engine, "max_batch_size": cfg.rollout.max_batch_size,
-                       "use_gpu": bool(cfg.rollout.num_gpus)}
+                       "use_gpu": bool(cfg.rollout.num_gpus), "seed": cfg.seed,
+                       **{k: cfg.rollout[k] for k in ("tensor_parallel_size", "gpu_memory_utilization",
+                                                      "max_model_len", "enforce_eager")}}
         rollout_actor = ray.remote(RolloutWorker)
         self.rollout = [
             rollout_actor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
@@ -156,7 +158,8 @@ class Trainer:
         ids = enc["input_ids"][0].tolist()
         if len(ids) > self.cfg.data.max_prompt_length:
             return None
-        return Prompt(ids, enc.get("pixel_values"), enc.get("image_grid_thw"))
+        raw = images if self.cfg.rollout.engine == "vllm" else None  # vLLM runs the image processor itself
+        return Prompt(ids, enc.get("pixel_values"), enc.get("image_grid_thw"), raw)
 
     def generate(self, examples: list[dict], params: SamplingParams) -> tuple[list[Sample], list[dict], int]:
         """Split prompts over the rollout workers; returns samples (grouped by prompt), kept examples, skipped."""

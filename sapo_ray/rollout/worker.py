@@ -28,8 +28,13 @@ class RolloutWorker:
         """Load bucketed weights (each a Ray object of `(name, tensor)` pairs); returns (bytes, seconds)."""
         start = time.perf_counter()
         total = 0
+        # Engines whose loading spans buckets (vllm: a layer may be split between two) bracket them.
+        if hasattr(self.engine, "begin_weight_update"):
+            self.engine.begin_weight_update()
         for ref in bucket_refs:
             total += self.engine.update_weights(ray.get(ref))
+        if hasattr(self.engine, "finish_weight_update"):
+            self.engine.finish_weight_update()
         return total, time.perf_counter() - start
 
     def ready(self) -> bool:

