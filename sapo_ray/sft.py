@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: no spin-waiting on a shared CPU
 import shutil
@@ -65,6 +66,10 @@ class SFTConfig:
     grad_clip: float = 1.0
     instructions: list[str] = field(default_factory=lambda: ["none", "default", "short"])
     """Instructions appended to the query, cycled over rows (the first is used for evaluation)."""
+    teacher_error_rate: float = 0.0
+    """Share of training rows whose boxed answer is replaced by a near miss (one off, another choice):
+    an imperfect teacher, as real SFT data is. The reasoning before it stays right, so RL with the
+    true reward has a mistake it can learn to fix."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -195,6 +200,34 @@ def evaluate(model, processor, items: list[dict], instruction: str, samples: int
     return result
 
 
+def near_miss(example: dict, rng: random.Random) -> str:
+    """A wrong answer close to the gold one: an integer or float one step off, another choice, a list
+    with one value off by one."""
+    answer = example["answer"]
+    if example.get("choices"):
+        return rng.choice([c for c in example["choices"] if c != answer] or [answer + "?"])
+    if example["answer_type"] == "list":
+        values = [int(v) for v in answer.strip("[]").split(",")]
+        i = rng.randrange(len(values))
+        values[i] += 1 if values[i] <= 1 else rng.choice((-1, 1))
+        return "[" + ", ".join(map(str, values)) + "]"
+    step = 10.0 ** -(example.get("precision") or 0) if example["answer_type"] == "float" else 1
+    value = float(answer) + (step if float(answer) - step < 0 else rng.choice((-step, step)))
+    return f"{value:.{example.get('precision') or 0}f}" if example["answer_type"] == "float" else str(int(value))
+
+
+def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> list[dict]:
+    """`batch` with a share `rate` of solutions ending in a near-miss answer instead of the gold one."""
+    out = []
+    for ex in batch:
+        if rate > 0 and rng.random() < rate:
+            gold = "\\boxed{" + ex["answer"] + "}"
+            assert gold in ex["solution"], ex["solution"]
+            ex = {**ex, "solution": ex["solution"].replace(gold, "\\boxed{" + near_miss(ex, rng) + "}")}
+        out.append(ex)
+    return out
+
+
 def _lr_factor(step: int, cfg: SFTConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -212,6 +245,7 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
     model.train()
     for step in range(cfg.steps):
         batch = examples(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", text_only=text_only)
+        batch = with_teacher_errors(batch, cfg.teacher_error_rate, random.Random(f"teacher:{cfg.seed}:{step}"))
         inputs = sft_batch(processor, batch, [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(batch))])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             loss = sft_loss(model, inputs, banned)

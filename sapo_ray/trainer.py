@@ -277,6 +277,15 @@ class Trainer:
             metrics.update(_stats("critic/values", batch.data["values"][vm.bool()]))
         return out, metrics
 
+    def tis_weights(self, batch: Batch) -> tuple[Batch, dict]:
+        """Truncated importance sampling: per-token `min(pi_old / pi_rollout, tis_cap)` for the policy loss,
+        correcting for the rollout engine sampling from a slightly different distribution than the learner's."""
+        cap, valid = self.cfg.rollout.tis_cap, batch.response_mask.bool()
+        w = torch.exp(batch.data["old_logp"] - batch.data["rollout_logp"]).clamp(max=cap)
+        w = torch.where(valid, w, torch.zeros_like(w))
+        return batch.with_data(is_weights=w), {"rollout/tis_weight_mean": float(w[valid].mean()),
+                                               "rollout/tis_clipfrac": float((w[valid] >= cap).float().mean())}
+
     def sync_weights(self) -> dict:
         """Bucketed full weights from learner rank 0 into every rollout engine, in place."""
         start = time.perf_counter()
@@ -299,6 +308,9 @@ class Trainer:
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
         else:
             batch = batch.with_data(old_logp=batch.data["rollout_logp"], entropy=batch.data["rollout_entropy"])
+        if self.cfg.rollout.tis_cap > 0:
+            batch, tis_metrics = self.tis_weights(batch)
+            metrics.update(tis_metrics)
         if self.needs_ref:
             with timer("ref", timing):
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "ref"))

@@ -16,7 +16,7 @@ def encode(processor, example) -> Prompt:
         enc = processor(text=[text], images=example["images"], return_tensors="pt")
         return Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"])
     tok = getattr(processor, "tokenizer", processor)
-    return Prompt(tok([text])["input_ids"][0].tolist())
+    return Prompt(list(tok([text])["input_ids"][0]))
 
 
 def engine_for(path: str) -> tuple[HFEngine, object]:

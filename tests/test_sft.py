@@ -55,3 +55,19 @@ def test_hydra_config_composes_with_the_model_group():
         assert cfg.instructions[0] == "none"
         with pytest.raises(ConfigCompositionException):
             compose("sft", overrides=["stepz=7"])  # a typo fails before anything runs
+
+
+def test_teacher_errors_replace_a_share_of_answers_with_near_misses():
+    import random
+
+    from sapo_ray.reward import compute_score
+    from sapo_ray.sft import examples, with_teacher_errors
+
+    batch = examples(200, seed=3, split="train", text_only=True)
+    noisy = with_teacher_errors(batch, 0.5, random.Random(0))
+    wrong = [n for b, n in zip(batch, noisy) if n["solution"] != b["solution"]]
+    assert 70 <= len(wrong) <= 130  # about half
+    for ex in wrong:
+        scored = compute_score(ex["solution"], ex)
+        assert scored["acc"] == 0.0 and scored["format"] == 1.0, ex["solution"]
+    assert with_teacher_errors(batch, 0.0, random.Random(0)) == batch

