@@ -21,24 +21,13 @@ import dataclasses
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from sapo_ray.algo import advantages, losses, segments
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+from sapo_ray.utils import cpu_model
 
 
 def _keep_freed_memory() -> None:
@@ -138,7 +127,7 @@ def main() -> None:
         print(f"| {name} | {t * 1e3:.1f} | {c * 1e3:.1f} | {n_tokens / t / 1e6:.1f}M | {B * T / t / 1e6:.1f}M |")
 
     print()
-    print(f"- machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}")
+    print(f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}")
     print(f"- torch {torch.__version__}, python {platform.python_version()}")
     if hasattr(os, "getloadavg"):
         print(f"- load average at the end (other processes on the machine): {os.getloadavg()[0]:.2f}")

@@ -18,24 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+from sapo_ray.utils import cpu_model
 
 
 def _prompts(path: str, n: int):
@@ -121,7 +110,7 @@ def main() -> None:
         vllm_version = vllm.__version__
     except ImportError:
         vllm_version = "not installed"
-    print(f"\nmachine: {_cpu_model()}, {os.cpu_count()} cores; device {args.device}"
+    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + f"; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; torch {torch.__version__}, vllm {vllm_version}")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")

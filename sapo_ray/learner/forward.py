@@ -17,7 +17,7 @@ _MASKED = -1e9  # finite, so padded targets and entropies never produce inf - in
 
 def response_logits(model, batch: Batch, image_token_id: int | None) -> torch.Tensor:
     """Logits `[B, R, V]` at the positions that predict the response tokens."""
-    P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    R = batch.response_ids.shape[1]
     out = model(**batch.model_inputs(image_token_id), use_cache=False, logits_to_keep=R + 1)
     return out.logits[:, :R].float()
 

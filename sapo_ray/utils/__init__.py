@@ -27,6 +27,20 @@ def set_threads(num_threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
 
 
+def cpu_model() -> str:
+    """The processor's model name (for benchmark records)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (MB), and of the GPU allocator when CUDA is in use."""
     import resource
