@@ -50,7 +50,8 @@ class Tracker:
         if self.jsonl is not None:
             path = self.run_dir / "metrics.jsonl"
             self.jsonl.close()
-            kept = [l for l in path.read_text().splitlines() if l.strip() and _step_of(l) is not None and _step_of(l) <= done and done > 0]
+            lines = path.read_text().splitlines() if done else []
+            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
             path.write_text("".join(l + "\n" for l in kept))
             self.jsonl = open(path, "a")
         if "console" not in self.loggers:

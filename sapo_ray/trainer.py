@@ -25,12 +25,11 @@ from sapo_ray.batch import Batch, Sample
 from sapo_ray.config import algorithm_spec, resolve_model_path
 from sapo_ray.data.loader import PromptLoader
 from sapo_ray.data.loaders import load_dataset_split
-from sapo_ray.data.prompts import build_messages
 from sapo_ray.learner.group import WorkerGroup
 from sapo_ray.models.tokens import TokenIds
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.reward.pool import RewardPool
-from sapo_ray.rollout.engine import Prompt, SamplingParams
+from sapo_ray.rollout.engine import Prompt, SamplingParams, encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.tracking import Tracker
 from sapo_ray.utils import actor_env, rng_state, seed_everything, set_rng_state, timer
@@ -74,14 +73,10 @@ class Trainer:
         self.has_vision = hasattr(self.processor, "image_processor")
 
         d = cfg.data
-        knobs = {"image_size": d.image_size} if d.train == "synthvista" and d.train_path is None else {}
-        text_only = {} if self.has_vision or d.train != "synthvista" else {"text_only": True}
         train = load_dataset_split(d.train, d.train_path, d.train_split, for_training=True,
-                                   **({"n": d.train_size, "seed": cfg.seed, **knobs, **text_only} if knobs else {}))
-        vknobs = {"image_size": d.image_size} if d.val == "synthvista" and d.val_path is None else {}
-        vtext = {} if self.has_vision or d.val != "synthvista" else {"text_only": True}
+                                   **self._generator_knobs(d.train, d.train_path, n=d.train_size, seed=cfg.seed))
         self.val_examples = load_dataset_split(d.val, d.val_path, d.val_split, max_samples=d.val_size,
-                                               **({"seed": 10_000 + cfg.seed, **vknobs, **vtext} if vknobs else {}))
+                                               **self._generator_knobs(d.val, d.val_path, seed=10_000 + cfg.seed))
         self.loader = PromptLoader(train, d.prompts_per_step, seed=cfg.seed)
         self.reward = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.custom,
                                  cfg.reward.acc_weight, cfg.reward.format_weight)
@@ -116,6 +111,13 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
 
+    def _generator_knobs(self, name: str, path: str | None, **knobs) -> dict:
+        """Generator arguments when `name` is generated (synthvista without a path), else none.
+        A text-only model gets the rows that describe the image in words."""
+        if name != "synthvista" or path is not None:
+            return {}
+        return {**knobs, "image_size": self.cfg.data.image_size, **({} if self.has_vision else {"text_only": True})}
+
     def _check_resources(self) -> None:
         """Fail with the numbers when the actors cannot all fit (Ray would otherwise wait forever)."""
         cfg = self.cfg
@@ -148,18 +150,10 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def encode(self, example: dict) -> Prompt | None:
-        """Chat-template the example and run the processor; None if it is longer than allowed."""
-        messages = build_messages(example, self.cfg.data.instruction)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = example.get("images") or None
-        if images and not self.has_vision:
-            raise ValueError(f"example {example['pid']} has images but model {model_path(self.cfg)} takes text only")
-        enc = self.processor(text=[text], images=images, return_tensors="pt") if images else self.tokenizer([text], return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
-        if len(ids) > self.cfg.data.max_prompt_length:
-            return None
-        raw = images if self.cfg.rollout.engine == "vllm" else None  # vLLM runs the image processor itself
-        return Prompt(ids, enc.get("pixel_values"), enc.get("image_grid_thw"), raw)
+        """The example as an engine prompt; None if it is longer than `data.max_prompt_length`."""
+        prompt = encode_prompt(self.processor, example, self.cfg.data.instruction,
+                               keep_images=self.cfg.rollout.engine == "vllm")
+        return prompt if len(prompt.ids) <= self.cfg.data.max_prompt_length else None
 
     def generate(self, examples: list[dict], params: SamplingParams) -> tuple[list[Sample], list[dict], int]:
         """Split prompts over the rollout workers; returns samples (grouped by prompt), kept examples, skipped."""

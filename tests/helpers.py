@@ -6,17 +6,11 @@ import torch
 
 from sapo_ray.batch import Batch
 from sapo_ray.data.loaders import load_dataset_split
-from sapo_ray.data.prompts import build_messages
-from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams
+from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, encode_prompt
 
 
 def encode(processor, example) -> Prompt:
-    text = processor.apply_chat_template(build_messages(example, ""), tokenize=False, add_generation_prompt=True)
-    if example.get("images"):
-        enc = processor(text=[text], images=example["images"], return_tensors="pt")
-        return Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"])
-    tok = getattr(processor, "tokenizer", processor)
-    return Prompt(list(tok([text])["input_ids"][0]))
+    return encode_prompt(processor, example)
 
 
 def engine_for(path: str) -> tuple[HFEngine, object]:

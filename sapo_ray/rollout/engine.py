@@ -29,6 +29,27 @@ class Prompt:
     images: list | None = None  # the raw images, for engines that run the model's own processor (vllm)
 
 
+def encode_prompt(processor, example: dict, instruction: str = "", keep_images: bool = False) -> Prompt:
+    """Chat-template `example` (Qwen-VL messages from `build_messages`) and run the processor.
+
+    `processor` is a VLM processor or, for text-only models, a tokenizer. `keep_images` also keeps
+    the raw images, for engines that run the model's own processor (vllm).
+    """
+    from sapo_ray.data.prompts import build_messages
+
+    text = processor.apply_chat_template(build_messages(example, instruction), tokenize=False,
+                                         add_generation_prompt=True)
+    images = example.get("images") or None
+    if images:
+        if not hasattr(processor, "image_processor"):
+            raise ValueError(f"example {example.get('pid')} has images but the model takes text only")
+        enc = processor(text=[text], images=images, return_tensors="pt")
+        return Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"],
+                      images if keep_images else None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return Prompt(list(tokenizer([text])["input_ids"][0]))
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # responses per prompt
@@ -112,11 +133,10 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
         expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
-        generator_seed = params.seed
         samples: list[Sample] = []
         for start in range(0, len(expanded), self.max_batch_size):
             chunk = expanded[start : start + self.max_batch_size]
-            torch.manual_seed(generator_seed + start)  # reproducible sampling given (seed, chunk)
+            torch.manual_seed(params.seed + start)  # reproducible sampling given (seed, chunk)
             samples += self._generate_chunk(chunk, params)
         return samples
 
