@@ -66,6 +66,8 @@ class SFTConfig:
     grad_clip: float = 1.0
     instructions: list[str] = field(default_factory=lambda: ["none", "default", "short"])
     """Instructions appended to the query, cycled over rows (the first is used for evaluation)."""
+    hint: bool = True
+    """Queries start with MathVista's hint sentence (the synthvista knob; as `data.hint` of the RL run)."""
     teacher_error_rate: float = 0.0
     """Share of training rows whose boxed answer is replaced by a near miss (one off, another choice):
     an imperfect teacher, as real SFT data is. The reasoning before it stays right, so RL with the
@@ -97,11 +99,12 @@ def _instruction(name: str) -> str:
     return {"none": "", "default": DEFAULT_INSTRUCTION, "short": SHORT_INSTRUCTION}.get(name, name)
 
 
-def examples(n: int, seed: int, split: str, text_only: bool) -> list[dict]:
-    """`n` SynthVista Examples (with `solution`) of `split`."""
+def examples(n: int, seed: int, split: str, text_only: bool, hint: bool = True) -> list[dict]:
+    """`n` SynthVista Examples (with `solution`) of `split`; `hint` as the synthvista knob."""
     from sapo_ray.data import synthvista
 
-    return [synthvista.to_example(r) for r in synthvista.generate(n, seed=seed, split=split, text_only=text_only)]
+    rows = synthvista.generate(n, seed=seed, split=split, text_only=text_only, hint=hint)
+    return [synthvista.to_example(r) for r in rows]
 
 
 def encode_prompts(processor, batch: list[dict], instructions: list[str]) -> dict:
@@ -244,7 +247,8 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
     losses, start, step = [], time.perf_counter(), 0
     model.train()
     for step in range(cfg.steps):
-        batch = examples(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", text_only=text_only)
+        batch = examples(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", text_only=text_only,
+                         hint=cfg.hint)
         batch = with_teacher_errors(batch, cfg.teacher_error_rate, random.Random(f"teacher:{cfg.seed}:{step}"))
         inputs = sft_batch(processor, batch, [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(batch))])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
@@ -312,7 +316,7 @@ def run(cfg: SFTConfig, log=print) -> dict:
         start = time.perf_counter()
         model = load_policy(out_dir, attn_implementation=cfg.model.attn_implementation)  # score exactly what ships
         torch.manual_seed(cfg.seed)
-        items = examples(cfg.eval_n, seed=cfg.eval_seed, split="test", text_only=text_only)
+        items = examples(cfg.eval_n, seed=cfg.eval_seed, split="test", text_only=text_only, hint=cfg.hint)
         e = evaluate(model, processor, items, _instruction(cfg.instructions[0]), cfg.eval_samples, cfg.eval_batch_size,
                      cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         report["eval"] = {"split": "test", "seed": cfg.eval_seed, **e, "seconds": round(time.perf_counter() - start, 1)}

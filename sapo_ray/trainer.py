@@ -116,7 +116,8 @@ class Trainer:
         A text-only model gets the rows that describe the image in words."""
         if name != "synthvista" or path is not None:
             return {}
-        return {**knobs, "image_size": self.cfg.data.image_size, **({} if self.has_vision else {"text_only": True})}
+        data = self.cfg.data
+        return {**knobs, "image_size": data.image_size, "hint": data.hint, **({} if self.has_vision else {"text_only": True})}
 
     def _check_resources(self) -> None:
         """Fail with the numbers when the actors cannot all fit (Ray would otherwise wait forever)."""
@@ -142,6 +143,7 @@ class Trainer:
     def _group(self, cls, g, common: dict, total_steps: int, name: str) -> WorkerGroup:
         wcfg = {**common, "seed": self.cfg.seed, "micro_batch_size": g.micro_batch_size,
                 "mini_batch_size": g.mini_batch_size, "ppo_epochs": g.ppo_epochs, "shuffle": g.shuffle,
+                "autocast_bf16": g.autocast_bf16,
                 "optim": OmegaConf.to_container(g.optim, resolve=True)}
         group = WorkerGroup(cls, g.world_size, wcfg, g.num_cpus, g.num_gpus, g.num_threads,
                             dict(g.resources) or None, name)
@@ -317,10 +319,11 @@ class Trainer:
         if self.critic:
             with timer("update_critic", timing):
                 metrics.update(_mean_dicts(self.critic.call_sharded("update", batch, self.spec, self.update_args)))
-        with timer("update_actor", timing):
-            metrics.update(_mean_dicts(self.actor.call_sharded("update", batch, self.spec, self.update_args)))
-        with timer("update_weights", timing):
-            metrics.update(self.sync_weights())
+        if self.step >= self.cfg.trainer.critic_warmup:
+            with timer("update_actor", timing):
+                metrics.update(_mean_dicts(self.actor.call_sharded("update", batch, self.spec, self.update_args)))
+            with timer("update_weights", timing):
+                metrics.update(self.sync_weights())
         timing["step"] = time.perf_counter() - t0
         metrics.update(self._batch_metrics(batch))
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})

@@ -56,6 +56,18 @@ def test_algorithm_runs(algorithm, ray_cluster, tmp_path):
     assert (tmp_path / "hf_policy" / "model.safetensors").exists()
 
 
+def test_critic_warmup_and_bf16_autocast(ray_cluster, tmp_path):
+    """Warm-up steps update only the critic (no actor loss, no weight sync); bf16 autocast runs on the CPU."""
+    from sapo_ray.main import run
+
+    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "trainer.critic_warmup=1", "actor.autocast_bf16=true",
+                 "critic.autocast_bf16=true", "trainer.export_hf=false"))
+    rows = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert "critic/vf_loss" in rows[1] and "actor/pg_loss" not in rows[1] and "sync/bytes" not in rows[1]
+    assert {"critic/vf_loss", "actor/pg_loss", "sync/bytes"} <= set(rows[2])
+    assert all(math.isfinite(v) for v in rows[2].values())
+
+
 def test_resume_reproduces_uninterrupted_run(ray_cluster, tmp_path):
     """3 steps straight == 2 steps, stop, resume for the third (CPU, same seeds)."""
     from sapo_ray.main import run

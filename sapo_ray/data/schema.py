@@ -43,9 +43,12 @@ def mathvista_hint(question_type: str, answer_type: str, precision: int | None) 
 
 
 def build_query(question: str, question_type: str, answer_type: str, precision: int | None,
-                choices: list[str] | None = None, unit: str | None = None) -> str:
-    """Build MathVista's ``query`` text: hint, question (with unit), then lettered choices, stripped."""
-    lines = [mathvista_hint(question_type, answer_type, precision), f"Question: {question}"]
+                choices: list[str] | None = None, unit: str | None = None, hint: bool = True) -> str:
+    """Build MathVista's ``query`` text: hint, question (with unit), then lettered choices, stripped.
+
+    ``hint=False`` leaves the hint sentence out (the answer format it states is then the model's to know).
+    """
+    lines = ([mathvista_hint(question_type, answer_type, precision)] if hint else []) + [f"Question: {question}"]
     if unit:
         lines[-1] += f" (Unit: {unit})"
     if choices:

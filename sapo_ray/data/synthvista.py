@@ -86,6 +86,9 @@ class Knobs:
     """Print each bar's value above it (turns reading heights into reading digits)."""
     templates: tuple[str, ...] = TEMPLATES
     """Templates to draw from, uniformly."""
+    hint: bool = True
+    """Start the query with MathVista's hint sentence (answer type and format, 50-80 tokens of the tiny
+    tokenizer); ``False`` keeps the question and choices only (the tiny demo's prompts, ~2x shorter)."""
 
     def __post_init__(self):
         """Reject impossible knob values with a message naming the knob."""
@@ -343,6 +346,6 @@ def _make_row(i: int, seed: int, split: str, k: Knobs, text_only: bool) -> dict:
         "decoded_image": None if text_only else render(params, k),
         "choices": choices, "unit": None, "precision": precision, "answer": answer,
         "question_type": question_type, "answer_type": answer_type, "metadata": metadata,
-        "query": build_query(question, question_type, answer_type, precision, choices),
+        "query": build_query(question, question_type, answer_type, precision, choices, hint=k.hint),
         "solution": solution,
     }

@@ -9,6 +9,7 @@ These classes are plain Python; `sapo_ray.learner.group` turns them into Ray act
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -83,6 +84,12 @@ class FSDPWorker:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
         return model
+
+    def _autocast(self):
+        """bf16 autocast around a forward pass when `autocast_bf16` is set on a CPU rank."""
+        if self.cfg.get("autocast_bf16") and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _make_optimizer(self, opt: dict, total_steps: int) -> None:
         self.optimizer = torch.optim.AdamW(
@@ -198,8 +205,9 @@ class PolicyWorker(FSDPWorker):
         model.eval()
         out_logp, out_ent = [], []
         for micro in batch.chunks(self.cfg["micro_batch_size"]):
-            logp, ent = policy_forward(model, self._to_device(micro), self.cfg["temperature"], self.banned,
-                                       self.image_token_id, with_entropy=which == "policy")
+            with self._autocast():
+                logp, ent = policy_forward(model, self._to_device(micro), self.cfg["temperature"], self.banned,
+                                           self.image_token_id, with_entropy=which == "policy")
             R = batch.response_ids.shape[1]
             out_logp.append(torch.nn.functional.pad(logp.cpu(), (0, R - logp.shape[1])))
             if ent is not None:
@@ -230,8 +238,9 @@ class PolicyWorker(FSDPWorker):
                 tokens = self._global_units(minibatch, "token_mean")
                 for micro in minibatch.chunks(cfg["micro_batch_size"]):
                     micro = self._to_device(micro)
-                    logp, entropy = policy_forward(self.model, micro, cfg["temperature"], self.banned,
-                                                   self.image_token_id, with_entropy=True)
+                    with self._autocast():
+                        logp, entropy = policy_forward(self.model, micro, cfg["temperature"], self.banned,
+                                                       self.image_token_id, with_entropy=True)
                     mask = micro.response_mask
                     seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
                     loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
@@ -310,7 +319,8 @@ class CriticWorker(FSDPWorker):
         R = batch.response_ids.shape[1]
         out = []
         for micro in batch.chunks(self.cfg["micro_batch_size"]):
-            v = value_forward(self.model, self._to_device(micro), self.image_token_id).cpu()
+            with self._autocast():
+                v = value_forward(self.model, self._to_device(micro), self.image_token_id).cpu()
             out.append(torch.nn.functional.pad(v, (0, R - v.shape[1])))
         return {"values": torch.cat(out) * batch.response_mask}
 
@@ -326,7 +336,8 @@ class CriticWorker(FSDPWorker):
                 loss_sum = 0.0
                 for micro in minibatch.chunks(cfg["micro_batch_size"]):
                     micro = self._to_device(micro)
-                    values = value_forward(self.model, micro, self.image_token_id)
+                    with self._autocast():
+                        values = value_forward(self.model, micro, self.image_token_id)
                     loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
                                                 micro.data["value_mask"], clip=args["value_clip"], agg_denom=denom)
                     loss.backward()

@@ -195,6 +195,10 @@ def test_knobs():
     assert {r["metadata"]["template"] for r in rows} <= {"bar_list", "count"}
     assert all(len(json.loads(r["answer"])) == 3 for r in rows if r["metadata"]["template"] == "bar_list")
     assert sv.generate(3, 0, value_labels=True)[0]["decoded_image"].size == (112, 112)
+    for full, short in zip(sv.generate(20, seed=5), sv.generate(20, seed=5, hint=False)):
+        assert full["query"].startswith("Hint: ") and full["query"].endswith(short["query"])
+        assert short["query"].startswith("Question: ") and (full["answer"], full["pid"]) == (short["answer"], short["pid"])
+        assert ("Choices:" in short["query"]) == bool(full["choices"])
     with pytest.raises(TypeError):
         sv.generate(1, 0, n_bars=3)
     with pytest.raises(ValueError, match="num_bars"):
