@@ -201,7 +201,8 @@ class TrainerConfig:
     # Save a checkpoint every this many steps; 0 = only at the end.
     save_every: int = 0
     # The first this many steps update only the critic (as verl's critic_warmup): the value head starts
-    # random, and advantages from it are noise until it has seen some returns. Critic algorithms only.
+    # random, and advantages from it are noise until it has seen some returns. Algorithms without a
+    # critic ignore it; a run shorter than the warm-up never updates the policy.
     critic_warmup: int = 0
     # auto: continue the latest checkpoint in run_dir; never: start fresh; or a checkpoint path.
     resume: str = "auto"
@@ -308,9 +309,7 @@ def validate(cfg) -> None:
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
-    _check(cfg.trainer.critic_warmup == 0 or (a.needs_critic and cfg.trainer.critic_warmup < cfg.trainer.steps),
-           f"trainer.critic_warmup={cfg.trainer.critic_warmup} needs an algorithm with a critic and fewer warm-up "
-           f"steps than trainer.steps={cfg.trainer.steps}")
+    _check(cfg.trainer.critic_warmup >= 0, f"trainer.critic_warmup={cfg.trainer.critic_warmup} must be >= 0")
     _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
                                    "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")
 

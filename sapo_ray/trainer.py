@@ -319,7 +319,7 @@ class Trainer:
         if self.critic:
             with timer("update_critic", timing):
                 metrics.update(_mean_dicts(self.critic.call_sharded("update", batch, self.spec, self.update_args)))
-        if self.step >= self.cfg.trainer.critic_warmup:
+        if not self.critic or self.step >= self.cfg.trainer.critic_warmup:
             with timer("update_actor", timing):
                 metrics.update(_mean_dicts(self.actor.call_sharded("update", batch, self.spec, self.update_args)))
             with timer("update_weights", timing):

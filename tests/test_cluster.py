@@ -40,7 +40,7 @@ def tiny_overrides(model: str) -> list[str]:
             "trainer.export_hf=false", "data.prompts_per_step=4", "data.train_size=64", "data.val_size=4",
             "rollout.n=2", "rollout.max_new_tokens=8", "rollout.num_threads=1", "actor.num_threads=1",
             "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
-            "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1"]
+            "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1", "trainer.critic_warmup=0"]
 
 
 def child_env(multi_node: bool = False, **extra: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ def test_shipped_checkpoint_answers_in_format(path):
     assert report["steps"] > 0 and "greedy_acc" in report["eval"]
     model, proc = load_policy(path), load_processor(path)
     text_only = not hasattr(proc, "image_processor")
-    items = examples(32, seed=4242, split="test", text_only=text_only)
+    items = examples(32, seed=4242, split="test", text_only=text_only, hint=report["config"].get("hint", True))
     torch.manual_seed(0)
     result = evaluate(model, proc, items, instruction="", samples=0, batch_size=32, max_new_tokens=96)
     assert result["greedy_format"] > 0.5 and result["greedy_acc"] > 0
