@@ -174,6 +174,9 @@ class LearnerConfig:
     # 1.5x faster on CPUs with AVX512-BF16/AMX; log-probs then differ from float32 ones by ~2e-3 per token
     # on average. On GPUs FSDP2's mixed precision computes in bfloat16 already.
     autocast_bf16: bool = False
+    # Train the language model only: the vision encoder and its merger keep their weights (as EasyR1's
+    # freeze_vision_tower). Vision-language models only.
+    freeze_vision_tower: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Ray custom resources each rank requires (placement on nodes started with
     # `ray start --resources='{"learner_node": 1}'`); add keys with `+`: '+actor.resources={learner_node: 0.01}'.

@@ -30,6 +30,15 @@ def check_environment(cfg: DictConfig) -> None:
     if not (path / "config.json").exists():
         raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json there); "
                           "download the model and set model.path to its directory")
+    frozen = [f"{g}.freeze_vision_tower" for g in ("actor", "critic") if cfg[g].freeze_vision_tower]
+    if frozen:
+        from transformers import AutoConfig
+
+        from sapo_ray.models import is_vision_config
+
+        if not is_vision_config(AutoConfig.from_pretrained(path)):
+            raise ConfigError(f"{', '.join(frozen)}=true, but model.path={str(path)!r} is a text-only model "
+                              "(no vision tower to freeze)")
     if cfg.model.critic_path and not (Path(resolve_model_path(cfg.model.critic_path)) / "config.json").exists():
         raise ConfigError(f"model.critic_path={cfg.model.critic_path!r} is not a Hugging Face model directory")
     for key in ("train_path", "val_path"):

@@ -143,7 +143,7 @@ class Trainer:
     def _group(self, cls, g, common: dict, total_steps: int, name: str) -> WorkerGroup:
         wcfg = {**common, "seed": self.cfg.seed, "micro_batch_size": g.micro_batch_size,
                 "mini_batch_size": g.mini_batch_size, "ppo_epochs": g.ppo_epochs, "shuffle": g.shuffle,
-                "autocast_bf16": g.autocast_bf16,
+                "autocast_bf16": g.autocast_bf16, "freeze_vision_tower": g.freeze_vision_tower,
                 "optim": OmegaConf.to_container(g.optim, resolve=True)}
         group = WorkerGroup(cls, g.world_size, wcfg, g.num_cpus, g.num_gpus, g.num_threads,
                             dict(g.resources) or None, name)

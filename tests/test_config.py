@@ -95,3 +95,11 @@ def test_mathvista_experiment_names_missing_data_then_gpus(random_tiny_models, t
 def test_mathvista_is_refused_as_training_data():
     with pytest.raises(ConfigError, match="data.train.*training is prohibited"):
         validate(compose_cfg("data.train=mathvista"))
+
+
+def test_freezing_the_vision_tower_of_a_text_model_fails_before_ray_starts():
+    from sapo_ray.main import check_environment
+
+    check_environment(compose_cfg("actor.freeze_vision_tower=true"))  # the bundled VLM has one
+    with pytest.raises(ConfigError, match=r"actor\.freeze_vision_tower=true.*text-only"):
+        check_environment(compose_cfg("model=tiny_lm", "actor.freeze_vision_tower=true"))

@@ -92,9 +92,9 @@ class FSDPWorker:
         return contextlib.nullcontext()
 
     def _make_optimizer(self, opt: dict, total_steps: int) -> None:
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
-        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=opt["lr"], betas=tuple(opt["betas"]),
+                                           weight_decay=opt["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(opt["warmup_steps"], total_steps, opt["schedule"])
         )
@@ -180,7 +180,7 @@ class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
     def setup(self, total_steps: int) -> None:
-        from sapo_ray.models import load_policy
+        from sapo_ray.models import freeze_vision_tower, load_policy
 
         cfg = self.cfg
         dtype = DTYPES[cfg["dtype"]]
@@ -188,7 +188,10 @@ class PolicyWorker(FSDPWorker):
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        self.model = self._shard(load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"]))
+        model = load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"])
+        if cfg.get("freeze_vision_tower"):
+            freeze_vision_tower(model)
+        self.model = self._shard(model)
         if cfg.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
         self.ref = None
@@ -305,12 +308,16 @@ class CriticWorker(FSDPWorker):
     """A rank of the critic: values at every response position and the clipped value loss at anchors."""
 
     def setup(self, total_steps: int) -> None:
+        from sapo_ray.models import freeze_vision_tower
         from sapo_ray.models.value import ValueModel
 
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])
         self.image_token_id = self._token_ids().image
-        self.model = self._shard(ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]]))
+        model = ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]])
+        if cfg.get("freeze_vision_tower"):
+            freeze_vision_tower(model)
+        self.model = self._shard(model)
         self._make_optimizer(cfg["optim"], total_steps)
 
     @torch.no_grad()

@@ -37,6 +37,26 @@ def load_policy(
     return model_class(config).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
 
 
+VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Stop training the vision encoder (and its patch merger): `requires_grad=False` on every parameter
+    under a module named `visual` (Qwen2-VL / Qwen2.5-VL), `vision_tower` or `vision_model`.
+    Returns the number of parameters frozen; raises ValueError when the model has no such module."""
+    frozen = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen += p.numel()
+    if frozen == 0:
+        raise ValueError(f"{type(model).__name__} has no vision tower (a module named one of {VISION_TOWER_NAMES}) "
+                         "to freeze")
+    return frozen
+
+
 def build_from_config(
     config: PretrainedConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> torch.nn.Module:

@@ -47,6 +47,26 @@ def test_two_fsdp_ranks_match_one_rank_update(ray_cluster, random_tiny_models):
     assert worst < 1e-5, f"2-rank update differs from 1-rank update by {worst}"
 
 
+def test_frozen_vision_tower_keeps_its_weights(ray_cluster, random_tiny_models):
+    """`freeze_vision_tower`: one update moves the language model and leaves every vision weight as it was."""
+    path = random_tiny_models["vlm"]
+    spec = registry.get_algorithm("sapo")
+    batch, _ = _train_batch(path, spec)
+    group = WorkerGroup(PolicyWorker, 1, learner_cfg(path, freeze_vision_tower=True), num_cpus=0.1, num_gpus=0,
+                        num_threads=1)
+    group.call("setup", 10)
+    group.call_sharded("update", batch, spec, ARGS)
+    state = group.call("full_state_dict")[0]
+    group.shutdown()
+    from sapo_ray.models import load_policy
+
+    initial = load_policy(path).state_dict()
+    moved = {k: float((state[k] - initial[k]).abs().max()) for k in state}
+    vision = [k for k in moved if ".visual." in f".{k}"]
+    assert vision and max(moved[k] for k in vision) == 0.0
+    assert max(v for k, v in moved.items() if k not in vision) > 1e-4
+
+
 def test_sync_makes_engine_sample_with_new_weights(ray_cluster, random_tiny_models):
     """After an update and a sync, the engine's log-probs equal the learner's on the same tokens."""
     path = random_tiny_models["vlm"]

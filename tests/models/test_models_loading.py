@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sapo_ray.models import ValueModel, banned_token_ids, load_policy, load_processor
+from sapo_ray.models import ValueModel, banned_token_ids, freeze_vision_tower, load_policy, load_processor
 from tests.models.conftest import vlm_batch
 
 
@@ -85,3 +85,15 @@ def test_bf16_policy_and_critic_on_cuda(vlm_dir):
         assert torch.isfinite(policy(**batch).logits.float()).all()
         values = critic(**batch)
     assert values.dtype == torch.float32 and torch.isfinite(values).all()
+
+
+def test_freeze_vision_tower(vlm_dir, lm_dir):
+    model = load_policy(vlm_dir)
+    vision = {n for n, _ in model.named_parameters() if ".visual." in f".{n}"}
+    n_vision = sum(p.numel() for n, p in model.named_parameters() if n in vision)
+    assert vision and freeze_vision_tower(model) == n_vision
+    assert all(p.requires_grad == (n not in vision) for n, p in model.named_parameters())
+    critic = ValueModel.from_pretrained(vlm_dir)
+    assert freeze_vision_tower(critic) == n_vision  # the critic's backbone has the same tower
+    with pytest.raises(ValueError, match="no vision tower"):
+        freeze_vision_tower(load_policy(lm_dir))

@@ -55,7 +55,11 @@ def tiny_cfg(run_dir: Path, *overrides: str):
             "data.prompts_per_step=4", "data.train_size=64", "data.val_size=4", "rollout.n=2",
             "rollout.max_new_tokens=16", "rollout.num_threads=1", "actor.num_threads=1", "critic.num_threads=1",
             "actor.mini_batch_size=8", "actor.micro_batch_size=4", "critic.mini_batch_size=8",
-            "critic.micro_batch_size=4", "reward.num_workers=1", *overrides,
+            "critic.micro_batch_size=4", "reward.num_workers=1",
+            # float32 learners (the log-prob checks compare with the engine's float32 weights), a policy
+            # update from the first step, and the hinted queries tiny-lm was trained on.
+            "actor.autocast_bf16=false", "critic.autocast_bf16=false", "trainer.critic_warmup=0", "data.hint=true",
+            *overrides,
         ])
 
 
