@@ -24,30 +24,17 @@ import time
 
 import torch
 
-from sapo_ray.utils import cpu_model
+from sapo_ray.utils import bucket_tensors, cpu_model
 
 
 def _prompts(path: str, n: int):
     from sapo_ray.data.loaders import load_dataset_split
-    from sapo_ray.data.prompts import build_messages
     from sapo_ray.models import load_processor
-    from sapo_ray.rollout.engine import Prompt
+    from sapo_ray.rollout.engine import encode_prompt
 
     processor = load_processor(path)
     rows = load_dataset_split("synthvista", None, "train", n=n, seed=0, text_only=True)
-    return [Prompt(processor(processor.apply_chat_template(build_messages(r, ""), tokenize=False,
-                                                           add_generation_prompt=True))["input_ids"]) for r in rows]
-
-
-def _buckets(state: dict, bucket_bytes: int) -> list[list]:
-    buckets, bucket, size = [], [], 0
-    for name, t in state.items():
-        if bucket and size + t.numel() * t.element_size() > bucket_bytes:
-            buckets.append(bucket)
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
-    return buckets + [bucket]
+    return [encode_prompt(processor, r) for r in rows]
 
 
 def main() -> None:
@@ -92,7 +79,7 @@ def main() -> None:
         from sapo_ray.models import load_policy
 
         state = {k: v.float() + 0.01 for k, v in load_policy(path).state_dict().items()}
-        buckets = _buckets(state, int(args.bucket_mb * 2**20))
+        buckets = bucket_tensors(state, int(args.bucket_mb * 2**20))
         mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
         sync_s = []
         for r in range(args.repeats + 1):

@@ -20,6 +20,16 @@ def engine_for(path: str) -> tuple[HFEngine, object]:
     return engine, load_processor(path)
 
 
+# The smallest run of the trainer (tiny batches, one thread per actor, every step a full update), shared by
+# the end-to-end, learning and cluster tests; each adds its model, steps and run directory.
+TINY_OVERRIDES = [
+    "trainer.val_every=0", "trainer.loggers=[jsonl]", "trainer.critic_warmup=0", "data.prompts_per_step=4",
+    "data.train_size=64", "data.val_size=4", "rollout.n=2", "rollout.max_new_tokens=8", "rollout.num_threads=1",
+    "actor.num_threads=1", "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
+    "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1",
+]
+
+
 def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 12, seed: int = 0,
                  text_only: bool = False) -> tuple[Batch, HFEngine]:
     """Real rollouts of the model at `path` on synthvista prompts, as a Batch with rollout log-probs."""

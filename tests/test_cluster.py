@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_OVERRIDES
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +37,8 @@ BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` a R
 
 
 def tiny_overrides(model: str) -> list[str]:
-    """One training step with the tiny sizes of tests/test_e2e.py (validation before and after it)."""
-    return [f"model.path={model}", "trainer.steps=1", "trainer.val_every=0", "trainer.loggers=[jsonl]",
-            "trainer.export_hf=false", "data.prompts_per_step=4", "data.train_size=64", "data.val_size=4",
-            "rollout.n=2", "rollout.max_new_tokens=8", "rollout.num_threads=1", "actor.num_threads=1",
-            "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
-            "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1", "trainer.critic_warmup=0"]
+    """One training step with the tiny sizes of the end-to-end tests (validation before and after it)."""
+    return [f"model.path={model}", "trainer.steps=1", "trainer.export_hf=false", *TINY_OVERRIDES]
 
 
 def child_env(multi_node: bool = False, **extra: str) -> dict[str, str]:

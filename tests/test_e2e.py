@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from helpers import TINY_OVERRIDES
 from sapo_ray.config import register_configs
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -18,14 +19,8 @@ ALGORITHMS = ["sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo"
 def tiny_cfg(run_dir: Path, model: str, *overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=[
-            f"model.path={model}", f"trainer.run_dir={run_dir}", "trainer.steps=2", "trainer.val_every=0",
-            "trainer.loggers=[jsonl]", "data.prompts_per_step=4", "data.train_size=64", "data.val_size=4",
-            "rollout.n=2", "rollout.max_new_tokens=8", "rollout.num_threads=1", "actor.num_threads=1",
-            "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
-            "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1", "trainer.critic_warmup=0",
-            *overrides,
-        ])
+        return compose("config", overrides=[f"model.path={model}", f"trainer.run_dir={run_dir}", "trainer.steps=2",
+                                             *TINY_OVERRIDES, *overrides])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

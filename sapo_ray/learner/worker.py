@@ -26,7 +26,7 @@ from sapo_ray.algo import losses
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch
 from sapo_ray.learner.forward import policy_forward, value_forward
-from sapo_ray.utils import peak_memory_mb, set_threads
+from sapo_ray.utils import bucket_tensors, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +84,14 @@ class FSDPWorker:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
         return model
+
+    def _shard_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The trained model of this group: vision tower frozen when `freeze_vision_tower`, then sharded."""
+        if self.cfg.get("freeze_vision_tower"):
+            from sapo_ray.models import freeze_vision_tower
+
+            freeze_vision_tower(model)
+        return self._shard(model)
 
     def _autocast(self):
         """bf16 autocast around a forward pass when `autocast_bf16` is set on a CPU rank."""
@@ -180,7 +188,7 @@ class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
     def setup(self, total_steps: int) -> None:
-        from sapo_ray.models import freeze_vision_tower, load_policy
+        from sapo_ray.models import load_policy
 
         cfg = self.cfg
         dtype = DTYPES[cfg["dtype"]]
@@ -188,10 +196,8 @@ class PolicyWorker(FSDPWorker):
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        model = load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"])
-        if cfg.get("freeze_vision_tower"):
-            freeze_vision_tower(model)
-        self.model = self._shard(model)
+        self.model = self._shard_trainable(load_policy(cfg["path"], dtype=dtype,
+                                                       attn_implementation=cfg["attn_implementation"]))
         if cfg.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
         self.ref = None
@@ -280,19 +286,7 @@ class PolicyWorker(FSDPWorker):
         import ray
 
         sd = self.full_state_dict()
-        if sd is None:
-            return []
-        refs, bucket, size = [], [], 0
-        for name, tensor in sd.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                refs.append(ray.put(bucket))
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        if bucket:
-            refs.append(ray.put(bucket))
-        return refs
+        return [] if sd is None else [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)]
 
     def export_hf(self, out_dir: str) -> None:
         """Save the policy as a Hugging Face directory (safetensors + processor files) on rank 0."""
@@ -308,16 +302,12 @@ class CriticWorker(FSDPWorker):
     """A rank of the critic: values at every response position and the clipped value loss at anchors."""
 
     def setup(self, total_steps: int) -> None:
-        from sapo_ray.models import freeze_vision_tower
         from sapo_ray.models.value import ValueModel
 
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])
         self.image_token_id = self._token_ids().image
-        model = ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]])
-        if cfg.get("freeze_vision_tower"):
-            freeze_vision_tower(model)
-        self.model = self._shard(model)
+        self.model = self._shard_trainable(ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]]))
         self._make_optimizer(cfg["optim"], total_steps)
 
     @torch.no_grad()

@@ -27,6 +27,20 @@ def set_threads(num_threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
 
 
+def bucket_tensors(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """`(name, tensor)` pairs in order, cut into buckets of at most `bucket_bytes` (a larger tensor gets
+    a bucket of its own): the unit of one weight-sync transfer."""
+    buckets, bucket, size = [], [], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            buckets.append(bucket)
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    return buckets + [bucket] if bucket else buckets
+
+
 def cpu_model() -> str:
     """The processor's model name (for benchmark records)."""
     try:

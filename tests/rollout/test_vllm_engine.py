@@ -19,8 +19,8 @@ import torch
 
 from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
 from sapo_ray.data.loaders import load_dataset_split
-from sapo_ray.data.prompts import build_messages
-from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, build_engine
+from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, build_engine, encode_prompt
+from sapo_ray.utils import bucket_tensors
 
 pytestmark = pytest.mark.vllm
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -38,9 +38,7 @@ def text_prompts(n: int = 8, seed: int = 0) -> list[Prompt]:
 
     processor = load_processor(PATH)
     examples = load_dataset_split("synthvista", None, "train", n=n, seed=seed, text_only=True)
-    texts = [processor.apply_chat_template(build_messages(e, ""), tokenize=False, add_generation_prompt=True)
-             for e in examples]
-    return [Prompt(processor(t)["input_ids"]) for t in texts]
+    return [encode_prompt(processor, e) for e in examples]
 
 
 def tiny_cfg(run_dir: Path, *overrides: str):
@@ -141,17 +139,6 @@ def test_sampled_logp_is_the_learner_distribution(engines):
     assert float((logp - batch.data["rollout_logp"]).abs()[mask].max()) < LOGP_ATOL
 
 
-def _buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Full tensors in size-bounded buckets, as `PolicyWorker.weight_buckets` sends them."""
-    buckets, bucket, size = [], [], 0
-    for name, tensor in state.items():
-        if bucket and size + tensor.numel() * tensor.element_size() > bucket_bytes:
-            buckets.append(bucket)
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-    return buckets + [bucket]
-
 
 @needs_vllm
 def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
@@ -171,7 +158,7 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     gen = torch.Generator().manual_seed(0)
     state = {k: v + 0.1 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=gen)
              for k, v in hf.model.state_dict().items()}
-    buckets = _buckets(state, 256 * 1024)
+    buckets = bucket_tensors(state, 256 * 1024)
     assert len(buckets) > 3
     nbytes, seconds = worker.update_weights([ray.put(b) for b in buckets])
     assert nbytes == sum(t.numel() * t.element_size() for t in state.values())
