@@ -92,6 +92,11 @@ class RolloutConfig:
     val_n: int = 1
     # Bound on the size of one weight-sync bucket in MB.
     sync_bucket_mb: int = 256
+    # How the weights reach the engines after each update (sapo_ray.sync): object_store (learner rank 0
+    # puts buckets into Ray's object store, each worker fetches them) or broadcast (a process group of
+    # learner rank 0 and every engine process: NCCL when learners and rollout are on GPUs, each on whole
+    # GPUs of their own, gloo on CPUs).
+    weight_sync: str = "object_store"
     # Ray custom resources each worker requires (placement on nodes started with
     # `ray start --resources='{"rollout_node": 1}'`); add keys with `+`: '+rollout.resources={rollout_node: 0.01}'.
     resources: dict = field(default_factory=dict)
@@ -103,6 +108,9 @@ class RolloutConfig:
     max_model_len: Optional[int] = None
     # vllm engine only: no CUDA graphs (faster start, slower decoding); always on with the CPU build.
     enforce_eager: bool = False
+    # vllm engine on GPUs only: free the engine's weights and KV cache after each rollout while the
+    # learners run (for rollout and learners sharing GPUs); the next weight sync or generate restores them.
+    enable_sleep_mode: bool = False
     # Truncated importance sampling for the rollout/learner mismatch: each token's policy-loss term is
     # weighted by min(exp(old_logp - rollout_logp), tis_cap); 0 = off (e.g. 2 with vllm in bfloat16).
     tis_cap: float = 0.0
@@ -307,6 +315,18 @@ def validate(cfg) -> None:
         _check(rows % g.world_size == 0,
                f"data.prompts_per_step * rollout.n = {rows} rows must be divisible by {group}.world_size={g.world_size}")
     _check(r.tis_cap == 0 or r.tis_cap >= 1, f"rollout.tis_cap={r.tis_cap} must be 0 (off) or >= 1")
+    _check(r.weight_sync in ("object_store", "broadcast"),
+           f"rollout.weight_sync={r.weight_sync!r}: choose object_store or broadcast")
+    _check(r.weight_sync != "broadcast" or (r.num_gpus > 0) == (cfg.actor.num_gpus > 0),
+           f"rollout.weight_sync=broadcast needs learners and rollout both on GPUs (NCCL) or both on CPUs (gloo); "
+           f"got actor.num_gpus={cfg.actor.num_gpus}, rollout.num_gpus={r.num_gpus}")
+    _check(r.weight_sync != "broadcast" or r.num_gpus == 0 or (r.num_gpus >= 1 and cfg.actor.num_gpus >= 1),
+           "rollout.weight_sync=broadcast on GPUs needs whole GPUs for rollout and learners (NCCL cannot join two "
+           f"processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
+           "use rollout.weight_sync=object_store for engines sharing GPUs with learners")
+    _check(not r.enable_sleep_mode or (r.engine == "vllm" and r.num_gpus > 0),
+           "rollout.enable_sleep_mode frees GPU memory of the vllm engine: it needs rollout.engine=vllm and "
+           f"rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
     if r.engine == "vllm":
         _validate_vllm(cfg)
     _check(1 <= r.num_workers <= d.prompts_per_step,

@@ -31,6 +31,7 @@ from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.reward.pool import RewardPool
 from sapo_ray.rollout.engine import Prompt, SamplingParams, encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
+from sapo_ray.sync import WeightSync
 from sapo_ray.tracking import Tracker
 from sapo_ray.utils import actor_env, rng_state, seed_everything, set_rng_state, timer
 
@@ -88,7 +89,7 @@ class Trainer:
         rollout_cfg = {**common, "engine": cfg.rollout.engine, "max_batch_size": cfg.rollout.max_batch_size,
                        "use_gpu": bool(cfg.rollout.num_gpus), "seed": cfg.seed,
                        **{k: cfg.rollout[k] for k in ("tensor_parallel_size", "gpu_memory_utilization",
-                                                      "max_model_len", "enforce_eager")}}
+                                                      "max_model_len", "enforce_eager", "enable_sleep_mode")}}
         rollout_actor = ray.remote(RolloutWorker)
         self.rollout = [
             rollout_actor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
@@ -106,6 +107,9 @@ class Trainer:
             critic_common = {**common, "path": resolve_model_path(cfg.model.critic_path) if cfg.model.critic_path else path, "use_gpu": bool(cfg.critic.num_gpus)}
             self.critic = self._group(CriticWorker, cfg.critic, critic_common, total, "critic")
         ray.get([w.ready.remote() for w in self.rollout])
+        ranks_per_engine = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+        self.weight_sync = WeightSync(self.actor, self.rollout, cfg.rollout.weight_sync,
+                                      cfg.rollout.sync_bucket_mb * 2**20, ranks_per_engine)
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -283,19 +287,15 @@ class Trainer:
                                                "rollout/tis_clipfrac": float((w[valid] >= cap).float().mean())}
 
     def sync_weights(self) -> dict:
-        """Bucketed full weights from learner rank 0 into every rollout engine, in place."""
-        start = time.perf_counter()
-        buckets = [b for part in self.actor.call("weight_buckets", self.cfg.rollout.sync_bucket_mb * 2**20) for b in part]
-        results = ray.get([w.update_weights.remote(buckets) for w in self.rollout])
-        seconds = time.perf_counter() - start
-        nbytes = results[0][0]
-        return {"sync/bytes": float(nbytes), "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
-                "sync/buckets": float(len(buckets))}
+        """Bucketed full weights from learner rank 0 into every rollout engine, in place (`sapo_ray.sync`)."""
+        return self.weight_sync()
 
     def train_step(self) -> dict:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         batch, examples, metrics = self.rollout_step(timing)
+        if self.cfg.rollout.enable_sleep_mode:  # the learners get the GPU memory until the next sync
+            ray.get([w.sleep.remote() for w in self.rollout])
         if batch is None:
             timing["step"] = time.perf_counter() - t0
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}

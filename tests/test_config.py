@@ -50,6 +50,10 @@ def test_default_config_is_valid_and_overrides_apply():
     (["rollout.num_workers=99"], "rollout.num_workers"),
     (["algorithm=dapo"], "algorithm.overlong_buffer_len"),
     (["trainer.critic_warmup=-1"], "trainer.critic_warmup"),
+    (["rollout.weight_sync=nccl"], "rollout.weight_sync"),
+    (["rollout.weight_sync=broadcast", "actor.num_gpus=1"], "rollout.weight_sync=broadcast"),
+    (["rollout.weight_sync=broadcast", "actor.num_gpus=1", "rollout.num_gpus=0.5"], "whole GPUs"),
+    (["rollout.enable_sleep_mode=true"], "rollout.enable_sleep_mode"),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -288,6 +288,24 @@ class PolicyWorker(FSDPWorker):
         sd = self.full_state_dict()
         return [] if sd is None else [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)]
 
+    # `rollout.weight_sync=broadcast` (sapo_ray.sync): rank 0 is rank 0 of the weight-broadcast group.
+    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
+        from sapo_ray.sync import WeightGroup
+
+        self.weight_group = WeightGroup(host, port, 0, world_size, self.device)
+
+    def weight_bucket_specs(self, bucket_bytes: int) -> list | None:
+        """The buckets `broadcast_weights` sends, as `(name, dtype, shape)` lists (rank 0; a collective)."""
+        from sapo_ray.sync import bucket_specs
+
+        sd = self.full_state_dict()
+        return None if sd is None else bucket_specs(bucket_tensors(sd, bucket_bytes))
+
+    def broadcast_weights(self, bucket_bytes: int) -> int:
+        """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0; returns bytes."""
+        sd = self.full_state_dict()
+        return 0 if sd is None else sum(self.weight_group.send(b) for b in bucket_tensors(sd, bucket_bytes))
+
     def export_hf(self, out_dir: str) -> None:
         """Save the policy as a Hugging Face directory (safetensors + processor files) on rank 0."""
         from sapo_ray.models import load_processor

@@ -191,3 +191,13 @@ class HFEngine:
             loaded += tensor.numel() * tensor.element_size()
         return loaded
 
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight-broadcast group with learner rank 0 as `rank` (`rollout.weight_sync=broadcast`)."""
+        from sapo_ray.sync import WeightGroup
+
+        self.weight_group = WeightGroup(host, port, rank, world_size, self.device)
+
+    def receive_weights(self, spec: list) -> int:
+        """Receive one broadcast bucket (`sapo_ray.sync.bucket_specs`) and load it; returns bytes."""
+        return self.update_weights(self.weight_group.receive(spec))
+

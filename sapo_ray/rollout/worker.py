@@ -17,8 +17,10 @@ class RolloutWorker:
     def __init__(self, cfg: dict, num_threads: int):
         set_threads(num_threads)
         self.engine = build_engine(cfg["engine"], cfg)
+        self.asleep = False
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, index_offset: int = 0) -> list[Sample]:
+        self._awake()
         samples = self.engine.generate(prompts, params)
         for s in samples:
             s.prompt_index += index_offset
@@ -26,16 +28,38 @@ class RolloutWorker:
 
     def update_weights(self, bucket_refs: list) -> tuple[int, float]:
         """Load bucketed weights (each a Ray object of `(name, tensor)` pairs); returns (bytes, seconds)."""
+        return self._load(self.engine.update_weights(ray.get(ref)) for ref in bucket_refs)
+
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight-broadcast group with learner rank 0 (`sapo_ray.sync`); this engine's first rank is `rank`."""
+        self.engine.init_weight_group(host, port, rank, world_size)
+
+    def receive_weights(self, specs: list) -> tuple[int, float]:
+        """Receive the buckets learner rank 0 broadcasts (`sapo_ray.sync.bucket_specs`); returns (bytes, seconds)."""
+        return self._load(self.engine.receive_weights(spec) for spec in specs)
+
+    def _load(self, loads) -> tuple[int, float]:
+        """Run `loads` (a lazy generator of per-bucket byte counts) inside the engine's update bracket."""
         start = time.perf_counter()
-        total = 0
+        self._awake()
         # Engines whose loading spans buckets (vllm: a layer may be split between two) bracket them.
         if hasattr(self.engine, "begin_weight_update"):
             self.engine.begin_weight_update()
-        for ref in bucket_refs:
-            total += self.engine.update_weights(ray.get(ref))
+        total = sum(loads)
         if hasattr(self.engine, "finish_weight_update"):
             self.engine.finish_weight_update()
         return total, time.perf_counter() - start
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights, KV cache) while the learners use the GPUs
+        (`rollout.enable_sleep_mode`); the next generate or weight load wakes it up."""
+        self.engine.sleep()
+        self.asleep = True
+
+    def _awake(self) -> None:
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
 
     def ready(self) -> bool:
         return True

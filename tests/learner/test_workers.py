@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import ray
 import torch
 
@@ -67,8 +68,12 @@ def test_frozen_vision_tower_keeps_its_weights(ray_cluster, random_tiny_models):
     assert max(v for k, v in moved.items() if k not in vision) > 1e-4
 
 
-def test_sync_makes_engine_sample_with_new_weights(ray_cluster, random_tiny_models):
-    """After an update and a sync, the engine's log-probs equal the learner's on the same tokens."""
+@pytest.mark.parametrize("method", ["object_store", "broadcast"])
+def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_tiny_models):
+    """After an update and a sync (either `rollout.weight_sync`), the engine's log-probs equal the learner's
+    on the same tokens."""
+    from sapo_ray.sync import WeightSync
+
     path = random_tiny_models["vlm"]
     spec = registry.get_algorithm("rloo")
     batch, pad_id = _train_batch(path, spec)
@@ -82,10 +87,10 @@ def test_sync_makes_engine_sample_with_new_weights(ray_cluster, random_tiny_mode
     mask = batch.response_mask.bool()
     assert float((after - before).abs()[mask].max()) > 1e-3, "the update did not change the policy"
 
-    refs = group.call("weight_buckets", 64 * 1024)[0]  # small buckets: several of them
-    assert len(refs) > 1
-    nbytes, _ = ray.get(rollout.update_weights.remote(refs))
-    assert nbytes > 0
+    sync = WeightSync(group, [rollout], method, 64 * 1024)  # small buckets: several of them
+    metrics = sync()
+    assert metrics["sync/buckets"] > 1
+    assert metrics["sync/bytes"] > 0
     # Generate with the synced engine, then score the same tokens with the learner.
     from helpers import encode
     from sapo_ray.data.loaders import load_dataset_split
