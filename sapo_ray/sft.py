@@ -69,9 +69,10 @@ class SFTConfig:
     hint: bool = True
     """Queries start with MathVista's hint sentence (the synthvista knob; as `data.hint` of the RL run)."""
     teacher_error_rate: float = 0.0
-    """Share of training rows whose boxed answer is replaced by a near miss (one off, another choice):
-    an imperfect teacher, as real SFT data is. The reasoning before it stays right, so RL with the
-    true reward has a mistake it can learn to fix."""
+    """Share of training rows solved by a sloppy teacher: the picture read right, then a wrong procedure
+    (count every shape, take the first bar for the tallest, add instead of subtract, ...; see
+    `synthvista.question_answer_solution`). An imperfect teacher, as real SFT data is: the warm start
+    learns both procedures, and RL with the true reward can learn which one the question asks for."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -203,30 +204,16 @@ def evaluate(model, processor, items: list[dict], instruction: str, samples: int
     return result
 
 
-def near_miss(example: dict, rng: random.Random) -> str:
-    """A wrong answer close to the gold one: an integer or float one step off, another choice, a list
-    with one value off by one."""
-    answer = example["answer"]
-    if example.get("choices"):
-        return rng.choice([c for c in example["choices"] if c != answer] or [answer + "?"])
-    if example["answer_type"] == "list":
-        values = [int(v) for v in answer.strip("[]").split(",")]
-        i = rng.randrange(len(values))
-        values[i] += 1 if values[i] <= 1 else rng.choice((-1, 1))
-        return "[" + ", ".join(map(str, values)) + "]"
-    step = 10.0 ** -(example.get("precision") or 0) if example["answer_type"] == "float" else 1
-    value = float(answer) + (step if float(answer) - step < 0 else rng.choice((-step, step)))
-    return f"{value:.{example.get('precision') or 0}f}" if example["answer_type"] == "float" else str(int(value))
-
-
 def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> list[dict]:
-    """`batch` with a share `rate` of solutions ending in a near-miss answer instead of the gold one."""
+    """`batch` with a share `rate` of solutions replaced by a sloppy teacher's: the same reading of the
+    picture, then a wrong procedure (`synthvista.question_answer_solution(..., shortcut=True)`)."""
+    from sapo_ray.data.synthvista import question_answer_solution
+
     out = []
     for ex in batch:
         if rate > 0 and rng.random() < rate:
-            gold = "\\boxed{" + ex["answer"] + "}"
-            assert gold in ex["solution"], ex["solution"]
-            ex = {**ex, "solution": ex["solution"].replace(gold, "\\boxed{" + near_miss(ex, rng) + "}")}
+            params = json.loads(ex["metadata"]["params"])
+            ex = {**ex, "solution": question_answer_solution(params, shortcut=True)[2]}
         out.append(ex)
     return out
 

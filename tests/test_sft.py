@@ -57,7 +57,7 @@ def test_hydra_config_composes_with_the_model_group():
             compose("sft", overrides=["stepz=7"])  # a typo fails before anything runs
 
 
-def test_teacher_errors_replace_a_share_of_answers_with_near_misses():
+def test_teacher_errors_replace_a_share_of_solutions_with_shortcuts():
     import random
 
     from sapo_ray.reward import compute_score
@@ -65,9 +65,13 @@ def test_teacher_errors_replace_a_share_of_answers_with_near_misses():
 
     batch = examples(200, seed=3, split="train", text_only=True)
     noisy = with_teacher_errors(batch, 0.5, random.Random(0))
-    wrong = [n for b, n in zip(batch, noisy) if n["solution"] != b["solution"]]
-    assert 70 <= len(wrong) <= 130  # about half
-    for ex in wrong:
-        scored = compute_score(ex["solution"], ex)
-        assert scored["acc"] == 0.0 and scored["format"] == 1.0, ex["solution"]
+    changed = [(b, n) for b, n in zip(batch, noisy) if n["solution"] != b["solution"]]
+    assert 70 <= len(changed) <= 130  # about half
+    wrong = 0
+    for right, sloppy in changed:
+        assert sloppy["solution"].split(" Step 2:")[0] == right["solution"].split(" Step 2:")[0]  # same reading
+        scored = compute_score(sloppy["solution"], sloppy)
+        assert scored["format"] == 1.0, sloppy["solution"]
+        wrong += scored["acc"] == 0.0
+    assert wrong >= 0.75 * len(changed)  # a shortcut is right only by luck (no distractor, first bar tallest)
     assert with_teacher_errors(batch, 0.0, random.Random(0)) == batch

@@ -225,14 +225,24 @@ def describe(params: dict) -> str:
     return f"Bars from left to right: {_bars_text(params)}."
 
 
-def question_answer_solution(params: dict) -> tuple[str, str, str]:
-    """Return (question, answer, solution) for a row's parameters."""
+def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str, str, str]:
+    """Return (question, answer, solution) for a row's parameters.
+
+    ``shortcut=True`` gives the solution of a sloppy teacher instead: the same first step (reading
+    the picture), then a wrong procedure, each branching from the right one at a single word: count
+    every shape (``count``), take the first bar for the tallest (``bar_max``, ``bar_argmax``),
+    subtract instead of add and add instead of subtract (``bar_sum``, ``bar_diff``), stop at the sum
+    (``bar_mean``), list right to left (``bar_list``). Its answer is the one the shortcut reaches, and
+    is usually wrong.
+    """
     t, key = params["template"], params["key"]
     if t == "count":
         found = [o["shape"] for o in params["objects"] if o["colour"] == key]
-        answer = str(len(found))
-        steps = [f"The shapes are {_shapes_text(params)}.",
-                 f"The {key} ones are {', '.join(found)}.", f"That is {answer} shapes."]
+        answer = str(len(params["objects"]) if shortcut else len(found))
+        steps = [f"The shapes are {_shapes_text(params)}."]
+        if not shortcut:
+            steps.append(f"The {key} ones are {', '.join(found)}.")
+        steps.append(f"That is {answer} shapes.")
         return f"How many {key} shapes are there?", answer, _solution(steps, answer)
 
     bars = params["bars"]
@@ -240,29 +250,29 @@ def question_answer_solution(params: dict) -> tuple[str, str, str]:
     values = [b["value"] for b in bars]
     steps = [f"The bars are {_bars_text(params)}."]
     if t in ("bar_max", "bar_argmax"):
-        top = max(bars, key=lambda b: b["value"])
-        steps.append(f"The largest value is {top['value']}, the {top['colour']} bar.")
+        top = bars[0] if shortcut else max(bars, key=lambda b: b["value"])
+        steps.append(f"The {'first' if shortcut else 'largest'} value is {top['value']}, the {top['colour']} bar.")
         if t == "bar_max":
             return "What is the value of the tallest bar?", str(top["value"]), _solution(steps, str(top["value"]))
         return "Which bar is the tallest?", top["colour"], _solution(steps, top["colour"])
     if t in ("bar_sum", "bar_diff"):
         a, b = params["named"]
         steps.append(f"{a} is {value[a]} and {b} is {value[b]}.")
+        add = (t == "bar_sum") != shortcut
+        answer = str(value[a] + value[b] if add else value[a] - value[b])
+        steps.append(f"{value[a]} {'+' if add else '-'} {value[b]} = {answer}.")
         if t == "bar_sum":
-            answer = str(value[a] + value[b])
-            steps.append(f"{value[a]} + {value[b]} = {answer}.")
             return f"What is the sum of the {a} bar and the {b} bar?", answer, _solution(steps, answer)
-        answer = str(value[a] - value[b])
-        steps.append(f"{value[a]} - {value[b]} = {answer}.")
         return f"How much larger is the {a} bar than the {b} bar?", answer, _solution(steps, answer)
     if t == "bar_mean":
-        answer = _mean_text(values)
-        steps += [f"The sum is {' + '.join(map(str, values))} = {sum(values)}.",
-                  f"{sum(values)} / {len(values)} = {answer}."]
+        answer = str(sum(values)) if shortcut else _mean_text(values)
+        steps.append(f"The sum is {' + '.join(map(str, values))} = {sum(values)}.")
+        if not shortcut:
+            steps.append(f"{sum(values)} / {len(values)} = {answer}.")
         return "What is the mean of the bar values?", answer, _solution(steps, answer)
     assert t == "bar_list", t
-    answer = "[" + ", ".join(map(str, values)) + "]"
-    steps.append(f"In order the values are {answer}.")
+    answer = "[" + ", ".join(map(str, values[::-1] if shortcut else values)) + "]"
+    steps.append(f"In {'reverse' if shortcut else 'order'} the values are {answer}.")
     return "List the values of the bars from left to right.", answer, _solution(steps, answer)
 
 

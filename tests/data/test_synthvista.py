@@ -213,3 +213,26 @@ def test_to_example_follows_the_contract():
                        "answer_type", "precision", "choices", "unit", "metadata", "solution"}
     assert ex["data_source"] == "synthvista" and ex["pid"].startswith("synth-")
     assert len(ex["images"]) == 1 and ex["images"][0].mode == "RGB"
+
+
+_BARS = [{"colour": "blue", "value": 3}, {"colour": "red", "value": 7}, {"colour": "green", "value": 5}]
+
+
+@pytest.mark.parametrize("params, right, shortcut, branch", [
+    ({"template": "count", "key": "red", "objects": [{"shape": "circle", "colour": "red"},
+      {"shape": "square", "colour": "blue"}, {"shape": "circle", "colour": "red"}]}, "2", "3", "That is 3"),
+    ({"template": "bar_max", "key": "red", "bars": _BARS}, "7", "3", "The first value is 3, the blue bar."),
+    ({"template": "bar_argmax", "key": "red", "bars": _BARS, "choices": ["green", "red", "blue"]}, "red", "blue",
+     "The first value is 3, the blue bar."),
+    ({"template": "bar_sum", "key": "red", "bars": _BARS, "named": ["red", "green"]}, "12", "2", "7 - 5 = 2."),
+    ({"template": "bar_diff", "key": "red", "bars": _BARS, "named": ["red", "green"]}, "2", "12", "7 + 5 = 12."),
+    ({"template": "bar_mean", "key": "blue", "bars": _BARS}, "5.0", "15", "The sum is 3 + 7 + 5 = 15.</think>"),
+    ({"template": "bar_list", "key": "blue", "bars": _BARS}, "[3, 7, 5]", "[5, 7, 3]", "In reverse the values"),
+])
+def test_shortcut_solutions_take_the_wrong_procedure_after_the_same_first_step(params, right, shortcut, branch):
+    question, answer, solution = sv.question_answer_solution(params)
+    sc_question, sc_answer, sc_solution = sv.question_answer_solution(params, shortcut=True)
+    assert (answer, sc_answer, sc_question) == (right, shortcut, question)
+    assert sc_solution.endswith(f"The answer is \\boxed{{{shortcut}}}.") and branch in sc_solution
+    first = solution.split(" Step 2:")[0]
+    assert sc_solution.startswith(first) and len(first) > len("<think>Step 1: The ")
