@@ -63,3 +63,27 @@ def test_greedy_is_the_argmax_path():
     P = batch.prompt_ids.shape[1]
     predicted = logits[P - 1 : P - 1 + len(samples[0].response_ids)].index_fill(-1, engine.banned, -1e9).argmax(-1)
     assert predicted.tolist() == samples[0].response_ids
+
+
+def test_a_sleeping_engine_is_woken_before_it_generates_or_loads_weights():
+    """rollout.enable_sleep_mode: the worker sleeps the engine after a rollout; the next generate or
+    weight load wakes it first (once), whichever comes first."""
+    from sapo_ray.rollout.worker import RolloutWorker
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *args: self.calls.append(name) or ([] if name == "generate" else 8)
+
+    worker = RolloutWorker.__new__(RolloutWorker)
+    worker.engine, worker.asleep = Recorder(), False
+    worker.generate([], SamplingParams())
+    worker.sleep()
+    assert worker.receive_weights([["spec"], ["spec"]])[0] == 16
+    worker.generate([], SamplingParams())
+    worker.sleep()
+    worker.generate([], SamplingParams())
+    assert worker.engine.calls == ["generate", "sleep", "wake_up", "begin_weight_update", "receive_weights",
+                                   "receive_weights", "finish_weight_update", "generate", "sleep", "wake_up", "generate"]
