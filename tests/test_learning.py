@@ -16,7 +16,7 @@ def test_reward_rises(algorithm, ray_cluster, tmp_path):
 
     run(tiny_cfg(tmp_path, "bundled:tiny-vlm", f"algorithm={algorithm}", "trainer.steps=8",
                  "reward.custom=tests/learning_hooks.py:short_answer", "data.prompts_per_step=8", "rollout.n=4",
-                 "rollout.max_new_tokens=96", "actor.optim.lr=1e-4", "actor.recompute_old_logp=false",
+                 "rollout.max_new_tokens=96", "actor.optim.lr=3e-4", "actor.recompute_old_logp=false",
                  "actor.mini_batch_size=16", "actor.micro_batch_size=16", "critic.mini_batch_size=16",
                  "critic.micro_batch_size=16", "critic.optim.lr=2e-4", "trainer.export_hf=false"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
