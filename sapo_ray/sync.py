@@ -3,8 +3,9 @@
 The default sync (`object_store`) puts each bucket of the gathered weights into Ray's object store
 and every rollout worker fetches it. `broadcast` instead joins learner rank 0 (rank 0) and every
 engine process (ranks 1..) in a process group of their own, NCCL on GPUs and gloo on CPUs, and
-broadcasts each bucket tensor by tensor: on GPUs the weights go device to device without passing
-through host memory or the object store, as in OpenRLHF's and verl's update groups. The group is
+broadcasts each bucket tensor by tensor, as OpenRLHF's and verl's update groups do: on GPUs rank 0
+copies each gathered tensor to its GPU once and NCCL carries it to every engine's GPU, with no
+serialisation into the object store and no fetch per worker. The group is
 built from a `TCPStore` rather than `init_process_group`, so it lives beside the learners' FSDP
 group and vLLM's own groups in the same processes.
 
