@@ -47,12 +47,11 @@ class WeightGroup:
             self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         self.rank = rank
 
-    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Broadcast one bucket's tensors from rank 0; returns its bytes."""
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """Broadcast one bucket's tensors from rank 0 (the receivers count the bytes they load)."""
         assert self.rank == 0, "only rank 0 (learner rank 0) sends weights"
         for _, tensor in bucket:
             self._broadcast(tensor.detach().to(self.device).contiguous())
-        return sum(t.numel() * t.element_size() for _, t in bucket)
 
     def receive(self, spec: BucketSpec) -> list[tuple[str, torch.Tensor]]:
         """Receive one bucket described by `spec` into fresh tensors on this member's device."""

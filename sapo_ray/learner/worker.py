@@ -301,10 +301,12 @@ class PolicyWorker(FSDPWorker):
         sd = self.full_state_dict()
         return None if sd is None else bucket_specs(bucket_tensors(sd, bucket_bytes))
 
-    def broadcast_weights(self, bucket_bytes: int) -> int:
-        """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0; returns bytes."""
+    def broadcast_weights(self, bucket_bytes: int) -> None:
+        """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0."""
         sd = self.full_state_dict()
-        return 0 if sd is None else sum(self.weight_group.send(b) for b in bucket_tensors(sd, bucket_bytes))
+        if sd is not None:
+            for bucket in bucket_tensors(sd, bucket_bytes):
+                self.weight_group.send(bucket)
 
     def export_hf(self, out_dir: str) -> None:
         """Save the policy as a Hugging Face directory (safetensors + processor files) on rank 0."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_OVERRIDES
 from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
 from sapo_ray.data.loaders import load_dataset_split
 from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, build_engine, encode_prompt
@@ -48,15 +49,11 @@ def tiny_cfg(run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONF, version_base=None):
         return compose("config", overrides=[
             "model=tiny_lm", "rollout.engine=vllm", "rollout.enforce_eager=true", "actor.recompute_old_logp=true",
-            f"trainer.run_dir={run_dir}",
-            "trainer.steps=2", "trainer.val_every=0", "trainer.loggers=[jsonl]", "trainer.export_hf=false",
-            "data.prompts_per_step=4", "data.train_size=64", "data.val_size=4", "rollout.n=2",
-            "rollout.max_new_tokens=16", "rollout.num_threads=1", "actor.num_threads=1", "critic.num_threads=1",
-            "actor.mini_batch_size=8", "actor.micro_batch_size=4", "critic.mini_batch_size=8",
-            "critic.micro_batch_size=4", "reward.num_workers=1",
-            # float32 learners (the log-prob checks compare with the engine's float32 weights), a policy
-            # update from the first step, and the hinted queries tiny-lm was trained on.
-            "actor.autocast_bf16=false", "critic.autocast_bf16=false", "trainer.critic_warmup=0", "data.hint=true",
+            f"trainer.run_dir={run_dir}", "trainer.steps=2", "trainer.export_hf=false", *TINY_OVERRIDES,
+            "rollout.max_new_tokens=16",
+            # float32 learners (the log-prob checks compare with the engine's float32 weights) and the
+            # hinted queries tiny-lm was trained on.
+            "actor.autocast_bf16=false", "critic.autocast_bf16=false", "data.hint=true",
             *overrides,
         ])
 
