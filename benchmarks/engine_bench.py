@@ -28,7 +28,7 @@ from sapo_ray.utils import bucket_tensors, cpu_model
 
 
 def _prompts(path: str, n: int):
-    from sapo_ray.data.loaders import load_dataset_split
+    from sapo_ray.data.datasets import load_dataset_split
     from sapo_ray.models import load_processor
     from sapo_ray.rollout.engine import encode_prompt
 
@@ -52,17 +52,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    from sapo_ray.config import resolve_model_path
-    from sapo_ray.rollout.engine import SamplingParams, build_engine
+    from sapo_ray.config import ModelConfig, RolloutConfig, RolloutWorkerConfig, resolve_model_path
+    from sapo_ray.batch import SamplingParams
+    from sapo_ray.rollout.engine import build_engine
 
     path = resolve_model_path(args.model)
     prompts = _prompts(path, args.prompts)
-    cfg = {"path": path, "dtype": args.dtype, "attn_implementation": "sdpa", "use_gpu": args.device == "cuda",
-           "max_batch_size": args.prompts * args.n, "enforce_eager": True, "seed": 0}
     rows = []
     for name in [e for e in args.engines.split(",") if e]:
+        cfg = RolloutWorkerConfig(ModelConfig(path=path, dtype=args.dtype),
+                                  RolloutConfig(engine=name, num_gpus=1.0 if args.device == "cuda" else 0.0,
+                                                max_batch_size=args.prompts * args.n, enforce_eager=True),
+                                  index=0, seed=0)
         start = time.perf_counter()
-        engine = build_engine(name, cfg)
+        engine = build_engine(cfg)
         init_s = time.perf_counter() - start
         gen_s, tokens = [], []
         for r in range(args.repeats + 1):  # the first call warms up

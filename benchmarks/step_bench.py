@@ -36,7 +36,7 @@ def main() -> None:
     args, overrides = ap.parse_known_args()
     run_dir = Path(tempfile.mkdtemp(prefix="step_bench_"))
     cmd = [sys.executable, "-m", "sapo_ray.main", f"trainer.steps={args.steps}", "trainer.val_every=0",
-           "data.val_size=1", "trainer.critic_warmup=0", "trainer.export_hf=false", "trainer.loggers=[jsonl]", f"trainer.run_dir={run_dir}",
+           "data.val_size=1", "algorithm.critic_warmup=0", "trainer.export_hf=false", "trainer.loggers=[jsonl]", f"trainer.run_dir={run_dir}",
            *overrides]
     subprocess.run(cmd, cwd=ROOT, check=True)
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

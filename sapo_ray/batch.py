@@ -1,5 +1,6 @@
 """The data that moves between the driver, the rollout workers and the learners.
 
+A `Prompt` is an encoded prompt and `SamplingParams` how to sample it (driver -> rollout worker).
 A `Sample` is one sampled response (what a rollout engine returns). A `Batch` is the padded tensor
 form the learners consume: prompts left-padded to a common length P, responses right-padded to R, so
 `response_mask[b, t] = 1` for the `t < T_b` valid tokens (left-aligned, the convention of
@@ -12,6 +13,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+
+
+@dataclass
+class Prompt:
+    """An encoded prompt: token ids (image placeholders expanded) and its images' vision inputs."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    images: list | None = None  # the raw images, for engines that run the model's own processor (vllm)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    # Base seed of this call; the engine derives its per-chunk or per-sample seeds from it (utils.derive_seed).
+    seed: int = 0
 
 
 @dataclass

@@ -1,16 +1,27 @@
 """Typed configuration: Hydra structured configs registered in a ConfigStore.
 
 Every YAML under `conf/` is validated against these dataclasses before Ray starts, so a misspelt key
-or a wrong type fails at once with the key's name. `validate(cfg)` adds the cross-field checks.
+or a wrong type fails at once with the key's name. `validate(cfg)` adds the cross-field checks, reading
+the allowed values from the registries (estimators, losses, segmenters, engines, ...).
+
+The config group `algorithm` is `sapo_ray.algo.registry.AlgorithmSpec` itself: each registered preset
+is an option (`algorithm=grpo`), so an algorithm's values live in one place, its registration.
+
+What crosses into an actor is typed: `RolloutWorkerConfig` and `LearnerWorkerConfig` hold these
+dataclasses (built by `rollout_worker_config` / `learner_worker_config`), never dicts of keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, make_dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = "bundled:"
@@ -116,46 +127,15 @@ class RolloutConfig:
     tis_cap: float = 0.0
 
 
-def _algorithm_config():
-    """`AlgorithmConfig`: every field of `sapo_ray.algo.registry.AlgorithmSpec` (documented there),
-    defaulting to SAPO's values, plus the trainer-side knobs below. The YAML files in
-    `conf/algorithm/` set every field; a test checks each agrees with its registered spec."""
-    from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec
-
-    kinds = {"str": str, "float": float, "bool": bool, "int": int}
-    sapo = ALGORITHMS["sapo"]
-    specs = []
-    for f in fields(AlgorithmSpec):
-        kind = str(f.type).replace(" ", "")
-        default = getattr(sapo, f.name)
-        if kind.startswith("Mapping"):
-            specs.append((f.name, Dict[str, Any], field(default_factory=lambda d=dict(default): dict(d))))
-        elif kind.endswith("|None"):
-            specs.append((f.name, Optional[kinds[kind[:-5]]], field(default=default)))
-        else:
-            specs.append((f.name, kinds[kind], field(default=default)))
-    extra = [
-        # Entropy bonus in the actor loss (0 = off).
-        ("entropy_coef", float, field(default=0.0)),
-        # Critic's clipped value loss range around the rollout-time values.
-        ("value_clip", float, field(default=0.5)),
-        # Dynamic sampling: extra prompt batches drawn at most to refill dropped groups.
-        ("max_refill", int, field(default=3)),
-    ]
-    return make_dataclass("AlgorithmConfig", specs + extra)
-
-
-AlgorithmConfig = _algorithm_config()
-TRAINER_ONLY_ALGORITHM_KEYS = ("entropy_coef", "value_clip", "max_refill")
-
-
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    # Optimizer steps of linear warm-up.
     warmup_steps: int = 0
-    # constant or cosine after warm-up.
+    # After warm-up: constant or cosine (to 0 at the role's last optimizer step); the names are the keys of
+    # sapo_ray.learner.worker.LR_SCHEDULES.
     schedule: str = "constant"
     max_grad_norm: float = 1.0
 
@@ -211,10 +191,6 @@ class TrainerConfig:
     val_every: int = 5
     # Save a checkpoint every this many steps; 0 = only at the end.
     save_every: int = 0
-    # The first this many steps update only the critic (as verl's critic_warmup): the value head starts
-    # random, and advantages from it are noise until it has seen some returns. Algorithms without a
-    # critic ignore it; a run shorter than the warm-up never updates the policy.
-    critic_warmup: int = 0
     # auto: continue the latest checkpoint in run_dir; never: start fresh; or a checkpoint path.
     resume: str = "auto"
     # Where metrics, TensorBoard logs and checkpoints go (Hydra's job directory by default).
@@ -242,7 +218,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmSpec = field(default_factory=lambda: get_algorithm("sapo"))
     actor: LearnerConfig = field(default_factory=LearnerConfig)
     critic: LearnerConfig = field(default_factory=lambda: LearnerConfig(optim=OptimConfig(lr=2e-5)))
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -251,21 +227,85 @@ class Config:
 
 
 def register_configs() -> None:
+    """The root schema and one `algorithm` option per registered algorithm."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="algorithm", name="base_algorithm", node=AlgorithmConfig)
+    cs.store(group="algorithm", name="base_algorithm", node=AlgorithmSpec)
+    for name in ALGORITHMS:
+        cs.store(group="algorithm", name=name, node=get_algorithm(name))
 
 
-def algorithm_spec(cfg):
-    """The `AlgorithmSpec` the config describes (trainer-side keys left out)."""
-    from omegaconf import OmegaConf
+def algorithm_spec(cfg) -> AlgorithmSpec:
+    """The `AlgorithmSpec` the config describes."""
+    return OmegaConf.to_object(cfg.algorithm)
 
-    from sapo_ray.algo.registry import AlgorithmSpec
 
-    values = OmegaConf.to_container(cfg.algorithm, resolve=True)
-    for key in TRAINER_ONLY_ALGORITHM_KEYS:
-        values.pop(key)
-    return AlgorithmSpec(**values)
+# ------------------------------------------------------------------------------------------------
+# What crosses into the actors
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutWorkerConfig:
+    """Everything a rollout worker (and its engine) reads."""
+
+    model: ModelConfig
+    rollout: RolloutConfig
+    # This worker's position among the rollout workers, and the run's seed (its engine seed derives from both).
+    index: int
+    seed: int
+
+
+@dataclass
+class LearnerWorkerConfig:
+    """Everything one rank of a learner group (the policy or the critic) reads."""
+
+    role: str  # "actor" or "critic"
+    model: ModelConfig
+    learner: LearnerConfig  # the `actor` or `critic` section
+    algorithm: AlgorithmSpec
+    rollout: RolloutConfig  # its temperature (log-probs) and max_new_tokens (Dr.GRPO's constant length)
+    seed: int
+    # Optimizer steps over the whole run: the length of the learning-rate schedule.
+    optimizer_steps: int
+    # The policy also holds the frozen reference (KL in the reward or as a loss).
+    needs_ref: bool = False
+
+
+def needs_ref(spec: AlgorithmSpec) -> bool:
+    return (spec.kl_in_reward and spec.kl_coef > 0) or (spec.kl_loss and spec.kl_loss_coef > 0)
+
+
+def optimizer_steps(cfg, role: str) -> int:
+    """Optimizer steps `role` takes over the run: updating steps x mini-batches per step x PPO epochs.
+
+    The critic updates at every step; the actor skips the critic's warm-up steps when there is a critic.
+    Each step's batch is `data.prompts_per_step * rollout.n` rows (fewer only when groups are dropped).
+    """
+    spec, group = algorithm_spec(cfg), cfg[role]
+    rows = cfg.data.prompts_per_step * cfg.rollout.n
+    updates = cfg.trainer.steps
+    if role == "actor" and spec.needs_critic:
+        updates = max(0, updates - spec.critic_warmup)
+    return updates * math.ceil(rows / group.mini_batch_size) * group.ppo_epochs
+
+
+def rollout_worker_config(cfg, index: int) -> RolloutWorkerConfig:
+    return RolloutWorkerConfig(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.rollout), index, cfg.seed)
+
+
+def learner_worker_config(cfg, role: str) -> LearnerWorkerConfig:
+    spec = algorithm_spec(cfg)
+    return LearnerWorkerConfig(
+        role=role, model=OmegaConf.to_object(cfg.model), learner=OmegaConf.to_object(cfg[role]), algorithm=spec,
+        rollout=OmegaConf.to_object(cfg.rollout), seed=cfg.seed, optimizer_steps=optimizer_steps(cfg, role),
+        needs_ref=role == "actor" and needs_ref(spec),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
 
 
 class ConfigError(ValueError):
@@ -277,46 +317,52 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _choices(cfg) -> dict:
+    """Each key whose value must name a registered entry: (value, the registry's keys)."""
+    from sapo_ray.algo import advantages, kl, losses
+    from sapo_ray.algo.registry import ADVANTAGES, SEGMENTERS
+    from sapo_ray.learner.worker import DTYPES, LR_SCHEDULES
+    from sapo_ray.rollout.engine import ENGINES
+    from sapo_ray.sync import SYNC_METHODS
+
+    a = cfg.algorithm
+    choices = {
+        "algorithm.advantage": (a.advantage, ADVANTAGES),
+        "algorithm.segmenter": (a.segmenter, SEGMENTERS),
+        "algorithm.value_anchor": (a.value_anchor, advantages.VALUE_ANCHORS),
+        "algorithm.ratio_level": (a.ratio_level, losses.RATIO_LEVELS),
+        "algorithm.loss_agg": (a.loss_agg, losses.LOSS_AGGS),
+        "algorithm.policy_loss": (a.policy_loss, losses.POLICY_LOSSES),
+        "algorithm.kl_kind": (a.kl_kind, kl.KL_KINDS),
+        "algorithm.kl_loss_kind": (a.kl_loss_kind, kl.KL_KINDS),
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "actor.optim.schedule": (cfg.actor.optim.schedule, LR_SCHEDULES),
+        "critic.optim.schedule": (cfg.critic.optim.schedule, LR_SCHEDULES),
+        "rollout.engine": (cfg.rollout.engine, ENGINES),
+        "rollout.weight_sync": (cfg.rollout.weight_sync, SYNC_METHODS),
+    }
+    if a.advantage == "group":
+        choices["algorithm.group_kind"] = (a.group_kind, advantages.GROUP_KINDS)
+    return choices
+
+
 def validate(cfg) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
-    from sapo_ray.algo.registry import ADVANTAGES, SEGMENTERS
-    from sapo_ray.algo.losses import LOSS_AGGS
-
-    a, r, d = cfg.algorithm, cfg.rollout, cfg.data
-    choices = {
-        "algorithm.advantage": (a.advantage, set(ADVANTAGES)),
-        "algorithm.segmenter": (a.segmenter, set(SEGMENTERS)),
-        "algorithm.value_anchor": (a.value_anchor, {"seg_end_prev", "seg_start"}),
-        "algorithm.ratio_level": (a.ratio_level, {"token", "segment", "sequence"}),
-        "algorithm.loss_agg": (a.loss_agg, set(LOSS_AGGS)),
-        "algorithm.kl_kind": (a.kl_kind, {"k1", "k2", "k3"}),
-        "algorithm.kl_loss_kind": (a.kl_loss_kind, {"k1", "k2", "k3"}),
-        "model.dtype": (cfg.model.dtype, {"float32", "bfloat16", "float16"}),
-        "actor.optim.schedule": (cfg.actor.optim.schedule, {"constant", "cosine"}),
-        "critic.optim.schedule": (cfg.critic.optim.schedule, {"constant", "cosine"}),
-        "rollout.engine": (r.engine, {"hf", "vllm"}),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, (value, allowed) in _choices(cfg).items():
         _check(value in allowed, f"{key}={value!r} is not one of {sorted(allowed)}")
+    a, r, d = cfg.algorithm, cfg.rollout, cfg.data
     _check(0 < a.frac <= 1, f"algorithm.frac={a.frac} must be in (0, 1]")
     spec = algorithm_spec(cfg)
     if spec.needs_group:
         _check(r.n >= 2, f"algorithm {a.name!r} compares responses to one prompt: set rollout.n >= 2 (got {r.n})")
-    if a.overlong_penalty:
+    if a.overlong_penalty and a.overlong_buffer_len is not None:
         _check(0 < a.overlong_buffer_len <= r.max_new_tokens,
-               f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
-    rows = d.prompts_per_step * r.n
-    for group in ("actor", "critic"):
-        if group == "critic" and not spec.needs_critic:
-            continue
-        g = cfg[group]
-        _check(g.mini_batch_size % g.world_size == 0,
-               f"{group}.mini_batch_size={g.mini_batch_size} must be divisible by {group}.world_size={g.world_size}")
-        _check(rows % g.world_size == 0,
-               f"data.prompts_per_step * rollout.n = {rows} rows must be divisible by {group}.world_size={g.world_size}")
+               f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in (0, rollout.max_new_tokens="
+               f"{r.max_new_tokens}], or null for a fifth of rollout.max_new_tokens")
+    _check(a.critic_warmup >= 0, f"algorithm.critic_warmup={a.critic_warmup} must be >= 0")
+    _check(a.max_refill >= 0, f"algorithm.max_refill={a.max_refill} must be >= 0")
+    _validate_batch(cfg, spec)
     _check(r.tis_cap == 0 or r.tis_cap >= 1, f"rollout.tis_cap={r.tis_cap} must be 0 (off) or >= 1")
-    _check(r.weight_sync in ("object_store", "broadcast"),
-           f"rollout.weight_sync={r.weight_sync!r}: choose object_store or broadcast")
     _check(r.weight_sync != "broadcast" or (r.num_gpus > 0) == (cfg.actor.num_gpus > 0),
            f"rollout.weight_sync=broadcast needs learners and rollout both on GPUs (NCCL) or both on CPUs (gloo); "
            f"got actor.num_gpus={cfg.actor.num_gpus}, rollout.num_gpus={r.num_gpus}")
@@ -332,9 +378,24 @@ def validate(cfg) -> None:
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
-    _check(cfg.trainer.critic_warmup >= 0, f"trainer.critic_warmup={cfg.trainer.critic_warmup} must be >= 0")
     _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
                                    "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")
+
+
+def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
+    """A full step's rows must split evenly over every learner group's ranks. Steps that lose groups
+    (too-long prompts, dynamic sampling) are then trimmed by whole groups (`sapo_ray.step.trim_groups`),
+    which always leaves a multiple of the ranks (possibly none)."""
+    r, d = cfg.rollout, cfg.data
+    rows = d.prompts_per_step * r.n
+    for role in ("actor", "critic") if spec.needs_critic else ("actor",):
+        g = cfg[role]
+        _check(g.world_size >= 1, f"{role}.world_size={g.world_size} must be >= 1")
+        _check(g.mini_batch_size % g.world_size == 0,
+               f"{role}.mini_batch_size={g.mini_batch_size} must be divisible by {role}.world_size={g.world_size}")
+        _check(rows % g.world_size == 0,
+               f"data.prompts_per_step * rollout.n = {d.prompts_per_step} x {r.n} = {rows} rows must be divisible "
+               f"by {role}.world_size={g.world_size}, so that a step's groups split evenly over the ranks")
 
 
 def _validate_vllm(cfg) -> None:

@@ -9,11 +9,17 @@
 SynthVista images, a text-only LM on `text_only=True` rows.
 
 Supervised fine-tuning with the loss on assistant tokens only (the reference solution and the
-end-of-turn token), prompts built exactly as the RL trainer builds them (`build_messages`, the
-model's chat template), AdamW with warmup and cosine decay. Evaluation on `split="test"` (held-out
+end-of-turn token), AdamW with warmup and cosine decay. Evaluation on `split="test"` (held-out
 template/colour combinations): greedy accuracy and sampled accuracy (T=0.6, top-p 0.95, mean over
-`eval_samples` samples) with `sapo_ray.reward.compute_score`. The model is meant to be useful but
-far from perfect, so RL has room to improve it.
+`eval_samples` samples). The model is meant to be useful but far from perfect, so RL has room to
+improve it.
+
+Every step goes through the RL path's own code, so the warm start and RL cannot drift apart:
+prompts are the rollout engine's `encode_prompt`, each row becomes a `Sample` whose response is the
+solution, the loss is the token mean of `-log pi` from the learner's `policy_forward` on
+`Batch.from_samples`, evaluation generates with `HFEngine` and scores with `compute_score` (the
+trainer's reward, default `RewardConfig` weights). Random streams come from `derive_seed`:
+`sft/data` and `sft/teacher` per step, `sft/eval` for the sampled evaluation.
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from sapo_ray.config import ModelConfig, resolve_model_path
+from sapo_ray.algo.losses import masked_mean
+from sapo_ray.batch import Batch, Sample, SamplingParams
+from sapo_ray.config import ModelConfig, RewardConfig, resolve_model_path
+from sapo_ray.learner.forward import policy_forward
 from sapo_ray.models.loading import is_vision_config, load_policy
-from sapo_ray.models.processor import banned_token_ids, load_processor
+from sapo_ray.models.processor import load_processor
+from sapo_ray.models.tokens import TokenIds
+from sapo_ray.rollout.engine import HFEngine, encode_prompt
+from sapo_ray.utils import derive_seed
 
-_MASKED = -1e9  # finite, so no -inf - -inf = NaN anywhere
 _NON_WEIGHT_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
                      "chat_template.jinja", "chat_template.json", "generation_config.json")
 
@@ -54,7 +64,7 @@ class SFTConfig:
     init: Optional[str] = None
     """Start from this HF directory; default: a fresh build of `tiny-vlm` / `tiny-lm`."""
     seed: int = 0
-    """Model init, data stream and sampling seed."""
+    """Model init seed and the base of the `sft/data`, `sft/teacher` and `sft/eval` streams (`derive_seed`)."""
     steps: int = 150
     """Optimizer steps (each on `batch_size` fresh SynthVista train rows)."""
     batch_size: int = 32
@@ -108,99 +118,73 @@ def examples(n: int, seed: int, split: str, text_only: bool, hint: bool = True) 
     return [synthvista.to_example(r) for r in rows]
 
 
-def encode_prompts(processor, batch: list[dict], instructions: list[str]) -> dict:
-    """Prompt token ids (unpadded lists) and stacked image tensors for `batch`, one instruction per row."""
-    from sapo_ray.data.prompts import build_messages
-
-    texts = [processor.apply_chat_template(build_messages(ex, ins), tokenize=False, add_generation_prompt=True)
-             for ex, ins in zip(batch, instructions)]
-    images = [ex["images"] for ex in batch if ex.get("images")]
-    if not images:
-        return {"input_ids": [processor(text=t)["input_ids"] for t in texts]}
-    out = processor(images=[ex["images"] for ex in batch], text=texts)
-    return {"input_ids": out["input_ids"], "pixel_values": torch.as_tensor(out["pixel_values"]),
-            "image_grid_thw": torch.as_tensor(out["image_grid_thw"])}
-
-
 def _tokenizer(processor):
+    """The tokenizer of a VLM processor; a text-only model's processor is its tokenizer."""
     return getattr(processor, "tokenizer", processor)
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+def sft_samples(processor, rows: list[dict], instructions: list[str]) -> list[Sample]:
+    """One `Sample` per row, the reference solution and its `<|im_end|>` as the response.
 
-
-def _finish(inputs: dict, processor) -> dict:
-    image_id = _tokenizer(processor).get_vocab().get("<|image_pad|>")
-    if "pixel_values" in inputs:  # Qwen-VL builds its 3-D rope positions from these token types
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_id).int()
-    return inputs
-
-
-def sft_batch(processor, batch: list[dict], instructions: list[str]) -> dict:
-    """Model inputs plus `labels` (-100 except on the solution and its `<|im_end|>`), right-padded."""
+    The prompt is encoded by the rollout engine's `encode_prompt` and the response tokenized as the
+    engine would emit it, so `Batch.from_samples` gives the learner exactly what an RL step would.
+    """
     tok = _tokenizer(processor)
-    enc = encode_prompts(processor, batch, instructions)
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    responses = [tok(ex["solution"], add_special_tokens=False)["input_ids"] + [end] for ex in batch]
-    ids = [p + r for p, r in zip(enc["input_ids"], responses)]
-    labels = [[-100] * len(p) + r for p, r in zip(enc["input_ids"], responses)]
-    inputs = {"input_ids": _pad(ids, tok.pad_token_id, False), "attention_mask": _pad([[1] * len(x) for x in ids], 0, False),
-              "labels": _pad(labels, -100, False)}
-    inputs.update({k: v for k, v in enc.items() if k != "input_ids"})
-    return _finish(inputs, processor)
+    samples = []
+    for index, (ex, instruction) in enumerate(zip(rows, instructions)):
+        prompt = encode_prompt(processor, ex, instruction)
+        response = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [end]
+        samples.append(Sample(prompt.ids, response, [0.0] * len(response), [0.0] * len(response), ex["solution"],
+                              True, index, prompt.pixel_values, prompt.image_grid_thw))
+    return samples
 
 
-def sft_loss(model, inputs: dict, banned: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens, with banned ids masked as the learner does."""
-    labels = inputs["labels"]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[:, :-1].float()
-    logits = logits.index_fill(-1, banned, _MASKED)
-    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+def sft_loss(model, batch: Batch, ids: TokenIds) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the responses, from the learner's `policy_forward`
+    (temperature 1, the engine's banned ids masked)."""
+    banned = torch.tensor(ids.banned, dtype=torch.long)
+    logp, _ = policy_forward(model, batch, temperature=1.0, banned=banned, image_token_id=ids.image,
+                             with_entropy=False)
+    return -masked_mean(logp, batch.response_mask)
 
 
-@torch.no_grad()
-def generate(model, processor, batch: list[dict], instructions: list[str], greedy: bool, temperature: float = 0.6,
-             top_p: float = 0.95, max_new_tokens: int = 128) -> list[str]:
-    """Decoded responses (special tokens skipped) for `batch`, banned tokens suppressed."""
-    tok = _tokenizer(processor)
-    enc = encode_prompts(processor, batch, instructions)
-    inputs = {"input_ids": _pad(enc["input_ids"], tok.pad_token_id, True),
-              "attention_mask": _pad([[1] * len(x) for x in enc["input_ids"]], 0, True)}
-    inputs.update({k: v for k, v in enc.items() if k != "input_ids"})
-    vocab = tok.get_vocab()
-    eos = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    out = model.generate(**_finish(inputs, processor), max_new_tokens=max_new_tokens, suppress_tokens=banned_token_ids(tok),
-                         eos_token_id=eos, pad_token_id=tok.pad_token_id, **sampling)
-    return tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+def _scores(samples: list[Sample], items: list[dict]) -> list[dict]:
+    """`compute_score` of each sample against its item, with the RL run's default reward weights."""
+    from sapo_ray.reward import compute_score
+
+    weights = RewardConfig()
+    return [compute_score(s.text, items[s.prompt_index], weights.acc_weight, weights.format_weight) for s in samples]
+
+
+def _summary(mode: str, samples: list[Sample], items: list[dict]) -> dict:
+    """Accuracy, format rate, accuracy per template and the first text of one evaluation mode."""
+    scores = _scores(samples, items)
+    by_template: dict[str, list[float]] = {}
+    for s, score in zip(samples, scores):
+        by_template.setdefault(items[s.prompt_index]["metadata"].get("template", "all"), []).append(score["acc"])
+    return {f"{mode}_acc": sum(s["acc"] for s in scores) / len(scores),
+            f"{mode}_format": sum(s["format"] for s in scores) / len(scores),
+            f"{mode}_acc_by_template": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_template.items())},
+            f"{mode}_example": samples[0].text}
 
 
 def evaluate(model, processor, items: list[dict], instruction: str, samples: int = 4, batch_size: int = 64,
-             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128) -> dict:
-    """Greedy and sampled (mean over `samples`) accuracy and format rate of `model` on `items`."""
-    from sapo_ray.reward import compute_score
+             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0) -> dict:
+    """Greedy and sampled (mean over `samples`) accuracy and format rate of `model` on `items`.
 
-    model.eval()
+    Responses come from the RL rollout engine (`HFEngine`), scored by the reward the trainer uses;
+    the sampled mode draws from the `sft/eval` stream of `seed`.
+    """
+    engine = HFEngine(model, _tokenizer(processor), batch_size)
+    prompts = [encode_prompt(processor, ex, instruction) for ex in items]
+    modes = {"greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
+             "sampled": SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       seed=derive_seed(seed, "sft/eval"))}
     result = {"n": len(items), "instruction": instruction}
-    for mode, reps in (("greedy", 1), ("sampled", samples)):
-        if reps == 0:
-            continue
-        rows = [ex for ex in items for _ in range(reps)]
-        texts: list[str] = []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            texts += generate(model, processor, chunk, [instruction] * len(chunk), mode == "greedy", temperature, top_p,
-                              max_new_tokens)
-        scores = [compute_score(t, ex) for t, ex in zip(texts, rows)]
-        result[f"{mode}_acc"] = sum(s["acc"] for s in scores) / len(scores)
-        result[f"{mode}_format"] = sum(s["format"] for s in scores) / len(scores)
-        by_template: dict[str, list[float]] = {}
-        for s, ex in zip(scores, rows):
-            by_template.setdefault(ex["metadata"].get("template", "all"), []).append(s["acc"])
-        result[f"{mode}_acc_by_template"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(by_template.items())}
-        result[f"{mode}_example"] = texts[0]
+    for mode, params in modes.items():
+        if params.n:
+            result.update(_summary(mode, engine.generate(prompts, params), items))
     return result
 
 
@@ -227,19 +211,21 @@ def _lr_factor(step: int, cfg: SFTConfig) -> float:
 
 def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) -> dict:
     """Run `cfg.steps` AdamW steps on fresh SynthVista train rows; returns losses and timing."""
-    banned = torch.tensor(banned_token_ids(_tokenizer(processor)), dtype=torch.long)
+    ids = TokenIds.of(_tokenizer(processor))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     names = [_instruction(n) for n in cfg.instructions]
     losses, start, step = [], time.perf_counter(), 0
     model.train()
     for step in range(cfg.steps):
-        batch = examples(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", text_only=text_only,
-                         hint=cfg.hint)
-        batch = with_teacher_errors(batch, cfg.teacher_error_rate, random.Random(f"teacher:{cfg.seed}:{step}"))
-        inputs = sft_batch(processor, batch, [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(batch))])
+        rows = examples(cfg.batch_size, seed=derive_seed(cfg.seed, "sft/data", step), split="train",
+                        text_only=text_only, hint=cfg.hint)
+        teacher = random.Random(derive_seed(cfg.seed, "sft/teacher", step))
+        rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
+        instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
+        batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            loss = sft_loss(model, inputs, banned)
+            loss = sft_loss(model, batch, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -302,10 +288,9 @@ def run(cfg: SFTConfig, log=print) -> dict:
     if cfg.eval_n:
         start = time.perf_counter()
         model = load_policy(out_dir, attn_implementation=cfg.model.attn_implementation)  # score exactly what ships
-        torch.manual_seed(cfg.seed)
         items = examples(cfg.eval_n, seed=cfg.eval_seed, split="test", text_only=text_only, hint=cfg.hint)
         e = evaluate(model, processor, items, _instruction(cfg.instructions[0]), cfg.eval_samples, cfg.eval_batch_size,
-                     cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+                     cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
         report["eval"] = {"split": "test", "seed": cfg.eval_seed, **e, "seconds": round(time.perf_counter() - start, 1)}
         log(f"held-out ({e['n']} items): greedy acc {e['greedy_acc']:.3f} (format {e['greedy_format']:.3f}), "
             f"sampled T={cfg.temperature} top-p {cfg.top_p} acc {e['sampled_acc']:.3f} "

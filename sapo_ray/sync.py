@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 BucketSpec = list[tuple[str, str, list[int]]]  # (name, dtype name, shape) of each tensor of one bucket
+# The values of `rollout.weight_sync` (see `WeightSync`).
+SYNC_METHODS = ("object_store", "broadcast")
 
 
 def bucket_specs(buckets: list[list[tuple[str, torch.Tensor]]]) -> list[BucketSpec]:
@@ -82,8 +84,8 @@ class WeightSync:
     def __init__(self, actor, rollout: list, method: str, bucket_bytes: int, ranks_per_engine: int = 1):
         import ray
 
-        if method not in ("object_store", "broadcast"):
-            raise ValueError(f"weight sync method {method!r}: choose object_store or broadcast")
+        if method not in SYNC_METHODS:
+            raise ValueError(f"weight sync method {method!r}: choose one of {SYNC_METHODS}")
         self.actor, self.rollout, self.method, self.bucket_bytes = actor, rollout, method, bucket_bytes
         if method == "broadcast":
             host, port = ray.get(actor.workers[0].address.remote())

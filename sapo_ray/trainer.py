@@ -12,41 +12,35 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from omegaconf import OmegaConf
 
-from sapo_ray.algo import kl as kl_mod
-from sapo_ray.algo import losses, registry
-from sapo_ray.batch import Batch, Sample
-from sapo_ray.config import algorithm_spec, resolve_model_path
-from sapo_ray.data.loader import PromptLoader
-from sapo_ray.data.loaders import load_dataset_split
+from sapo_ray.algo import registry
+from sapo_ray import step as bookkeeping
+from sapo_ray.batch import Batch, Prompt, Sample, SamplingParams
+from sapo_ray.config import (algorithm_spec, learner_worker_config, needs_ref, resolve_model_path,
+                             rollout_worker_config)
+from sapo_ray.data.datasets import load_dataset_split
+from sapo_ray.data.prompt_loader import PromptLoader
 from sapo_ray.learner.group import WorkerGroup
-from sapo_ray.models.tokens import TokenIds
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
+from sapo_ray.models.tokens import TokenIds
 from sapo_ray.reward.pool import RewardPool
-from sapo_ray.rollout.engine import Prompt, SamplingParams, encode_prompt
+from sapo_ray.rollout.engine import encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.sync import WeightSync
 from sapo_ray.tracking import Tracker
-from sapo_ray.utils import actor_env, rng_state, seed_everything, set_rng_state, timer
+from sapo_ray.utils import actor_env, derive_seed, rng_state, seed_everything, set_rng_state, timer
 
 log = logging.getLogger(__name__)
 
 
 def model_path(cfg) -> str:
     return resolve_model_path(cfg.model.path)
-
-
-def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
-    x = x.float()
-    if x.numel() == 0:
-        return {}
-    return {f"{prefix}/mean": float(x.mean()), f"{prefix}/max": float(x.max()), f"{prefix}/min": float(x.min())}
 
 
 class Trainer:
@@ -57,59 +51,42 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.run_dir)
         self.step = 0
         self.spec = algorithm_spec(cfg)
-        # What the learners need besides the spec: trainer-side algorithm knobs and Dr.GRPO's length.
-        self.update_args = {"entropy_coef": cfg.algorithm.entropy_coef, "value_clip": cfg.algorithm.value_clip,
-                            "norm_len": cfg.rollout.max_new_tokens}
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        path = model_path(cfg)
         from sapo_ray.models import load_processor
 
-        self.processor = load_processor(path)
+        self.processor = load_processor(model_path(cfg))
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = TokenIds.of(self.tokenizer).pad
         self.has_vision = hasattr(self.processor, "image_processor")
 
         d = cfg.data
         train = load_dataset_split(d.train, d.train_path, d.train_split, for_training=True,
-                                   **self._generator_knobs(d.train, d.train_path, n=d.train_size, seed=cfg.seed))
+                                   **self._generator_knobs(d.train, d.train_path, n=d.train_size,
+                                                           seed=derive_seed(cfg.seed, "data/train")))
         self.val_examples = load_dataset_split(d.val, d.val_path, d.val_split, max_samples=d.val_size,
-                                               **self._generator_knobs(d.val, d.val_path, seed=10_000 + cfg.seed))
-        self.loader = PromptLoader(train, d.prompts_per_step, seed=cfg.seed)
+                                               **self._generator_knobs(d.val, d.val_path, seed=derive_seed(0, "data/val")))
+        self.loader = PromptLoader(train, d.prompts_per_step, seed=derive_seed(cfg.seed, "loader"))
         self.reward = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.custom,
                                  cfg.reward.acc_weight, cfg.reward.format_weight)
 
         self._check_resources()
-        use_gpu = bool(cfg.rollout.num_gpus or cfg.actor.num_gpus)
-        common = {"path": path, "dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation,
-                  "use_gpu": use_gpu}
-        rollout_cfg = {**common, "engine": cfg.rollout.engine, "max_batch_size": cfg.rollout.max_batch_size,
-                       "use_gpu": bool(cfg.rollout.num_gpus), "seed": cfg.seed,
-                       **{k: cfg.rollout[k] for k in ("tensor_parallel_size", "gpu_memory_utilization",
-                                                      "max_model_len", "enforce_eager", "enable_sleep_mode")}}
+        r = cfg.rollout
         rollout_actor = ray.remote(RolloutWorker)
         self.rollout = [
-            rollout_actor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                  resources=dict(cfg.rollout.resources) or None,
-                                  runtime_env={"env_vars": actor_env(cfg.rollout.num_threads)})
-            .remote(rollout_cfg, cfg.rollout.num_threads)
-            for _ in range(cfg.rollout.num_workers)
+            rollout_actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources) or None,
+                                  runtime_env={"env_vars": actor_env(r.num_threads)})
+            .remote(rollout_worker_config(cfg, i))
+            for i in range(r.num_workers)
         ]
-        total = cfg.trainer.steps * max(1, math.ceil(d.prompts_per_step * cfg.rollout.n / cfg.actor.mini_batch_size)) * cfg.actor.ppo_epochs
-        needs_ref = self.needs_ref
-        self.actor = self._group(PolicyWorker, cfg.actor, {**common, "needs_ref": needs_ref,
-                                                           "temperature": cfg.rollout.temperature}, total, "actor")
-        self.critic = None
-        if self.spec.needs_critic:
-            critic_common = {**common, "path": resolve_model_path(cfg.model.critic_path) if cfg.model.critic_path else path, "use_gpu": bool(cfg.critic.num_gpus)}
-            self.critic = self._group(CriticWorker, cfg.critic, critic_common, total, "critic")
+        self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"))
+        self.critic = WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic")) if self.spec.needs_critic else None
         ray.get([w.ready.remote() for w in self.rollout])
-        ranks_per_engine = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
-        self.weight_sync = WeightSync(self.actor, self.rollout, cfg.rollout.weight_sync,
-                                      cfg.rollout.sync_bucket_mb * 2**20, ranks_per_engine)
+        ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
+        self.weight_sync = WeightSync(self.actor, self.rollout, r.weight_sync, r.sync_bucket_mb * 2**20, ranks_per_engine)
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -140,19 +117,9 @@ class Trainer:
                                    f"fractional) or add nodes")
 
     @property
-    def needs_ref(self) -> bool:
-        s = self.spec
-        return (s.kl_in_reward and s.kl_coef > 0) or (s.kl_loss and s.kl_loss_coef > 0)
-
-    def _group(self, cls, g, common: dict, total_steps: int, name: str) -> WorkerGroup:
-        wcfg = {**common, "seed": self.cfg.seed, "micro_batch_size": g.micro_batch_size,
-                "mini_batch_size": g.mini_batch_size, "ppo_epochs": g.ppo_epochs, "shuffle": g.shuffle,
-                "autocast_bf16": g.autocast_bf16, "freeze_vision_tower": g.freeze_vision_tower,
-                "optim": OmegaConf.to_container(g.optim, resolve=True)}
-        group = WorkerGroup(cls, g.world_size, wcfg, g.num_cpus, g.num_gpus, g.num_threads,
-                            dict(g.resources) or None, name)
-        group.call("setup", total_steps)
-        return group
+    def learner_ranks(self) -> int:
+        """Rows of a batch must be a multiple of this: every learner group splits them evenly."""
+        return math.lcm(self.actor.world_size, self.critic.world_size if self.critic else 1)
 
     # -- one step ----------------------------------------------------------------------------------
     def encode(self, example: dict) -> Prompt | None:
@@ -161,171 +128,112 @@ class Trainer:
                                keep_images=self.cfg.rollout.engine == "vllm")
         return prompt if len(prompt.ids) <= self.cfg.data.max_prompt_length else None
 
-    def generate(self, examples: list[dict], params: SamplingParams) -> tuple[list[Sample], list[dict], int]:
-        """Split prompts over the rollout workers; returns samples (grouped by prompt), kept examples, skipped."""
+    def generate(self, examples: list[dict], params: SamplingParams,
+                 stream: tuple) -> tuple[list[Sample], list[dict], int]:
+        """Split prompts over the rollout workers, worker i sampling with `derive_seed(seed, *stream, i)`;
+        returns samples (`prompt_index` into the kept examples), the kept examples, and how many were too long."""
         prompts, kept = [], []
         for ex in examples:
             p = self.encode(ex)
             if p is not None:
                 prompts.append(p)
                 kept.append(ex)
-        k = len(self.rollout)
-        per = math.ceil(len(prompts) / k) if prompts else 0
-        refs = [w.generate.remote(prompts[i * per:(i + 1) * per], SamplingParams(**{**params.__dict__, "seed": params.seed + i}), i * per)
+        per = math.ceil(len(prompts) / len(self.rollout)) if prompts else 0
+        refs = [w.generate.remote(prompts[i * per:(i + 1) * per],
+                                  replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per)
                 for i, w in enumerate(self.rollout) if prompts[i * per:(i + 1) * per]]
         samples = [s for part in ray.get(refs) for s in part]
         return samples, kept, len(examples) - len(kept)
 
-    def rollout_step(self, timing: dict) -> tuple[Batch | None, list[dict], dict]:
-        """Generate and score until a full batch (DAPO's dynamic sampling may draw more prompts)."""
+    def rollout_step(self, timing: dict) -> tuple[Batch | None, dict]:
+        """Generate and score prompt groups until a full batch (DAPO's dynamic sampling may draw more
+        prompts), then keep whole groups whose rows split over the learner ranks."""
         cfg, spec = self.cfg, self.spec
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed * 1_000_003 + self.step * 101)
+                                max_new_tokens=cfg.rollout.max_new_tokens)
         target = cfg.data.prompts_per_step
-        kept_samples: list[Sample] = []
-        kept_examples: list[dict] = []
-        kept_scores: list[dict] = []
-        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/dropped_groups": 0.0,
-                   "rollout/skipped_update": 0.0}
-        first_scores: list[float] = []
-        for attempt in range(1 + (cfg.algorithm.max_refill if spec.dynamic_sampling else 0)):
+        groups: list[bookkeeping.Group] = []
+        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0,
+                   "rollout/dropped_groups": 0.0, "rollout/skipped_update": 0.0}
+        for draw in range(1 + (spec.max_refill if spec.dynamic_sampling else 0)):
             with timer("gen", timing):
-                samples, examples, skipped = self.generate(self.loader.next_batch(), params)
-                params.seed += 7919
-            metrics["data/prompt_too_long"] += skipped
+                samples, examples, too_long = self.generate(self.loader.next_batch(), params,
+                                                            ("rollout", self.step, draw))
+            metrics["data/prompt_too_long"] += too_long
             with timer("reward", timing):
                 scores, errors, timeouts = self.reward.score([s.text for s in samples],
                                                              [examples[s.prompt_index] for s in samples])
             metrics["reward/errors"] += errors
             metrics["reward/timeouts"] += timeouts
-            if attempt == 0:
-                first_scores = [x["score"] for x in scores]
-            keep = torch.ones(len(samples), dtype=torch.bool)
-            if spec.dynamic_sampling and samples:
-                keep = registry.dynamic_sampling_keep(torch.tensor([x["score"] for x in scores]),
-                                                      torch.tensor([s.prompt_index for s in samples]))
-            groups: dict[int, list[int]] = {}
-            for i, s in enumerate(samples):
-                groups.setdefault(s.prompt_index, []).append(i)
-            for p, idx in groups.items():
-                if not bool(keep[idx[0]]):
-                    metrics["rollout/dropped_groups"] += 1
-                    continue
-                new_index = len(kept_examples)
-                kept_examples.append(examples[p])
-                for i in idx:
-                    samples[i].prompt_index = new_index
-                    kept_samples.append(samples[i])
-                    kept_scores.append(scores[i])
-            if len(kept_examples) >= target:
+            drawn = bookkeeping.group_samples(samples, scores, examples)
+            if spec.dynamic_sampling:
+                if draw == 0:
+                    metrics["rollout/first_draw_score_mean"] = float(np.mean([x["score"] for x in scores])) if scores else 0.0
+                kept = bookkeeping.informative_groups(drawn)
+                metrics["rollout/dropped_groups"] += len(drawn) - len(kept)
+                drawn = kept
+            groups += drawn
+            if len(groups) >= target:
                 break
-        if not kept_samples:
-            # Every prompt too long or every group uninformative: no update this step, said in the metrics.
-            log.warning("step %d: no usable rollouts (prompts too long or all groups dropped by dynamic "
-                        "sampling); skipping the update", self.step + 1)
+        trimmed = bookkeeping.trim_groups(groups, target, self.learner_ranks)
+        metrics["rollout/trimmed_groups"] = float(min(len(groups), target) - len(trimmed))
+        if not trimmed:
+            # Every prompt too long, every group dropped, or too few rows for the ranks: no update, said in the metrics.
+            log.warning("step %d: no usable rollouts (prompts too long, groups dropped by dynamic sampling, or fewer "
+                        "rows than learner ranks); skipping the update", self.step + 1)
             metrics["rollout/skipped_update"] = 1.0
-            return None, [], metrics
-        # Keep whole groups, and a row count the learner ranks can split evenly.
-        n_groups = min(len(kept_examples), target)
-        keep = [i for i, s in enumerate(kept_samples) if s.prompt_index < n_groups]
-        world = math.lcm(self.actor.world_size, self.critic.world_size if self.critic else 1)
-        keep = keep[: len(keep) - len(keep) % world] or keep
-        samples = [kept_samples[i] for i in keep]
-        scores = [kept_scores[i] for i in keep]
-        batch = Batch.from_samples(samples, self.pad_id)
-        batch = batch.with_data(
-            scores=torch.tensor([x["score"] for x in scores], dtype=torch.float32),
-            acc=torch.tensor([x["acc"] for x in scores], dtype=torch.float32),
-            format=torch.tensor([x["format"] for x in scores], dtype=torch.float32),
-            group_index=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
-            finished=torch.tensor([s.finished for s in samples], dtype=torch.bool),
-        )
-        if spec.dynamic_sampling:
-            metrics["rollout/first_draw_score_mean"] = float(np.mean(first_scores)) if first_scores else 0.0
-        return batch, kept_examples, metrics
+            return None, metrics
+        return bookkeeping.make_batch(trimmed, self.pad_id), metrics
 
-    def compute_advantages(self, batch: Batch) -> tuple[Batch, dict]:
-        """Shaped scores, segments from the old-policy entropies, then the registered estimator."""
-        spec, mask = self.spec, batch.response_mask
-        scores = registry.shape_scores(spec, batch.data["scores"], mask.sum(1), self.cfg.rollout.max_new_tokens)
-        inputs = {"entropy": batch.data["entropy"], "logprobs": batch.data["old_logp"]}
-        if spec.segmenter in ("newline", "step_marker"):
-            inputs["token_texts"] = [[self.tokenizer.decode([t]) for t in row[: int(m.sum())].tolist()]
-                                     for row, m in zip(batch.response_ids, mask)]
-        seg = registry.make_segments(spec, mask, **inputs)
-        advantages, returns = registry.compute_advantages(
-            spec, scores=scores, mask=mask, values=batch.data.get("values"), segments=seg,
-            group_index=batch.data["group_index"], old_logp=batch.data["old_logp"], ref_logp=batch.data.get("ref_logp"))
-        fields = {"advantages": advantages, "returns": returns}
-        if seg is not None:
-            fields["seg_end"] = seg.end_mask
-        if spec.needs_critic:
-            fields["value_mask"] = registry.critic_mask(spec, mask, seg).float()
-        out = batch.with_data(**fields)
-        valid = mask.bool()
-        metrics = {**_stats("critic/advantages", advantages[valid]), **_stats("critic/returns", returns[valid])}
-        if seg is not None:
-            lengths = mask.sum(1)
-            metrics["segments/per_response"] = float(seg.num_segments.float().mean())
-            metrics["segments/mean_len"] = float(lengths.sum() / seg.num_segments.sum().clamp(min=1))
-        if "ref_logp" in batch.data:
-            kl_t = kl_mod.estimate(batch.data["old_logp"], batch.data["ref_logp"], kind=spec.kl_kind)
-            metrics["actor/reward_kl"] = float(losses.masked_mean(kl_t, mask))
-        if "values" in batch.data:
-            vm = fields["value_mask"]
-            metrics["critic/vf_explained_var"] = float(losses.explained_variance(returns, batch.data["values"], vm))
-            metrics.update(_stats("critic/values", batch.data["values"][vm.bool()]))
-        return out, metrics
-
-    def tis_weights(self, batch: Batch) -> tuple[Batch, dict]:
-        """Truncated importance sampling: per-token `min(pi_old / pi_rollout, tis_cap)` for the policy loss,
-        correcting for the rollout engine sampling from a slightly different distribution than the learner's."""
-        cap, valid = self.cfg.rollout.tis_cap, batch.response_mask.bool()
-        w = torch.exp(batch.data["old_logp"] - batch.data["rollout_logp"]).clamp(max=cap)
-        w = torch.where(valid, w, torch.zeros_like(w))
-        return batch.with_data(is_weights=w), {"rollout/tis_weight_mean": float(w[valid].mean()),
-                                               "rollout/tis_clipfrac": float((w[valid] >= cap).float().mean())}
+    def token_texts(self, batch: Batch) -> list[list[str]]:
+        """Each valid response token decoded (the text segmenters' input)."""
+        return [[self.tokenizer.decode([t]) for t in row[: int(m.sum())].tolist()]
+                for row, m in zip(batch.response_ids, batch.response_mask)]
 
     def sync_weights(self) -> dict:
         """Bucketed full weights from learner rank 0 into every rollout engine, in place (`sapo_ray.sync`)."""
         return self.weight_sync()
 
     def train_step(self) -> dict:
+        cfg = self.cfg
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        batch, examples, metrics = self.rollout_step(timing)
-        if self.cfg.rollout.enable_sleep_mode:  # the learners get the GPU memory until the next sync
+        batch, metrics = self.rollout_step(timing)
+        if cfg.rollout.enable_sleep_mode:  # the learners get the GPU memory until the next sync
             ray.get([w.sleep.remote() for w in self.rollout])
         if batch is None:
             timing["step"] = time.perf_counter() - t0
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
-        if self.cfg.actor.recompute_old_logp:
+        if cfg.actor.recompute_old_logp:
             with timer("old_log_prob", timing):
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
         else:
             batch = batch.with_data(old_logp=batch.data["rollout_logp"], entropy=batch.data["rollout_entropy"])
-        if self.cfg.rollout.tis_cap > 0:
-            batch, tis_metrics = self.tis_weights(batch)
+        if cfg.rollout.tis_cap > 0:
+            batch, tis_metrics = bookkeeping.tis_weights(batch, cfg.rollout.tis_cap)
             metrics.update(tis_metrics)
-        if self.needs_ref:
+        if needs_ref(self.spec):
             with timer("ref", timing):
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "ref"))
         if self.critic:
             with timer("values", timing):
                 batch = batch.with_data(**self.critic.gather_tensors("compute_values", batch))
         with timer("adv", timing):
-            batch, adv_metrics = self.compute_advantages(batch)
+            texts = self.token_texts(batch) if registry.needs_token_texts(self.spec) else None
+            batch, adv_metrics = bookkeeping.advantages(self.spec, batch, cfg.rollout.max_new_tokens, texts)
         metrics.update(adv_metrics)
         if self.critic:
             with timer("update_critic", timing):
-                metrics.update(_mean_dicts(self.critic.call_sharded("update", batch, self.spec, self.update_args)))
-        if not self.critic or self.step >= self.cfg.trainer.critic_warmup:
+                metrics.update(_mean_dicts(self.critic.call_sharded("update", batch)))
+        if not self.critic or self.step >= self.spec.critic_warmup:
             with timer("update_actor", timing):
-                metrics.update(_mean_dicts(self.actor.call_sharded("update", batch, self.spec, self.update_args)))
+                metrics.update(_mean_dicts(self.actor.call_sharded("update", batch)))
             with timer("update_weights", timing):
                 metrics.update(self.sync_weights())
+        else:
+            metrics["actor/lr"] = ray.get(self.actor.workers[0].lr.remote())
         timing["step"] = time.perf_counter() - t0
-        metrics.update(self._batch_metrics(batch))
+        metrics.update(bookkeeping.batch_metrics(batch, cfg.actor.recompute_old_logp))
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
         metrics["perf/throughput"] = tokens / timing["step"]
@@ -341,28 +249,15 @@ class Trainer:
             refs["critic"] = [w.peak_memory_mb.remote() for w in self.critic.workers]
         return {f"perf/peak_mem_mb/{role}": max(ray.get(r)) for role, r in refs.items()}
 
-    def _batch_metrics(self, batch: Batch) -> dict:
-        mask = batch.response_mask
-        lengths = mask.sum(1)
-        m = {**_stats("critic/score", batch.data["scores"]),
-             "reward/accuracy": float(batch.data["acc"].mean()), "reward/format": float(batch.data["format"].mean()),
-             **_stats("response_length", lengths),
-             "response_length/clip_ratio": float((~batch.data["finished"]).float().mean()),
-             **_stats("prompt_length", batch.prompt_mask.sum(1).float())}
-        diff = (batch.data["rollout_logp"] - batch.data["old_logp"]).abs()[mask.bool()]
-        if diff.numel() and self.cfg.actor.recompute_old_logp:
-            m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
-        return m
-
     # -- validation ----------------------------------------------------------------------------------
     def validate(self) -> dict:
         cfg = self.cfg
         out: dict[str, float] = {}
         settings = {"": SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
-                                       top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 17),
+                                       top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens),
                     "_greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)}
         for suffix, params in settings.items():
-            samples, examples, _ = self.generate(self.val_examples, params)
+            samples, examples, _ = self.generate(self.val_examples, params, ("validation",))
             scores, _, _ = self.reward.score([s.text for s in samples], [examples[s.prompt_index] for s in samples])
             acc = np.array([x["acc"] for x in scores], dtype=float)
             out[f"val/accuracy{suffix}"] = float(acc.mean()) if len(acc) else 0.0

@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import torch
 
+from sapo_ray.algo.registry import get_algorithm
 from sapo_ray.batch import Batch
-from sapo_ray.data.loaders import load_dataset_split
-from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, encode_prompt
+from sapo_ray.config import (LearnerConfig, LearnerWorkerConfig, ModelConfig, OptimConfig, RolloutConfig,
+                             RolloutWorkerConfig)
+from sapo_ray.data.datasets import load_dataset_split
+from sapo_ray.batch import Prompt, SamplingParams
+from sapo_ray.rollout.engine import HFEngine, encode_prompt
 
 
 def encode(processor, example) -> Prompt:
     return encode_prompt(processor, example)
 
 
+def rollout_cfg(path: str, engine: str = "hf", **rollout) -> RolloutWorkerConfig:
+    """A rollout worker's config for the model at `path` (one thread, float32)."""
+    return RolloutWorkerConfig(ModelConfig(path=path), RolloutConfig(engine=engine, num_threads=1, **rollout),
+                               index=0, seed=0)
+
+
 def engine_for(path: str) -> tuple[HFEngine, object]:
     from sapo_ray.models import load_processor
 
-    engine = HFEngine.from_config({"path": path, "dtype": "float32", "attn_implementation": "sdpa"})
-    return engine, load_processor(path)
+    return HFEngine.from_config(rollout_cfg(path)), load_processor(path)
 
 
 # The smallest run of the trainer (tiny batches, one thread per actor, every step a full update), shared by
 # the end-to-end, learning and cluster tests; each adds its model, steps and run directory.
 TINY_OVERRIDES = [
-    "trainer.val_every=0", "trainer.loggers=[jsonl]", "trainer.critic_warmup=0", "data.prompts_per_step=4",
+    "trainer.val_every=0", "trainer.loggers=[jsonl]", "algorithm.critic_warmup=0", "data.prompts_per_step=4",
     "data.train_size=64", "data.val_size=4", "rollout.n=2", "rollout.max_new_tokens=8", "rollout.num_threads=1",
     "actor.num_threads=1", "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
     "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1",
@@ -41,10 +50,12 @@ def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 
     return batch.with_data(group_index=torch.tensor([s.prompt_index for s in samples])), engine
 
 
-def learner_cfg(path: str, **overrides) -> dict:
-    cfg = {"path": path, "dtype": "float32", "attn_implementation": "sdpa", "use_gpu": False, "seed": 0,
-           "needs_ref": False, "temperature": 1.0, "micro_batch_size": 4, "mini_batch_size": 8, "ppo_epochs": 1,
-           "shuffle": False, "optim": {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0,
-                                       "schedule": "constant", "max_grad_norm": 1.0}}
-    cfg.update(overrides)
-    return cfg
+def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: dict | None = None,
+                **learner) -> LearnerWorkerConfig:
+    """One learner rank's config: the model at `path`, lr 1e-3, micro-batches of 4, mini-batches of 8,
+    no shuffling, responses up to 12 tokens at temperature 1 (`learner` overrides LearnerConfig fields)."""
+    fields = {"num_cpus": 0.1, "num_threads": 1, "micro_batch_size": 4, "mini_batch_size": 8, "shuffle": False,
+              "optim": OptimConfig(lr=1e-3), **learner}
+    return LearnerWorkerConfig(role=role, model=ModelConfig(path=path, **(model or {})), learner=LearnerConfig(**fields),
+                               algorithm=get_algorithm(algorithm), rollout=RolloutConfig(temperature=1.0, max_new_tokens=12),
+                               seed=0, optimizer_steps=10)

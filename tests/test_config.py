@@ -24,15 +24,24 @@ def compose_cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+# What the root config sets for every algorithm (the demo's critic warm-up).
+ROOT_ALGORITHM = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())["algorithm"]
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_algorithm_yaml_equals_registered_spec(name):
+def test_algorithm_option_equals_registered_spec(name):
     cfg = compose_cfg(f"algorithm={name}")
-    assert algorithm_spec(cfg) == ALGORITHMS[name]
+    assert algorithm_spec(cfg) == ALGORITHMS[name].replace(**ROOT_ALGORITHM)
+    assert ROOT_ALGORITHM == {"critic_warmup": 5}
 
 
-def test_every_algorithm_yaml_is_registered():
-    files = {p.stem for p in (ROOT / "conf" / "algorithm").glob("*.yaml")}
-    assert files == set(ALGORITHMS)
+def test_every_registered_algorithm_is_an_option_and_nothing_restates_them():
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    options = {name.removesuffix(".yaml") for name in ConfigStore.instance().list("algorithm")}
+    assert options == set(ALGORITHMS) | {"base_algorithm"}
+    assert not (ROOT / "conf" / "algorithm").exists()  # the presets are the one source of every value
 
 
 def test_default_config_is_valid_and_overrides_apply():
@@ -48,8 +57,8 @@ def test_default_config_is_valid_and_overrides_apply():
     (["algorithm.frac=0"], "algorithm.frac"),
     (["actor.world_size=3"], "actor.world_size"),
     (["rollout.num_workers=99"], "rollout.num_workers"),
-    (["algorithm=dapo"], "algorithm.overlong_buffer_len"),
-    (["trainer.critic_warmup=-1"], "trainer.critic_warmup"),
+    (["algorithm=dapo", "algorithm.overlong_buffer_len=512"], "algorithm.overlong_buffer_len"),
+    (["algorithm.critic_warmup=-1"], "algorithm.critic_warmup"),
     (["rollout.weight_sync=nccl"], "rollout.weight_sync"),
     (["rollout.weight_sync=broadcast", "actor.num_gpus=1"], "rollout.weight_sync=broadcast"),
     (["rollout.weight_sync=broadcast", "actor.num_gpus=1", "rollout.num_gpus=0.5"], "whole GPUs"),

@@ -56,7 +56,7 @@ def test_critic_warmup_and_bf16_autocast(ray_cluster, tmp_path):
     """Warm-up steps update only the critic (no actor loss, no weight sync); bf16 autocast runs on the CPU."""
     from sapo_ray.main import run
 
-    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "trainer.critic_warmup=1", "actor.autocast_bf16=true",
+    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "algorithm.critic_warmup=1", "actor.autocast_bf16=true",
                  "critic.autocast_bf16=true", "trainer.export_hf=false"))
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert "critic/vf_loss" in rows[1] and "actor/pg_loss" not in rows[1] and "sync/bytes" not in rows[1]

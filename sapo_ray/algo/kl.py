@@ -6,7 +6,9 @@ With ``d = logp - ref_logp`` per sampled token (Schulman, "Approximating KL dive
   * ``k2 = 0.5 * d**2``                biased, low variance, its gradient is the true KL gradient
   * ``k3 = exp(-d) - (-d) - 1``        unbiased, low variance, always >= 0 ("low_var_kl")
 
-``d`` is clamped to ``[-20, 20]`` before ``exp`` so that k3 stays finite.
+``d`` is clamped to ``[-20, 20]`` before ``exp`` so that k3 stays finite, and k3 itself to
+``[-10, 10]`` (as verl's ``low_var_kl``): one token whose probability collapsed cannot dominate the
+penalty or its gradient.
 """
 
 from __future__ import annotations
@@ -17,20 +19,31 @@ from sapo_ray.algo.losses import aggregate
 
 __all__ = ["KL_KINDS", "estimate", "kl_loss"]
 
-KL_KINDS = ("k1", "k2", "k3")
+K3_CLAMP = 10.0
+
+
+def _k1(d: torch.Tensor) -> torch.Tensor:
+    return d
+
+
+def _k2(d: torch.Tensor) -> torch.Tensor:
+    return 0.5 * d.square()
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    neg = torch.clamp(-d, min=-20.0, max=20.0)  # log(pi_ref / pi)
+    return torch.clamp(torch.exp(neg) - neg - 1.0, -K3_CLAMP, K3_CLAMP)
+
+
+# The estimators by name (config keys `algorithm.kl_kind`, `algorithm.kl_loss_kind`): fn(logp - ref_logp).
+KL_KINDS = {"k1": _k1, "k2": _k2, "k3": _k3}
 
 
 def estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token KL estimate of ``KL(pi || pi_ref)`` from sampled-token log-probs (same shape)."""
-    d = logp - ref_logp
-    if kind == "k1":
-        return d
-    if kind == "k2":
-        return 0.5 * d.square()
-    if kind == "k3":
-        neg = torch.clamp(-d, min=-20.0, max=20.0)  # log(pi_ref / pi)
-        return torch.exp(neg) - neg - 1.0
-    raise ValueError(f"unknown KL estimator kind {kind!r}; choose one of {KL_KINDS}")
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL estimator kind {kind!r}; choose one of {sorted(KL_KINDS)}")
+    return KL_KINDS[kind](logp - ref_logp)
 
 
 def kl_loss(

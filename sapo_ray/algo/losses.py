@@ -7,6 +7,8 @@ response tokens. Masked statistics are NaN-free: positions outside the mask are 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from sapo_ray.algo.segments import Segments
@@ -14,6 +16,10 @@ from sapo_ray.algo.segments import Segments
 __all__ = [
     "RATIO_LEVELS",
     "LOSS_AGGS",
+    "POLICY_LOSSES",
+    "register_ratio_level",
+    "register_loss_agg",
+    "register_policy_loss",
     "masked_sum",
     "masked_mean",
     "masked_var",
@@ -25,9 +31,6 @@ __all__ = [
     "policy_loss",
     "value_loss",
 ]
-
-RATIO_LEVELS = ("token", "segment", "sequence")
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "segment_mean", "seq_mean_token_sum_norm")
 
 # Log-ratios are clamped before exp (as verl does) so one wild token cannot overflow the ratio.
 LOG_RATIO_CLAMP = 20.0
@@ -95,6 +98,45 @@ def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.
 
 
 # --------------------------------------------------------------------------------------------
+# Registries: ratio levels, loss aggregations, policy losses
+# --------------------------------------------------------------------------------------------
+
+# A ratio level: fn(l, valid, segments) -> per-token log ratio ``log s`` (0 on padding), where
+# ``l = clamp(logp - old_logp, -20, 20)``.
+RatioFn = Callable[[torch.Tensor, torch.Tensor, "Segments | None"], torch.Tensor]
+RATIO_LEVELS: dict[str, RatioFn] = {}
+# A loss aggregation: fn(loss_mat, valid, *, segments, norm_len, agg_denom) -> scalar.
+AggFn = Callable[..., torch.Tensor]
+LOSS_AGGS: dict[str, AggFn] = {}
+# A policy loss: fn(log_s, adv, valid, *, clip_low, clip_high, dual_clip) -> (per-token loss, {metric: bool mask});
+# each mask's share of the valid tokens is reported under its name.
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def _registrar(table: dict, kind: str):
+    def register(name: str):
+        def decorator(fn):
+            if name in table and table[name] is not fn:
+                raise ValueError(f"{kind} {name!r} is already registered ({table[name]})")
+            table[name] = fn
+            return fn
+        return decorator
+    return register
+
+
+register_ratio_level = _registrar(RATIO_LEVELS, "ratio level")
+register_loss_agg = _registrar(LOSS_AGGS, "loss aggregation")
+register_policy_loss = _registrar(POLICY_LOSSES, "policy loss")
+
+
+def _lookup(table: dict, name: str, kind: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+# --------------------------------------------------------------------------------------------
 # Loss aggregation
 # --------------------------------------------------------------------------------------------
 
@@ -107,7 +149,7 @@ def aggregate(
     norm_len: float | None = None,
     agg_denom: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss ``[B, T]`` to a scalar.
+    """Reduce a per-token loss ``[B, T]`` to a scalar with the registered aggregation ``agg``.
 
     Modes (``n`` = valid tokens of the micro-batch, rows/segments with no valid token are skipped):
       * ``token_mean``: ``sum_{b,t} l / n`` (PPO/SAPO default; DAPO's "token-sum / total tokens").
@@ -119,34 +161,49 @@ def aggregate(
     ``agg_denom`` replaces the micro-batch count in the outer mean (tokens, rows or segments of
     the whole mini-batch) so that gradients accumulated over micro-batches equal one big batch.
     """
-    valid = mask.bool()
-    if agg == "token_mean":
-        total = masked_sum(loss_mat, valid)
-        denom = torch.count_nonzero(valid).clamp(min=1) if agg_denom is None else agg_denom
-        return total / denom
-    if agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
-        lengths = valid.sum(dim=1, dtype=torch.int32).long()
-        row_sum = masked_sum(loss_mat, valid, dim=1)
-        if agg == "seq_mean_token_mean":
-            per_row = row_sum / lengths.clamp(min=1).to(loss_mat.dtype)
-        else:
-            per_row = row_sum / float(norm_len if norm_len is not None else loss_mat.shape[-1])
-        denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
-        return per_row.sum() / denom
-    if agg == "segment_mean":
-        if segments is None:
-            raise ValueError("agg='segment_mean' needs segments=")
-        if segments.mask is not mask and not torch.equal(segments.mask, valid):
-            segments = Segments.from_end_mask(segments.end_mask, valid)  # a narrower loss mask
-        lengths = segments.segment_lengths()
-        per_seg = segments.segment_sum(loss_mat) / lengths.clamp(min=1).to(loss_mat.dtype)
-        denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
-        return per_seg.sum() / denom
-    raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {LOSS_AGGS}")
+    fn = _lookup(LOSS_AGGS, agg, "loss aggregation")
+    return fn(loss_mat, mask.bool(), segments=segments, norm_len=norm_len, agg_denom=agg_denom)
+
+
+@register_loss_agg("token_mean")
+def _token_mean(loss_mat, valid, *, agg_denom=None, **_) -> torch.Tensor:
+    denom = torch.count_nonzero(valid).clamp(min=1) if agg_denom is None else agg_denom
+    return masked_sum(loss_mat, valid) / denom
+
+
+def _row_mean(per_row: torch.Tensor, lengths: torch.Tensor, agg_denom) -> torch.Tensor:
+    denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
+    return per_row.sum() / denom
+
+
+@register_loss_agg("seq_mean_token_mean")
+def _seq_mean_token_mean(loss_mat, valid, *, agg_denom=None, **_) -> torch.Tensor:
+    lengths = valid.sum(dim=1, dtype=torch.int32).long()
+    per_row = masked_sum(loss_mat, valid, dim=1) / lengths.clamp(min=1).to(loss_mat.dtype)
+    return _row_mean(per_row, lengths, agg_denom)
+
+
+@register_loss_agg("seq_mean_token_sum_norm")
+def _seq_mean_token_sum_norm(loss_mat, valid, *, norm_len=None, agg_denom=None, **_) -> torch.Tensor:
+    lengths = valid.sum(dim=1, dtype=torch.int32).long()
+    per_row = masked_sum(loss_mat, valid, dim=1) / float(norm_len if norm_len is not None else loss_mat.shape[-1])
+    return _row_mean(per_row, lengths, agg_denom)
+
+
+@register_loss_agg("segment_mean")
+def _segment_mean(loss_mat, valid, *, segments=None, agg_denom=None, **_) -> torch.Tensor:
+    if segments is None:
+        raise ValueError("agg='segment_mean' needs segments=")
+    if not torch.equal(segments.mask, valid):
+        segments = Segments.from_end_mask(segments.end_mask, valid)  # a narrower loss mask
+    lengths = segments.lengths
+    per_seg = segments.segment_sum(loss_mat) / lengths.clamp(min=1).to(loss_mat.dtype)
+    denom = (lengths > 0).sum().clamp(min=1) if agg_denom is None else agg_denom
+    return per_seg.sum() / denom
 
 
 # --------------------------------------------------------------------------------------------
-# Policy loss
+# Importance ratio levels
 # --------------------------------------------------------------------------------------------
 
 
@@ -157,7 +214,7 @@ def log_ratio(
     level: str = "segment",
     segments: Segments | None = None,
 ) -> torch.Tensor:
-    """Per-token log importance ratio ``log s`` at the given level (SAPO_SPEC.md section 3).
+    """Per-token log importance ratio ``log s`` at the registered ``level`` (SAPO_SPEC.md section 3).
 
     ``l_t = clamp(logp_t - old_logp_t, -20, 20)``;
       * ``token``:    ``log s_t = l_t``
@@ -165,20 +222,60 @@ def log_ratio(
       * ``sequence``: ``log s_t = mean_{u valid} l_u`` (GSPO)
     Gradients flow through the means. 0 on padding.
     """
-    valid = mask.bool()
+    fn = _lookup(RATIO_LEVELS, level, "ratio level")
     lr = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if level == "token":
-        return _zero_outside(lr, valid)
-    if level == "segment":
-        if segments is None:
-            raise ValueError("level='segment' needs segments= (see sapo_ray.algo.segments.segment)")
-        if segments.seg_id.shape != lr.shape:
-            raise ValueError(f"segments are {tuple(segments.seg_id.shape)} but log-probs are {tuple(lr.shape)}")
-        return segments.segment_mean(lr)
-    if level == "sequence":
-        seq = masked_mean(lr, valid, dim=1)
-        return _zero_outside(seq.unsqueeze(1).expand_as(lr), valid)
-    raise ValueError(f"unknown ratio level {level!r}; choose one of {RATIO_LEVELS}")
+    return fn(lr, mask.bool(), segments)
+
+
+@register_ratio_level("token")
+def _token_ratio(lr, valid, segments) -> torch.Tensor:
+    return _zero_outside(lr, valid)
+
+
+@register_ratio_level("segment")
+def _segment_ratio(lr, valid, segments) -> torch.Tensor:
+    if segments is None:
+        raise ValueError("level='segment' needs segments= (see sapo_ray.algo.segments.segment)")
+    if segments.seg_id.shape != lr.shape:
+        raise ValueError(f"segments are {tuple(segments.seg_id.shape)} but log-probs are {tuple(lr.shape)}")
+    return segments.segment_mean(lr)
+
+
+@register_ratio_level("sequence")
+def _sequence_ratio(lr, valid, segments) -> torch.Tensor:
+    seq = masked_mean(lr, valid, dim=1)
+    return _zero_outside(seq.unsqueeze(1).expand_as(lr), valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Policy loss
+# --------------------------------------------------------------------------------------------
+
+
+@register_policy_loss("clipped")
+def clipped_surrogate(log_s, adv, valid, *, clip_low: float, clip_high: float,
+                      dual_clip: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate with an optional dual clip, per token (``adv`` is 0 on padding)::
+
+        pg = max(-A * s, -A * clip(s, 1 - clip_low, 1 + clip_high))
+        pg = min(pg, -A * dual_clip)            if A < 0 and dual_clip is not None
+
+    Masks: ``pg_clipfrac`` (the clipped branch is active), ``pg_clipfrac_lower`` (the dual clip is).
+    """
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    ratio = torch.exp(log_s)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(loss_unclipped, loss_clipped)
+    masks = {"pg_clipfrac": (loss_clipped > loss_unclipped).detach() & valid,
+             "pg_clipfrac_lower": torch.zeros_like(valid)}
+    if dual_clip is not None:
+        # the dual clip only bounds A < 0: -A * c there, no bound elsewhere
+        bound = torch.where(adv < 0, -adv * dual_clip, torch.full((), float("inf"), dtype=adv.dtype, device=adv.device))
+        masks["pg_clipfrac_lower"] = (pg.detach() > bound) & valid
+        pg = torch.minimum(pg, bound)
+    return pg, masks
 
 
 def policy_loss(
@@ -195,52 +292,30 @@ def policy_loss(
     is_weights: torch.Tensor | None = None,
     norm_len: float | None = None,
     agg_denom: float | torch.Tensor | None = None,
+    kind: str = "clipped",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss with a token/segment/sequence importance ratio (SAPO_SPEC.md 3-4).
+    """The registered policy loss ``kind`` at ratio level ``level``, aggregated by ``agg`` (SAPO_SPEC.md 3-4).
 
-    Per valid token, with ``s = exp(log_ratio(...))`` and advantage ``A``::
+    ``s = exp(log_ratio(...))`` per valid token; the per-token loss (``clipped``: PPO's dual-clip
+    surrogate, see :func:`clipped_surrogate`) is multiplied by ``is_weights`` (optional per-token
+    truncated-IS weights for a rollout/learner mismatch; treated as constants), then aggregated.
 
-        pg = max(-A * s, -A * clip(s, 1 - clip_low, 1 + clip_high))
-        pg = min(pg, -A * dual_clip)            if A < 0 and dual_clip is not None
-
-    then ``pg *= is_weights`` (optional per-token truncated-IS weights for a rollout/learner
-    mismatch; treated as constants) and ``loss = aggregate(pg, mask, agg, ...)``.
-
-    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors:
-      * ``pg_clipfrac``: fraction of valid tokens where the clipped branch is active,
-      * ``pg_clipfrac_lower``: fraction where the dual clip is active (``A < 0``),
-      * ``ppo_kl``: masked mean of ``-log s`` (approximate KL(old || new) at the chosen level).
+    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors: the loss's masks as shares of
+    the valid tokens (``pg_clipfrac``, ``pg_clipfrac_lower`` for ``clipped``) and ``ppo_kl``, the
+    masked mean of ``-log s`` (approximate KL(old || new) at the chosen level).
     """
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    fn = _lookup(POLICY_LOSSES, kind, "policy loss")
     valid = mask.bool()
     log_s = log_ratio(logp, old_logp, valid, level, segments)  # 0 on padding
-    ratio = torch.exp(log_s)
-    adv = _zero_outside(adv.detach(), valid)  # so every padding term below is exactly 0
-
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(loss_unclipped, loss_clipped)
-    if dual_clip is not None:
-        # the dual clip only bounds A < 0: -A * c there, no bound elsewhere
-        bound = torch.where(adv < 0, -adv * dual_clip, torch.full((), float("inf"), dtype=adv.dtype, device=adv.device))
-        dual_active = pg.detach() > bound
-        pg = torch.minimum(pg, bound)
-    else:
-        dual_active = None
+    adv = _zero_outside(adv.detach(), valid)  # so every padding term is exactly 0
+    pg, masks = fn(log_s, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
     if is_weights is not None:
         pg = pg * is_weights.detach()
-
     loss = aggregate(pg, valid, agg, segments=segments, norm_len=norm_len, agg_denom=agg_denom)
     with torch.no_grad():
         n = torch.count_nonzero(valid).clamp(min=1).to(logp.dtype)
-        clipped = (loss_clipped > loss_unclipped) & valid
-        lower = logp.new_zeros(()) if dual_active is None else torch.count_nonzero(dual_active & valid).to(logp.dtype)
-        metrics = {
-            "pg_clipfrac": torch.count_nonzero(clipped).to(logp.dtype) / n,
-            "pg_clipfrac_lower": lower / n,
-            "ppo_kl": -log_s.detach().sum() / n,
-        }
+        metrics = {name: torch.count_nonzero(m & valid).to(logp.dtype) / n for name, m in masks.items()}
+        metrics["ppo_kl"] = -log_s.detach().sum() / n
     return loss, metrics
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Dict, Hashable, Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ __all__ = [
     "register_segmenter",
     "get_algorithm",
     "make_segments",
+    "needs_token_texts",
     "compute_advantages",
     "policy_loss",
     "critic_mask",
@@ -49,9 +50,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class AlgorithmSpec:
-    """Everything that distinguishes one RL algorithm from another in this trainer."""
+    """Everything that distinguishes one RL algorithm from another in this trainer.
+
+    It is also the config group `algorithm` (`sapo_ray.config`): each registered preset is the option
+    `algorithm=NAME`, and any field can be overridden (`algorithm.frac=0.2`). The presets are the only
+    place an algorithm's values are written down; `get_algorithm` hands out copies.
+    """
 
     name: str
     """Registry key, e.g. ``sapo``."""
@@ -60,11 +66,13 @@ class AlgorithmSpec:
     ratio_level: str
     """Importance-ratio level: ``token`` (PPO), ``segment`` (SAPO) or ``sequence`` (GSPO)."""
     loss_agg: str
-    """Policy-loss aggregation, one of ``losses.LOSS_AGGS``."""
+    """Policy-loss aggregation in ``losses.LOSS_AGGS``."""
     needs_critic: bool
     """Train a value model (GAE estimators)."""
     needs_group: bool
     """Needs ``n >= 2`` samples per prompt (group baselines)."""
+    policy_loss: str = "clipped"
+    """Per-token policy loss in ``losses.POLICY_LOSSES`` (``clipped``: PPO's surrogate with a dual clip)."""
     clip_low: float = 0.2
     """``eps_low``: the ratio is clipped below at ``1 - clip_low``."""
     clip_high: float = 0.2
@@ -72,7 +80,7 @@ class AlgorithmSpec:
     dual_clip: float | None = 3.0
     """Dual-clip constant ``c`` for ``A < 0`` (``None`` disables)."""
     group_kind: str | None = None
-    """For ``advantage='group'``: ``grpo``, ``dr_grpo`` or ``rloo``."""
+    """For ``advantage='group'``: one of ``advantages.GROUP_KINDS`` (``grpo``, ``dr_grpo``, ``rloo``)."""
     group_eps: float = 1e-6
     """``eps`` in GRPO's ``(R - mean) / (std + eps)``."""
     gamma: float = 1.0
@@ -89,16 +97,17 @@ class AlgorithmSpec:
     """Segmentation strategy in ``SEGMENTERS`` (for segment-level advantages/ratios)."""
     frac: float = 0.3
     """``entropy_topk``: fraction of valid tokens that end a segment."""
-    segment_options: Mapping[str, Any] = field(default_factory=dict)
+    segment_options: Dict[str, Any] = field(default_factory=dict)
     """Extra options for other segmenters (``n``, ``rho``, ``pattern``, ``min_len``, ``max_len``)."""
     value_anchor: str = "seg_end_prev"
-    """Segment value position: ``seg_end_prev`` (reference code) or ``seg_start`` (paper text)."""
+    """Segment value position in ``advantages.VALUE_ANCHORS``: ``seg_end_prev`` (reference code) or
+    ``seg_start`` (paper text)."""
     kl_in_reward: bool = False
     """Subtract ``kl_coef * kl_t`` from the token rewards."""
     kl_coef: float = 0.0
     """``beta`` of the KL-in-reward penalty."""
     kl_kind: str = "k1"
-    """Estimator of the KL in the reward."""
+    """Estimator of the KL in the reward, in ``kl.KL_KINDS``."""
     kl_loss: bool = False
     """Add ``kl_loss_coef * KL(pi || pi_ref)`` to the actor loss (GRPO's optional KL loss)."""
     kl_loss_coef: float = 0.0
@@ -106,13 +115,24 @@ class AlgorithmSpec:
     kl_loss_kind: str = "k3"
     """Estimator of the KL loss."""
     dynamic_sampling: bool = False
-    """DAPO: drop prompt groups whose scores are all equal, resample until the batch is full."""
+    """DAPO: drop prompt groups whose accuracies are all equal (all right or all wrong: no signal),
+    draw more prompts until the batch is full."""
+    max_refill: int = 3
+    """Dynamic sampling: extra prompt batches drawn at most per step to refill dropped groups."""
     overlong_penalty: bool = False
     """DAPO soft overlong punishment on the score."""
-    overlong_buffer_len: int = 512
-    """Length of the linear penalty ramp ending at the max response length."""
+    overlong_buffer_len: int | None = None
+    """Length of the linear penalty ramp ending at the max response length; ``None`` = a fifth of
+    the max response length (DAPO: a 4,096-token buffer under a 20,480-token limit)."""
     overlong_penalty_factor: float = 1.0
     """Penalty at the max response length."""
+    entropy_coef: float = 0.0
+    """Entropy bonus in the actor loss (0 = off)."""
+    value_clip: float = 0.5
+    """Critic's clipped value loss: range around the rollout-time values."""
+    critic_warmup: int = 0
+    """Steps at the start that update only the critic (value pre-training; verl's ``critic_warmup``):
+    a fresh value head gives noise advantages until it has seen some returns. Ignored without a critic."""
 
     def replace(self, **overrides: Any) -> "AlgorithmSpec":
         """A copy with fields overridden (config values); unknown keys raise."""
@@ -120,7 +140,13 @@ class AlgorithmSpec:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ValueError(f"unknown algorithm field(s) {unknown} for {self.name!r}; valid fields: {sorted(names)}")
-        return dataclasses.replace(self, **overrides)
+        copy = dataclasses.replace(self, **overrides)
+        copy.segment_options = dict(copy.segment_options)
+        return copy
+
+    def overlong_buffer(self, max_response_len: int) -> int:
+        """The overlong penalty's ramp length for responses of at most ``max_response_len`` tokens."""
+        return self.overlong_buffer_len if self.overlong_buffer_len is not None else max(1, max_response_len // 5)
 
     @property
     def needs_segments(self) -> bool:
@@ -156,10 +182,10 @@ def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
 
 
 def get_algorithm(name: str, **overrides: Any) -> AlgorithmSpec:
-    """The registered spec ``name`` with config overrides applied."""
+    """A copy of the registered spec ``name`` with config overrides applied."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name].replace(**overrides) if overrides else ALGORITHMS[name]
+    return ALGORITHMS[name].replace(**overrides)
 
 
 def _require(value, what: str, spec: AlgorithmSpec):
@@ -213,6 +239,11 @@ _SEGMENTER_INPUTS: dict[str, tuple[str, ...]] = {
     "sequence": (),
     "fixed": (),
 }
+
+
+def needs_token_texts(spec: AlgorithmSpec) -> bool:
+    """Whether the spec's segmenter reads the decoded response tokens (``token_texts``)."""
+    return spec.needs_segments and "token_texts" in _SEGMENTER_INPUTS.get(spec.segmenter, ("token_texts",))
 
 
 def make_segments(spec: AlgorithmSpec, mask: torch.Tensor, **inputs: Any) -> Segments | None:
@@ -276,7 +307,7 @@ def policy_loss(
     norm_len: float | None = None,
     agg_denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``losses.policy_loss`` with the spec's ratio level, clip ranges and aggregation."""
+    """``losses.policy_loss`` with the spec's loss, ratio level, clip ranges and aggregation."""
     return losses.policy_loss(
         logp,
         old_logp,
@@ -291,6 +322,7 @@ def policy_loss(
         is_weights=is_weights,
         norm_len=norm_len,
         agg_denom=agg_denom,
+        kind=spec.policy_loss,
     )
 
 
@@ -346,7 +378,8 @@ def shape_scores(
         raise ValueError(
             f"algorithm {spec.name!r} has overlong_penalty on: pass response_lengths= and max_response_len="
         )
-    pen = overlong_penalty(response_lengths, max_response_len, spec.overlong_buffer_len, spec.overlong_penalty_factor)
+    pen = overlong_penalty(response_lengths, max_response_len, spec.overlong_buffer(max_response_len),
+                           spec.overlong_penalty_factor)
     return scores + pen.to(scores.device, scores.dtype if scores.is_floating_point() else torch.float32)
 
 
@@ -385,16 +418,19 @@ register_algorithm(AlgorithmSpec(
     lam=0.99, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
 ))
 # PPO: token GAE (lam 0.95), token ratio; same reward (KL in reward) as SAPO for a fair comparison.
+# Whitened advantages are not clamped: the reference code clamps to +-5 only in SAPO.
 register_algorithm(AlgorithmSpec(
     name="ppo", advantage="token_gae", ratio_level="token", loss_agg="token_mean",
     needs_critic=True, needs_group=False, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
-    lam=0.95, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
+    lam=0.95, adv_clip=None, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
 ))
-# VC-PPO: decoupled GAE, lam 0.99 for the actor and 1.0 (Monte-Carlo returns) for the critic.
+# VC-PPO (arXiv:2503.01491): value pre-training before any policy update, then decoupled GAE, lam 0.99
+# for the actor and 1.0 (Monte-Carlo returns) for the critic. The paper pre-trains the value model on
+# the initial policy's rollouts; the number of steps (10) is this preset's choice.
 register_algorithm(AlgorithmSpec(
     name="vc_ppo", advantage="token_gae", ratio_level="token", loss_agg="token_mean",
     needs_critic=True, needs_group=False, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
-    lam=0.99, lam_critic=1.0, kl_in_reward=True, kl_coef=0.001, kl_kind="k1",
+    lam=0.99, lam_critic=1.0, adv_clip=None, kl_in_reward=True, kl_coef=0.001, kl_kind="k1", critic_warmup=10,
 ))
 # GRPO: group-normalised outcome advantage, token ratio, optional k3 KL loss (on by default).
 register_algorithm(AlgorithmSpec(
@@ -420,9 +456,9 @@ register_algorithm(AlgorithmSpec(
     needs_critic=False, needs_group=True, clip_low=3e-4, clip_high=4e-4, dual_clip=None,
 ))
 # DAPO: clip-higher, token-sum / total tokens (token_mean with agg_denom = mini-batch tokens),
-# dynamic sampling, soft overlong punishment, no KL.
+# dynamic sampling on accuracy, soft overlong punishment over the last fifth of the length limit, no KL.
 register_algorithm(AlgorithmSpec(
     name="dapo", advantage="group", group_kind="grpo", ratio_level="token", loss_agg="token_mean",
     needs_critic=False, needs_group=True, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
-    dynamic_sampling=True, overlong_penalty=True, overlong_buffer_len=512, overlong_penalty_factor=1.0,
+    dynamic_sampling=True, overlong_penalty=True, overlong_penalty_factor=1.0,
 ))

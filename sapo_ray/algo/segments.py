@@ -164,10 +164,6 @@ class Segments:
         out = out.scatter_add(1, self.index, x)[:, : self.max_segments]
         return torch.where(self.segment_valid, out, x.new_zeros(()))
 
-    def segment_lengths(self) -> torch.Tensor:
-        """LongTensor ``[B, M]``: number of valid tokens in each segment (0 for missing segments)."""
-        return self.lengths
-
     def broadcast(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast ``[B, M]`` per-segment values to ``[B, T]`` tokens (0 on padding). Differentiable."""
         per_segment = torch.where(self.segment_valid, per_segment, per_segment.new_zeros(()))
@@ -197,9 +193,6 @@ class Segments:
     def select(self, rows: torch.Tensor | slice) -> "Segments":
         """Segments of a subset of rows (e.g. a micro-batch)."""
         return Segments.from_end_mask(self.end_mask[rows], self.mask[rows])
-
-    def to(self, device: torch.device | str) -> "Segments":
-        return Segments.from_end_mask(self.end_mask.to(device), self.mask.to(device))
 
 
 def is_left_aligned(mask: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 from PIL import Image, ImageDraw, ImageFont
@@ -132,11 +132,6 @@ def generate(n: int, seed: int, split: str = "train", text_only: bool = False, *
 def to_example(row: dict) -> dict:
     """Map a SynthVista row to an Example dict (``docs/CONTRACTS.md``), ``data_source="synthvista"``."""
     return row_to_example(row, "synthvista")
-
-
-def knob_names() -> list[str]:
-    """Names of the generator knobs accepted by ``generate``."""
-    return [f.name for f in fields(Knobs)]
 
 
 # ---------------------------------------------------------------------------------------------

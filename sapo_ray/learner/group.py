@@ -6,29 +6,31 @@ import ray
 import torch
 
 from sapo_ray.batch import Batch
+from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.utils import actor_env
 
 
 class WorkerGroup:
-    """`world_size` Ray actors of `cls` forming one torch.distributed group.
+    """`cfg.learner.world_size` Ray actors of `cls` forming one torch.distributed group.
 
     `call(method, ...)` runs a method on every rank with the same arguments (collectives such as
     weight gathering); `call_sharded(method, batch, ...)` gives rank r the r-th equal row shard.
     """
 
-    def __init__(self, cls, world_size: int, cfg: dict, num_cpus: float, num_gpus: float,
-                 num_threads: int, resources: dict | None = None, name: str = "learner"):
+    def __init__(self, cls, cfg: LearnerWorkerConfig):
+        g = cfg.learner
         actor = ray.remote(cls)
-        self.name = name
+        self.name = cfg.role
         self.workers = [
             actor.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                runtime_env={"env_vars": actor_env(num_threads)}, name=None,
-            ).remote(rank, world_size, cfg, num_threads)
-            for rank in range(world_size)
+                num_cpus=g.num_cpus, num_gpus=g.num_gpus, resources=dict(g.resources) or None,
+                runtime_env={"env_vars": actor_env(g.num_threads)},
+            ).remote(rank, g.world_size, cfg)
+            for rank in range(g.world_size)
         ]
         host, port = ray.get(self.workers[0].address.remote())
         ray.get([w.init_group.remote(host, port) for w in self.workers])
+        self.call("setup")
 
     @property
     def world_size(self) -> int:

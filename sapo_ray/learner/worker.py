@@ -22,34 +22,48 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from sapo_ray.algo import losses
+from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch
+from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
-from sapo_ray.utils import bucket_tensors, peak_memory_mb, set_threads
+from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# After warm-up, the multiplier of the base lr as a function of progress in [0, 1] (`optim.schedule`).
+LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
+
+
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
-    """Multiplier of the base learning rate at optimizer step `s`: linear warm-up, then constant or cosine."""
+    """Multiplier of the base learning rate at optimizer step `s`: linear warm-up over `warmup_steps`,
+    then `LR_SCHEDULES[schedule]` of the progress to `total_steps` (the role's optimizer steps in the run)."""
+    after = LR_SCHEDULES[schedule]
+
     def f(s: int) -> float:
         if s < warmup_steps:
             return (s + 1) / warmup_steps
-        if schedule == "cosine" and total_steps > warmup_steps:
-            progress = min(1.0, (s - warmup_steps) / (total_steps - warmup_steps))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        return after(min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps)))
     return f
 
 
 class FSDPWorker:
     """What the policy and critic ranks share: process group, sharding, optimizer, checkpoints."""
 
-    def __init__(self, rank: int, world_size: int, cfg: dict, num_threads: int):
-        set_threads(num_threads)
+    def __init__(self, rank: int, world_size: int, cfg: LearnerWorkerConfig):
+        set_threads(cfg.learner.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() and cfg.get("use_gpu") else torch.device("cpu")
+        on_gpu = cfg.learner.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         self.model = None
         self.optimizer = None
         self.scheduler = None
@@ -86,30 +100,53 @@ class FSDPWorker:
         return model
 
     def _shard_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The trained model of this group: vision tower frozen when `freeze_vision_tower`, then sharded."""
-        if self.cfg.get("freeze_vision_tower"):
+        """The trained model of this group: vision tower frozen when `freeze_vision_tower`, activations
+        recomputed in the backward pass when `model.gradient_checkpointing`, then sharded."""
+        if self.cfg.learner.freeze_vision_tower:
             from sapo_ray.models import freeze_vision_tower
 
             freeze_vision_tower(model)
+        if self.cfg.model.gradient_checkpointing:
+            # Non-reentrant checkpointing: the variant that composes with FSDP2 and frozen inputs.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self._shard(model)
 
     def _autocast(self):
         """bf16 autocast around a forward pass when `autocast_bf16` is set on a CPU rank."""
-        if self.cfg.get("autocast_bf16") and self.device.type == "cpu":
+        if self.cfg.learner.autocast_bf16 and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _make_optimizer(self, opt: dict, total_steps: int) -> None:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=opt["lr"], betas=tuple(opt["betas"]),
-                                           weight_decay=opt["weight_decay"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(opt["warmup_steps"], total_steps, opt["schedule"])
-        )
+    def _seed_init(self) -> None:
+        """Every rank of a role draws the same fresh weights (FSDP shards one model, not several)."""
+        torch.manual_seed(derive_seed(self.cfg.seed, "init", self.cfg.role))
 
-    def _optimizer_step(self, max_grad_norm: float) -> tuple[float, bool]:
+    def _make_optimizer(self) -> None:
+        opt = self.cfg.learner.optim
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(opt.warmup_steps, self.cfg.optimizer_steps, opt.schedule))
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.scheduler.get_last_lr()[0]
+
+    def _minibatches(self, batch: Batch):
+        """This rank's mini-batches for one `update`: `ppo_epochs` passes over `batch`, each cut into
+        `mini_batch_size / world_size` rows, in a fresh seeded order per pass when `shuffle` is set."""
+        g = self.cfg.learner
+        mini = max(1, g.mini_batch_size // self.world_size)
+        seed = derive_seed(self.cfg.seed, "shuffle", self.cfg.role, int(self.scheduler.last_epoch))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(g.ppo_epochs):
+            order = torch.randperm(len(batch), generator=gen) if g.shuffle else torch.arange(len(batch))
+            for m0 in range(0, len(batch), mini):
+                yield batch.select(order[m0 : m0 + mini])
+
+    def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, then step unless the gradient is not finite (a bad batch must not destroy the model)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.optim.max_grad_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         norm = float(norm)
@@ -124,7 +161,7 @@ class FSDPWorker:
         from sapo_ray.models import load_processor
         from sapo_ray.models.tokens import TokenIds
 
-        processor = load_processor(self.cfg["path"])
+        processor = load_processor(self.cfg.model.path)
         return TokenIds.of(getattr(processor, "tokenizer", processor))
 
     def _global_count(self, local: torch.Tensor | float) -> float:
@@ -187,25 +224,22 @@ def _mean(xs: list[float]) -> float:
 class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
-    def setup(self, total_steps: int) -> None:
+    def setup(self) -> None:
         from sapo_ray.models import load_policy
 
-        cfg = self.cfg
-        dtype = DTYPES[cfg["dtype"]]
-        torch.manual_seed(cfg["seed"])
+        m = self.cfg.model
+        self._seed_init()
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        self.model = self._shard_trainable(load_policy(cfg["path"], dtype=dtype,
-                                                       attn_implementation=cfg["attn_implementation"]))
-        if cfg.get("gradient_checkpointing"):
-            self.model.gradient_checkpointing_enable()
+        load = lambda: load_policy(m.path, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation)
+        self.model = self._shard_trainable(load())
         self.ref = None
-        if cfg["needs_ref"]:
-            ref = load_policy(cfg["path"], dtype=dtype, attn_implementation=cfg["attn_implementation"])
+        if self.cfg.needs_ref:
+            ref = load()
             ref.requires_grad_(False)
             self.ref = self._shard(ref).eval()
-        self._make_optimizer(cfg["optim"], total_steps)
+        self._make_optimizer()
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, which: str = "policy") -> dict[str, torch.Tensor]:
@@ -213,11 +247,11 @@ class PolicyWorker(FSDPWorker):
         model = self.model if which == "policy" else self.ref
         model.eval()
         out_logp, out_ent = [], []
-        for micro in batch.chunks(self.cfg["micro_batch_size"]):
+        R = batch.response_ids.shape[1]
+        for micro in batch.chunks(self.cfg.learner.micro_batch_size):
             with self._autocast():
-                logp, ent = policy_forward(model, self._to_device(micro), self.cfg["temperature"], self.banned,
+                logp, ent = policy_forward(model, self._to_device(micro), self.cfg.rollout.temperature, self.banned,
                                            self.image_token_id, with_entropy=which == "policy")
-            R = batch.response_ids.shape[1]
             out_logp.append(torch.nn.functional.pad(logp.cpu(), (0, R - logp.shape[1])))
             if ent is not None:
                 out_ent.append(torch.nn.functional.pad(ent.cpu(), (0, R - ent.shape[1])))
@@ -225,61 +259,58 @@ class PolicyWorker(FSDPWorker):
             return {"old_logp": torch.cat(out_logp), "entropy": torch.cat(out_ent)}
         return {"ref_logp": torch.cat(out_logp)}
 
-    def update(self, batch: Batch, spec, args: dict) -> dict[str, float]:
-        """PPO epochs x mini-batches x micro-batches of the clipped policy loss at `spec`'s ratio level.
+    def update(self, batch: Batch) -> dict[str, float]:
+        """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
 
         Micro-batch losses are normalised by the whole mini-batch's unit count (tokens, rows or
         segments, summed over ranks), so accumulation and data parallelism give the gradient of
         one big batch.
         """
-        from sapo_ray.algo import registry
-
         self.model.train()
-        cfg = self.cfg
-        mini = max(1, cfg["mini_batch_size"] // self.world_size)
         stats: dict[str, list[float]] = {}
-        gen = torch.Generator().manual_seed(cfg["seed"] + int(self.scheduler.last_epoch))
-        for _ in range(cfg["ppo_epochs"]):
-            order = torch.randperm(len(batch), generator=gen) if cfg["shuffle"] else torch.arange(len(batch))
-            for m0 in range(0, len(batch), mini):
-                minibatch = batch.select(order[m0 : m0 + mini])
-                denom = self._global_units(minibatch, spec.loss_agg)
-                tokens = self._global_units(minibatch, "token_mean")
-                for micro in minibatch.chunks(cfg["micro_batch_size"]):
-                    micro = self._to_device(micro)
-                    with self._autocast():
-                        logp, entropy = policy_forward(self.model, micro, cfg["temperature"], self.banned,
-                                                       self.image_token_id, with_entropy=True)
-                    mask = micro.response_mask
-                    seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
-                    loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
-                                                   segments=seg, is_weights=micro.data.get("is_weights"),
-                                                   norm_len=args["norm_len"], agg_denom=denom)
-                    m = {f"actor/{k}": float(v) for k, v in m.items()}
-                    m["actor/pg_loss"] = float(loss.detach())
-                    if spec.kl_loss and spec.kl_loss_coef > 0:
-                        kl_term = registry.kl_loss(spec, logp, micro.data["ref_logp"], mask,
-                                                   agg_denom=tokens if spec.loss_agg == "segment_mean" else denom)
-                        loss = loss + kl_term
-                        m["actor/kl_loss"] = float(kl_term.detach())
-                    entropy_sum = losses.masked_sum(entropy, mask)
-                    if args["entropy_coef"] > 0:
-                        loss = loss - args["entropy_coef"] * entropy_sum / tokens
-                    m["actor/entropy"] = float(entropy_sum.detach()) / float(mask.sum().clamp(min=1))
-                    loss.backward()
-                    for k, v in m.items():
-                        stats.setdefault(k, []).append(v)
-                norm, ok = self._optimizer_step(cfg["optim"]["max_grad_norm"])
-                stats.setdefault("actor/grad_norm", []).append(norm)
-                stats.setdefault("actor/skipped_steps", []).append(0.0 if ok else 1.0)
-        out = {k: _mean(v) for k, v in stats.items() if k != "actor/pg_loss"}
-        # Each micro loss is a share of its mini-batch's loss: their sum per mini-batch is the loss.
-        n_minis = len(stats["actor/grad_norm"])
-        out["actor/pg_loss"] = float(sum(stats["actor/pg_loss"])) / n_minis
+        for minibatch in self._minibatches(batch):
+            for k, v in self._update_minibatch(minibatch).items():
+                stats.setdefault(k, []).append(v)
+        out = {k: _mean(v) for k, v in stats.items()}
+        out["actor/pg_loss"] = out.pop("actor/pg_loss_sum")
         out["actor/skipped_steps"] = float(sum(stats["actor/skipped_steps"]))
         out["actor/grad_norm_max"] = max(stats["actor/grad_norm"])
-        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        out["actor/lr"] = self.lr()
         return out
+
+    def _update_minibatch(self, minibatch: Batch) -> dict[str, float]:
+        """Accumulate the micro-batches' gradients, then one optimizer step; the mini-batch's metrics."""
+        spec = self.cfg.algorithm
+        denom = self._global_units(minibatch, spec.loss_agg)
+        tokens = self._global_units(minibatch, "token_mean")
+        stats: dict[str, list[float]] = {}
+        for micro in minibatch.chunks(self.cfg.learner.micro_batch_size):
+            micro = self._to_device(micro)
+            with self._autocast():
+                logp, entropy = policy_forward(self.model, micro, self.cfg.rollout.temperature, self.banned,
+                                               self.image_token_id, with_entropy=True)
+            mask = micro.response_mask
+            seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
+            loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
+                                           segments=seg, is_weights=micro.data.get("is_weights"),
+                                           norm_len=self.cfg.rollout.max_new_tokens, agg_denom=denom)
+            m = {f"actor/{k}": float(v) for k, v in m.items()}
+            m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
+            if spec.kl_loss and spec.kl_loss_coef > 0:
+                kl_term = registry.kl_loss(spec, logp, micro.data["ref_logp"], mask,
+                                           agg_denom=tokens if spec.loss_agg == "segment_mean" else denom)
+                loss = loss + kl_term
+                m["actor/kl_loss"] = float(kl_term.detach())
+            entropy_sum = losses.masked_sum(entropy, mask)
+            if spec.entropy_coef > 0:
+                loss = loss - spec.entropy_coef * entropy_sum / tokens
+            m["actor/entropy"] = float(entropy_sum.detach()) / float(mask.sum().clamp(min=1))
+            loss.backward()
+            for k, v in m.items():
+                stats.setdefault(k, []).append(v)
+        norm, ok = self._optimizer_step()
+        out = {k: (sum(v) if k == "actor/pg_loss_sum" else _mean(v)) for k, v in stats.items()}
+        return {**out, "actor/grad_norm": norm, "actor/skipped_steps": 0.0 if ok else 1.0}
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes` (rank 0 only)."""
@@ -315,55 +346,56 @@ class PolicyWorker(FSDPWorker):
         sd = self.full_state_dict()
         if self.rank == 0:
             self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
-            load_processor(self.cfg["path"]).save_pretrained(out_dir)
+            load_processor(self.cfg.model.path).save_pretrained(out_dir)
 
 
 class CriticWorker(FSDPWorker):
     """A rank of the critic: values at every response position and the clipped value loss at anchors."""
 
-    def setup(self, total_steps: int) -> None:
+    def setup(self) -> None:
         from sapo_ray.models.value import ValueModel
 
-        cfg = self.cfg
-        torch.manual_seed(cfg["seed"])
+        m = self.cfg.model
+        self._seed_init()
         self.image_token_id = self._token_ids().image
-        self.model = self._shard_trainable(ValueModel.from_pretrained(cfg["path"], dtype=DTYPES[cfg["dtype"]]))
-        self._make_optimizer(cfg["optim"], total_steps)
+        self.model = self._shard_trainable(ValueModel.from_pretrained(
+            m.critic_path or m.path, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation))
+        self._make_optimizer()
 
     @torch.no_grad()
     def compute_values(self, batch: Batch) -> dict[str, torch.Tensor]:
         self.model.eval()
         R = batch.response_ids.shape[1]
         out = []
-        for micro in batch.chunks(self.cfg["micro_batch_size"]):
+        for micro in batch.chunks(self.cfg.learner.micro_batch_size):
             with self._autocast():
                 v = value_forward(self.model, self._to_device(micro), self.image_token_id).cpu()
             out.append(torch.nn.functional.pad(v, (0, R - v.shape[1])))
         return {"values": torch.cat(out) * batch.response_mask}
 
-    def update(self, batch: Batch, spec, args: dict) -> dict[str, float]:
+    def update(self, batch: Batch) -> dict[str, float]:
         """Clipped value loss on `value_mask` positions (segment anchors for SAPO, every token for PPO)."""
         self.model.train()
-        cfg = self.cfg
-        mini = max(1, cfg["mini_batch_size"] // self.world_size)
         stats: dict[str, list[float]] = {}
-        for _ in range(cfg["ppo_epochs"]):
-            for minibatch in batch.chunks(mini):
-                denom = self._global_count(minibatch.data["value_mask"].sum())
-                loss_sum = 0.0
-                for micro in minibatch.chunks(cfg["micro_batch_size"]):
-                    micro = self._to_device(micro)
-                    with self._autocast():
-                        values = value_forward(self.model, micro, self.image_token_id)
-                    loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
-                                                micro.data["value_mask"], clip=args["value_clip"], agg_denom=denom)
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    for k, v in m.items():
-                        stats.setdefault(f"critic/{k}", []).append(float(v))
-                stats.setdefault("critic/vf_loss", []).append(loss_sum)
-                norm, ok = self._optimizer_step(cfg["optim"]["max_grad_norm"])
-                stats.setdefault("critic/grad_norm", []).append(norm)
+        for minibatch in self._minibatches(batch):
+            denom = self._global_count(minibatch.data["value_mask"].sum())
+            loss_sum = 0.0
+            for micro in minibatch.chunks(self.cfg.learner.micro_batch_size):
+                micro = self._to_device(micro)
+                with self._autocast():
+                    values = value_forward(self.model, micro, self.image_token_id)
+                loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
+                                            micro.data["value_mask"], clip=self.cfg.algorithm.value_clip,
+                                            agg_denom=denom)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                for k, v in m.items():
+                    stats.setdefault(f"critic/{k}", []).append(float(v))
+            norm, ok = self._optimizer_step()
+            stats.setdefault("critic/vf_loss", []).append(loss_sum)
+            stats.setdefault("critic/grad_norm", []).append(norm)
+            stats.setdefault("critic/skipped_steps", []).append(0.0 if ok else 1.0)
         out = {k: _mean(v) for k, v in stats.items()}
-        out["critic/lr"] = self.scheduler.get_last_lr()[0]
+        out["critic/skipped_steps"] = float(sum(stats["critic/skipped_steps"]))
+        out["critic/lr"] = self.lr()
         return out

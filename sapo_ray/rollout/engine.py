@@ -1,32 +1,21 @@
 """Rollout engines: turn encoded prompts into sampled responses with their log-probs.
 
-An engine implements `from_config(cfg)`, `generate(prompts, params) -> list[Sample]` and
-`update_weights(named_tensors) -> bytes loaded`; engines are looked up by name in `ENGINES`
-(config `rollout.engine`). `hf` (Hugging Face `generate` with a KV cache) is the embedded default
-and runs on a CPU; `vllm` (`sapo_ray.rollout.vllm_engine`, imported on first use since the package is
-optional) is the production engine. `cfg` holds `path`, `dtype`, `attn_implementation`, `use_gpu`, `max_batch_size`
-and the engine's own keys.
+An engine implements `from_config(cfg: RolloutWorkerConfig)`, `generate(prompts, params) -> list[Sample]`
+and `update_weights(named_tensors) -> bytes loaded`; engines are looked up by name in `ENGINES`
+(config `rollout.engine`, registered with `@register_engine`). `hf` (Hugging Face `generate` with a KV
+cache) is the embedded default and runs on a CPU; `vllm` (`sapo_ray.rollout.vllm_engine`, imported on
+first use since the package is optional) is the production engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from sapo_ray.batch import Sample
+from sapo_ray.batch import Prompt, Sample, SamplingParams
 from sapo_ray.learner.forward import logprobs_and_entropy
-
-
-@dataclass
-class Prompt:
-    """An encoded prompt: token ids (image placeholders expanded) and its images' vision inputs."""
-
-    ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    images: list | None = None  # the raw images, for engines that run the model's own processor (vllm)
+from sapo_ray.utils import derive_seed
 
 
 def encode_prompt(processor, example: dict, instruction: str = "", keep_images: bool = False) -> Prompt:
@@ -50,15 +39,6 @@ def encode_prompt(processor, example: dict, instruction: str = "", keep_images: 
     return Prompt(list(tokenizer([text])["input_ids"][0]))
 
 
-@dataclass
-class SamplingParams:
-    n: int = 1  # responses per prompt
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-
-
 ENGINES: dict[str, Callable[..., "HFEngine"]] = {}
 
 
@@ -76,7 +56,7 @@ class _LazyEngine:
     def __init__(self, module: str, cls: str, install_hint: str):
         self.module, self.cls, self.install_hint = module, cls, install_hint
 
-    def from_config(self, cfg: dict):
+    def from_config(self, cfg):
         import importlib
 
         try:
@@ -91,7 +71,9 @@ VLLM_INSTALL_HINT = ("rollout.engine=vllm needs the `vllm` package: on GPUs `pip
 ENGINES["vllm"] = _LazyEngine("sapo_ray.rollout.vllm_engine", "VLLMEngine", VLLM_INSTALL_HINT)
 
 
-def build_engine(name: str, cfg: dict):
+def build_engine(cfg):
+    """The engine `cfg.rollout.engine` names, built from a `RolloutWorkerConfig`."""
+    name = cfg.rollout.engine
     if name not in ENGINES:
         raise ValueError(f"rollout.engine={name!r} is not a known engine; choose one of {sorted(ENGINES)}")
     return ENGINES[name].from_config(cfg)
@@ -121,14 +103,15 @@ class HFEngine:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "HFEngine":
+    def from_config(cls, cfg) -> "HFEngine":
+        """From a `RolloutWorkerConfig`: the policy in `model.dtype`, on a GPU when `rollout.num_gpus > 0`."""
         from sapo_ray.models import load_policy, load_processor
 
-        processor = load_processor(cfg["path"])
-        device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        model = load_policy(cfg["path"], dtype=getattr(torch, cfg["dtype"]),
-                            attn_implementation=cfg["attn_implementation"]).to(device)
-        return cls(model, getattr(processor, "tokenizer", processor), cfg.get("max_batch_size", 64))
+        processor = load_processor(cfg.model.path)
+        device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        model = load_policy(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                            attn_implementation=cfg.model.attn_implementation).to(device)
+        return cls(model, getattr(processor, "tokenizer", processor), cfg.rollout.max_batch_size)
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
@@ -136,7 +119,7 @@ class HFEngine:
         samples: list[Sample] = []
         for start in range(0, len(expanded), self.max_batch_size):
             chunk = expanded[start : start + self.max_batch_size]
-            torch.manual_seed(params.seed + start)  # reproducible sampling given (seed, chunk)
+            torch.manual_seed(derive_seed(params.seed, "chunk", start))  # reproducible given (seed, chunk)
             samples += self._generate_chunk(chunk, params)
         return samples
 

@@ -42,7 +42,8 @@ from vllm import SamplingParams as VLLMSamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from sapo_ray.batch import Sample
-from sapo_ray.rollout.engine import Prompt, SamplingParams
+from sapo_ray.batch import Prompt, SamplingParams
+from sapo_ray.utils import derive_seed
 
 BANNED_KEY = "sapo_ray_banned_token_ids"  # how the banned ids reach the logits processor (additional_config)
 
@@ -140,15 +141,16 @@ class VLLMEngine:
         self._updating = False  # inside begin_weight_update ... finish_weight_update
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "VLLMEngine":
-        """`cfg`: `path`, `dtype`, `use_gpu`, `max_batch_size` and the vLLM keys of `RolloutConfig`."""
+    def from_config(cls, cfg) -> "VLLMEngine":
+        """From a `RolloutWorkerConfig`: `model.path` / `model.dtype` and the vLLM keys of `rollout`."""
         from sapo_ray.config import resolve_model_path
         from sapo_ray.models import load_processor
         from sapo_ray.models.tokens import TokenIds
 
-        path = resolve_model_path(cfg["path"])
-        on_gpu = bool(cfg.get("use_gpu")) and torch.cuda.is_available()
-        enforce_eager = bool(cfg.get("enforce_eager", False)) or not on_gpu  # CUDA graphs need a GPU
+        r = cfg.rollout
+        path = resolve_model_path(cfg.model.path)
+        on_gpu = r.num_gpus > 0 and torch.cuda.is_available()
+        enforce_eager = r.enforce_eager or not on_gpu  # CUDA graphs need a GPU
         if not on_gpu:
             for key, value in cpu_environment().items():
                 os.environ.setdefault(key, value)
@@ -159,14 +161,14 @@ class VLLMEngine:
         ids = TokenIds.of(tokenizer)
         llm = LLM(
             model=path,
-            dtype=cfg.get("dtype", "float32"),
-            seed=int(cfg.get("seed", 0)),
-            tensor_parallel_size=int(cfg.get("tensor_parallel_size", 1)),
-            gpu_memory_utilization=float(cfg.get("gpu_memory_utilization", 0.5)),
-            max_model_len=cfg.get("max_model_len"),
-            max_num_seqs=int(cfg.get("max_batch_size", 256)),
+            dtype=cfg.model.dtype,
+            seed=derive_seed(cfg.seed, "engine", cfg.index),
+            tensor_parallel_size=r.tensor_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            max_model_len=r.max_model_len,
+            max_num_seqs=r.max_batch_size,
             enforce_eager=enforce_eager,
-            enable_sleep_mode=bool(cfg.get("enable_sleep_mode", False)) and on_gpu,  # for sleep / wake_up
+            enable_sleep_mode=r.enable_sleep_mode and on_gpu,  # for sleep / wake_up
             logprobs_mode="processed_logprobs",
             # On a CPU a request whose prompt is split over two steps crashes when it has its own seed
             # (vLLM rewinds the generator's offset, which CPU generators lack): prefill prompts whole.
@@ -204,7 +206,7 @@ class VLLMEngine:
         order = [(i, k) for i in range(len(prompts)) for k in range(params.n)]
         requests = [self._request(p) for p in prompts]
         outputs = self.llm.generate([requests[i] for i, _ in order],
-                                    [self._sampling(params, params.seed + i * params.n + k) for i, k in order],
+                                    [self._sampling(params, derive_seed(params.seed, "sample", i, k)) for i, k in order],
                                     use_tqdm=False)
         eos = set(self.eos_ids)
         samples = []

@@ -6,17 +6,18 @@ import time
 
 import ray
 
-from sapo_ray.batch import Sample
-from sapo_ray.rollout.engine import Prompt, SamplingParams, build_engine
+from sapo_ray.batch import Prompt, Sample, SamplingParams
+from sapo_ray.config import RolloutWorkerConfig
+from sapo_ray.rollout.engine import build_engine
 from sapo_ray.utils import peak_memory_mb, set_threads
 
 
 class RolloutWorker:
-    """Owns the engine named by `cfg["engine"]`; `cfg` as `sapo_ray.rollout.engine.build_engine` takes it."""
+    """Owns the engine named by `cfg.rollout.engine`."""
 
-    def __init__(self, cfg: dict, num_threads: int):
-        set_threads(num_threads)
-        self.engine = build_engine(cfg["engine"], cfg)
+    def __init__(self, cfg: RolloutWorkerConfig):
+        set_threads(cfg.rollout.num_threads)
+        self.engine = build_engine(cfg)
         self.asleep = False
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, index_offset: int = 0) -> list[Sample]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -73,6 +74,34 @@ def timer(name: str, timing: dict[str, float]):
         yield
     finally:
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - start
+
+
+def derive_seed(seed: int, stream: str, *index: int | str) -> int:
+    """The seed of one random stream of a run: a 63-bit hash of `(seed, stream, *index)`.
+
+    Every random stream is seeded through this function, so no two streams share a seed by
+    accident (adjacent integers, as `seed + i`, collide as soon as one stream is indexed by
+    workers and another by samples). The streams:
+
+    | stream | index | seeds |
+    |---|---|---|
+    | `data/train` | | synthvista's generated training rows |
+    | `data/val` | | synthvista's validation rows (from seed 0: one validation set for every run seed) |
+    | `loader` | | the prompt order of each epoch |
+    | `rollout` | step, draw, worker | one rollout worker's sampling in one draw of a training step |
+    | `engine` | worker | vllm: the engine's own generator (each request also has its own seed) |
+    | `sample` | prompt, k | vllm: the k-th response to a prompt (`SamplingParams.seed` is the base) |
+    | `chunk` | first row | hf: one `generate` call over rows from `first row` (`SamplingParams.seed` is the base) |
+    | `validation` | worker | validation sampling (the same at every validation: common random numbers) |
+    | `init` | role | a learner's fresh weights (the value head); every rank of a role draws the same |
+    | `shuffle` | role, update | a learner's mini-batch order in its `update`-th call |
+    | `sft/data`, `sft/teacher` | step | the warm start's rows and which of them the sloppy teacher solves |
+    | `sft/eval` | | the warm start's held-out evaluation |
+
+    The value fits torch's and vLLM's generators (< 2**63); numpy takes it modulo 2**32.
+    """
+    key = repr((int(seed), stream, *index)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def seed_everything(seed: int) -> None:

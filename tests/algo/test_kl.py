@@ -27,8 +27,12 @@ def test_estimators_by_hand():
 def test_k3_is_finite_for_extreme_log_ratios():
     out = kl.estimate(torch.tensor([-200.0, 0.0]), torch.tensor([0.0, -200.0]), "k3")
     assert torch.isfinite(out).all()
-    # d = -200 clamped to log(pi_ref/pi) = 20: e^20 - 20 - 1
-    assert float(out[0]) == pytest.approx(math.exp(20) - 21, rel=1e-6)
+    # d = -200 clamped to log(pi_ref/pi) = 20: e^20 - 20 - 1, then k3 itself clamped to 10 (verl's low_var_kl)
+    assert math.exp(20) - 21 > 10 and float(out[0]) == 10.0
+    # d = 200 -> log(pi_ref/pi) = -20: e^-20 + 20 - 1 = 19.000000002, clamped to 10 too
+    assert float(out[1]) == 10.0
+    # inside the clamp nothing changes: d = -2 -> e^2 - 2 - 1 = 4.389056
+    assert float(kl.estimate(torch.tensor([-2.0]), torch.tensor([0.0]), "k3")) == pytest.approx(math.exp(2) - 3)
 
 
 def test_kl_loss_masked_mean_and_gradient():

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from sapo_ray.data import synthvista
-from sapo_ray.data.fixtures import write_geometry3k_fixture
-from sapo_ray.data.loaders import load_dataset_split
+from fixtures import write_geometry3k_fixture
+from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.data.prompts import DEFAULT_INSTRUCTION, build_messages
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapo_ray.data.loader import PromptLoader
+from sapo_ray.data.prompt_loader import PromptLoader
 
 EXAMPLES = [{"pid": str(i)} for i in range(10)]
 

@@ -6,14 +6,12 @@ import pytest
 import ray
 import torch
 
-from helpers import learner_cfg, sample_batch
+from helpers import learner_cfg, rollout_cfg, sample_batch
 from sapo_ray.algo import registry
 from sapo_ray.learner.group import WorkerGroup
 from sapo_ray.learner.worker import PolicyWorker
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.utils import actor_env
-
-ARGS = {"entropy_coef": 0.0, "value_clip": 0.5, "norm_len": 12}
 
 
 def _train_batch(path, spec):
@@ -34,9 +32,8 @@ def test_two_fsdp_ranks_match_one_rank_update(ray_cluster, random_tiny_models):
     batch, _ = _train_batch(path, spec)
     states, metrics = [], []
     for world in (1, 2):
-        group = WorkerGroup(PolicyWorker, world, learner_cfg(path), num_cpus=0.1, num_gpus=0, num_threads=1)
-        group.call("setup", 10)
-        metrics.append(group.call_sharded("update", batch, spec, ARGS)[0])
+        group = WorkerGroup(PolicyWorker, learner_cfg(path, world_size=world))
+        metrics.append(group.call_sharded("update", batch)[0])
         states.append(group.call("full_state_dict")[0])
         group.shutdown()
     from sapo_ray.models import load_policy
@@ -53,10 +50,8 @@ def test_frozen_vision_tower_keeps_its_weights(ray_cluster, random_tiny_models):
     path = random_tiny_models["vlm"]
     spec = registry.get_algorithm("sapo")
     batch, _ = _train_batch(path, spec)
-    group = WorkerGroup(PolicyWorker, 1, learner_cfg(path, freeze_vision_tower=True), num_cpus=0.1, num_gpus=0,
-                        num_threads=1)
-    group.call("setup", 10)
-    group.call_sharded("update", batch, spec, ARGS)
+    group = WorkerGroup(PolicyWorker, learner_cfg(path, freeze_vision_tower=True))
+    group.call_sharded("update", batch)
     state = group.call("full_state_dict")[0]
     group.shutdown()
     from sapo_ray.models import load_policy
@@ -77,12 +72,11 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     path = random_tiny_models["vlm"]
     spec = registry.get_algorithm("rloo")
     batch, pad_id = _train_batch(path, spec)
-    group = WorkerGroup(PolicyWorker, 1, learner_cfg(path), num_cpus=0.1, num_gpus=0, num_threads=1)
-    group.call("setup", 10)
+    group = WorkerGroup(PolicyWorker, learner_cfg(path, algorithm="rloo"))
     rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(1)}).remote(
-        {"path": path, "dtype": "float32", "attn_implementation": "sdpa", "engine": "hf", "max_batch_size": 64}, 1)
+        rollout_cfg(path, max_batch_size=64))
     before = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
-    group.call_sharded("update", batch, spec, ARGS)
+    group.call_sharded("update", batch)
     after = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
     mask = batch.response_mask.bool()
     assert float((after - before).abs()[mask].max()) > 1e-3, "the update did not change the policy"
@@ -93,9 +87,9 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     assert metrics["sync/bytes"] > 0
     # Generate with the synced engine, then score the same tokens with the learner.
     from helpers import encode
-    from sapo_ray.data.loaders import load_dataset_split
+    from sapo_ray.data.datasets import load_dataset_split
     from sapo_ray.models import load_processor
-    from sapo_ray.rollout.engine import SamplingParams
+    from sapo_ray.batch import SamplingParams
     from sapo_ray.batch import Batch
 
     processor = load_processor(path)

@@ -6,9 +6,9 @@ import torch
 
 from helpers import encode, engine_for
 from sapo_ray.batch import Batch
-from sapo_ray.data.loaders import load_dataset_split
+from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.learner.forward import policy_forward
-from sapo_ray.rollout.engine import SamplingParams
+from sapo_ray.batch import SamplingParams
 
 MODEL = "bundled:tiny-vlm"
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES, rollout_cfg
 from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
-from sapo_ray.data.loaders import load_dataset_split
-from sapo_ray.rollout.engine import HFEngine, Prompt, SamplingParams, build_engine, encode_prompt
+from sapo_ray.data.datasets import load_dataset_split
+from sapo_ray.batch import Prompt, SamplingParams
+from sapo_ray.rollout.engine import HFEngine, build_engine, encode_prompt
 from sapo_ray.utils import bucket_tensors
 
 pytestmark = pytest.mark.vllm
@@ -29,8 +30,8 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed here
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 PATH = resolve_model_path("bundled:tiny-lm")
-ENGINE_CFG = {"path": PATH, "dtype": "float32", "attn_implementation": "sdpa", "max_batch_size": 64,
-              "enforce_eager": True, "seed": 0}
+ENGINE_CFG = rollout_cfg(PATH, max_batch_size=64, enforce_eager=True)
+VLLM_CFG = rollout_cfg(PATH, engine="vllm", max_batch_size=64, enforce_eager=True)
 LOGP_ATOL = 5e-5  # ~5x the largest hf/vllm difference measured here (9.3e-6)
 
 
@@ -63,7 +64,7 @@ def test_missing_vllm_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, find_spec is None
     monkeypatch.delitem(sys.modules, "sapo_ray.rollout.vllm_engine", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'sapo-ray\[vllm\]'.*make \.venv-vllm"):
-        build_engine("vllm", ENGINE_CFG)
+        build_engine(VLLM_CFG)
     with pytest.raises(ConfigError, match=r"sapo-ray\[vllm\]"):
         validate(tiny_cfg(tmp_path))
 
@@ -82,7 +83,7 @@ def engines():
 
     if not HAS_VLLM:
         pytest.skip("vllm is not installed")
-    worker = RolloutWorker({**ENGINE_CFG, "engine": "vllm"}, num_threads=1)  # the actor's class, in this process
+    worker = RolloutWorker(VLLM_CFG)  # the actor's class, in this process
     return HFEngine.from_config(ENGINE_CFG), worker
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from sapo_ray.data import synthvista
-from sapo_ray.data.loaders import FIXTURE_KEY
+from sapo_ray.data.datasets import FIXTURE_KEY
 from sapo_ray.data.schema import METADATA_KEYS
 
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n-not-really-an-image-"

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sapo_ray.data import synthvista
-from sapo_ray.data.fixtures import write_geometry3k_fixture, write_mathvista_fixture
-from sapo_ray.data.loaders import infer_answer_type, load_dataset_split
+from fixtures import write_geometry3k_fixture, write_mathvista_fixture
+from sapo_ray.data.datasets import infer_answer_type, load_dataset_split
 from sapo_ray.data.schema import MATHVISTA_KEYS
 
 CONTRACT_KEYS = {"pid", "data_source", "question", "query", "images", "answer", "question_type", "answer_type",
@@ -78,7 +78,7 @@ def test_directory_without_the_split_is_a_clear_error(tmp_path):
 def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     write_mathvista_fixture(tmp_path / "mv", 6, n_corrupt=2)
     write_geometry3k_fixture(tmp_path / "geo" / "g.parquet", 5, n_corrupt=1)
-    with caplog.at_level(logging.WARNING, logger="sapo_ray.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="sapo_ray.data.datasets"):
         mv = load_dataset_split("mathvista", tmp_path / "mv", split="testmini")
         geo = load_dataset_split("geometry3k", tmp_path / "geo" / "g.parquet")
     assert [ex["pid"] for ex in mv] == [f"synthetic-{i}" for i in range(4)] and len(geo) == 4

@@ -7,7 +7,7 @@ directory the files of the split are ``{split}.parquet`` or ``{split}-*.parquet`
 hub's ``data/train-00000-of-00001.parquet`` layout). Without a path the hub is tried by name.
 
 A row whose image cannot be decoded is skipped and counted in one warning; it never crashes a run.
-Files written by ``sapo_ray.data.fixtures`` carry a ``sapo_ray`` key in their parquet metadata;
+Files written by ``tests/data/fixtures.py`` carry a ``sapo_ray`` key in their parquet metadata;
 their Examples get pids prefixed ``synthetic-`` and ``metadata["source"] == "synthetic"``.
 """
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 DATASETS = ("synthvista", "geometry3k", "mathvista")
 HUB_NAMES = {"geometry3k": "hiyouga/geometry3k", "mathvista": "AI4Math/MathVista"}
 KNOWN_SPLITS = ("train", "validation", "val", "test", "testmini")
-FIXTURE_KEY = b"sapo_ray"  # parquet key-value metadata written by fixtures.py
+FIXTURE_KEY = b"sapo_ray"  # parquet key-value metadata written by tests/data/fixtures.py
 MATHVISTA_LICENCE = ("MathVista is a test set: its terms (CC BY-SA 4.0, 'using it for training is prohibited') "
                      "forbid training on it. Use it for evaluation only (data.val_path, for_training=False).")
 
