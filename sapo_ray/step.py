@@ -126,7 +126,7 @@ def advantages(spec: AlgorithmSpec, batch: Batch, max_new_tokens: int,
     if "ref_logp" in batch.data:
         kl_t = kl_mod.estimate(batch.data["old_logp"], batch.data["ref_logp"], kind=spec.kl_kind)
         metrics["actor/reward_kl"] = float(losses.masked_mean(kl_t, mask))
-    if "values" in batch.data:
+    if spec.needs_critic:
         vm = fields["value_mask"]
         metrics["critic/vf_explained_var"] = float(losses.explained_variance(returns, batch.data["values"], vm))
         metrics.update(_stats("critic/values", batch.data["values"][vm.bool()]))
@@ -153,7 +153,8 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
          **_stats("response_length", mask.sum(1)),
          "response_length/clip_ratio": float((~batch.data["finished"]).float().mean()),
          **_stats("prompt_length", batch.prompt_mask.sum(1).float())}
-    diff = (batch.data["rollout_logp"] - batch.data["old_logp"]).abs()[mask.bool()]
-    if diff.numel() and compare_rollout_logp:
-        m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
+    if compare_rollout_logp:
+        diff = (batch.data["rollout_logp"] - batch.data["old_logp"]).abs()[mask.bool()]
+        if diff.numel():
+            m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
     return m

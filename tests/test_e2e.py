@@ -78,3 +78,26 @@ def test_resume_reproduces_uninterrupted_run(ray_cluster, tmp_path):
     assert len(keys) > 20
     for k in keys:
         assert a[3][k] == pytest.approx(b[3][k], rel=1e-5, abs=1e-6), k
+
+
+def test_steps_train_on_whole_groups_only(ray_cluster, tmp_path):
+    """GRPO, 3 samples per prompt, 2 learner ranks, about half of the prompts too long: every update sees
+    an even number of rows made of whole groups (`batch/rows` = 3 x `batch/groups`); steps left with an
+    odd number of groups drop one whole group. (At 52 tokens the first six prompt batches keep 4, 2, 2,
+    2, 3 and 3 prompts.)"""
+    from sapo_ray.main import run
+
+    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "algorithm=grpo", "rollout.n=3", "data.prompts_per_step=4",
+                 "data.max_prompt_length=52", "actor.world_size=2", "actor.num_cpus=0.4", "trainer.steps=6",
+                 "trainer.export_hf=false"))
+    rows = read_metrics(tmp_path)[1:]
+    assert len(rows) == 6
+    for r in rows:
+        usable = 4 - r["data/prompt_too_long"]
+        if r["rollout/skipped_update"]:
+            assert usable - r["rollout/trimmed_groups"] == 0 and "batch/rows" not in r
+            continue
+        assert r["batch/rows"] % 2 == 0 and r["batch/rows"] == 3 * r["batch/groups"]
+        assert r["batch/groups"] == usable - r["rollout/trimmed_groups"]
+    assert any(r["rollout/trimmed_groups"] > 0 for r in rows), "no step had an odd number of groups to trim"
+    assert any(not r["rollout/skipped_update"] for r in rows)

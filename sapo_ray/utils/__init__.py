@@ -100,6 +100,7 @@ def derive_seed(seed: int, stream: str, *index: int | str) -> int:
 
     The value fits torch's and vLLM's generators (< 2**63); numpy takes it modulo 2**32.
     """
+    index = tuple(i if isinstance(i, str) else int(i) for i in index)  # numpy/torch integers hash as ints
     key = repr((int(seed), stream, *index)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 

@@ -1,0 +1,280 @@
+"""The step's bookkeeping (`sapo_ray.step`): grouping, DAPO filtering, trimming, batching, advantages,
+TIS weights and batch metrics, on small hand-built samples with hand-computed expectations."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sapo_ray import step
+from sapo_ray.algo import registry
+from sapo_ray.batch import Sample
+from sapo_ray.step import Group
+
+
+def sample(prompt_index: int, length: int = 2, tag: int = 0, finished: bool = True, prompt_len: int = 3) -> Sample:
+    """A sample whose response tokens are `tag*100 + t` (so rows can be told apart)."""
+    return Sample(prompt_ids=list(range(1, prompt_len + 1)), response_ids=[tag * 100 + t + 1 for t in range(length)],
+                  rollout_logp=[-0.5] * length, rollout_entropy=[1.0] * length, text=f"s{tag}", finished=finished,
+                  prompt_index=prompt_index)
+
+
+def score(s: float, acc: float = 0.0, fmt: float = 0.0) -> dict:
+    return {"score": s, "acc": acc, "format": fmt}
+
+
+def group(i: int, n: int, accs=None, lengths=None, scores=None) -> Group:
+    accs = accs if accs is not None else [0.0] * n
+    lengths = lengths if lengths is not None else [2] * n
+    scores = scores if scores is not None else accs
+    return Group({"id": i}, [sample(i, lengths[k], tag=10 * i + k) for k in range(n)],
+                 [score(scores[k], accs[k]) for k in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------
+# group_samples
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_samples_orders_by_prompt_and_keeps_arrival_order():
+    """Interleaved samples become one group per prompt, in prompt order, samples/scores in arrival order."""
+    examples = [{"id": 0}, {"id": 1}, {"id": 2}, {"id": 3}]
+    arrival = [2, 0, 2, 1, 0, 2]  # prompt 3 has no sample
+    samples = [sample(p, tag=j) for j, p in enumerate(arrival)]
+    scores = [score(float(j)) for j in range(len(arrival))]
+    groups = step.group_samples(samples, scores, examples)
+    assert [g.example["id"] for g in groups] == [0, 1, 2]
+    assert [[s.text for s in g.samples] for g in groups] == [["s1", "s4"], ["s3"], ["s0", "s2", "s5"]]
+    assert [[x["score"] for x in g.scores] for g in groups] == [[1.0, 4.0], [3.0], [0.0, 2.0, 5.0]]
+    assert [len(g) for g in groups] == [2, 1, 3]
+
+
+def test_group_samples_empty_and_mismatch():
+    """No samples gives no groups; samples and scores of different lengths raise."""
+    assert step.group_samples([], [], [{"id": 0}]) == []
+    with pytest.raises(ValueError):
+        step.group_samples([sample(0), sample(0)], [score(1.0)], [{"id": 0}])
+
+
+# ----------------------------------------------------------------------------------------------
+# informative_groups
+# ----------------------------------------------------------------------------------------------
+
+
+def test_informative_groups_filters_on_accuracy_not_score():
+    """Only the group with mixed accuracies survives; a format-only score difference does not count."""
+    all_right = group(0, 2, accs=[1.0, 1.0])
+    all_wrong = group(1, 2, accs=[0.0, 0.0])
+    mixed = group(2, 3, accs=[0.0, 1.0, 0.0])
+    format_only = Group({"id": 3}, [sample(3, tag=1), sample(3, tag=2)],
+                        [score(0.1, acc=0.0, fmt=1.0), score(0.0, acc=0.0, fmt=0.0)])
+    kept = step.informative_groups([all_right, all_wrong, mixed, format_only])
+    assert len(kept) == 1 and kept[0] is mixed
+    assert step.informative_groups([]) == []
+
+
+def test_informative_groups_keeps_order():
+    """Several informative groups come back in their input order."""
+    gs = [group(i, 2, accs=[float(i % 2), 1.0 - i % 2] if i != 2 else [1.0, 1.0]) for i in range(5)]
+    assert step.informative_groups(gs) == [gs[0], gs[1], gs[3], gs[4]]
+
+
+# ----------------------------------------------------------------------------------------------
+# trim_groups
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count,max_groups,world,expected", [
+    (3, 8, 2, 2),  # 9 rows -> drop one group -> 6 rows
+    (1, 8, 2, 0),  # 3 rows cannot split over 2 ranks
+    (4, 4, 2, 4),  # 12 rows
+    (5, 4, 2, 4),  # max_groups first
+    (5, 3, 2, 2),  # max 3 -> 9 rows -> 2 groups
+    (4, 8, 4, 4),  # 12 rows over 4 ranks
+    (3, 8, 4, 0),  # 9, 6, 3 rows: none divisible by 4
+])
+def test_trim_groups_hand_cases(count, max_groups, world, expected):
+    """Groups of 3 rows: hand-counted number of whole groups kept from the front."""
+    groups = [group(i, 3) for i in range(count)]
+    kept = step.trim_groups(groups, max_groups, world)
+    assert kept == groups[:expected]
+    assert isinstance(kept, list)
+
+
+def _best_prefix(sizes: list[int], max_groups: int, world: int) -> int:
+    """Brute force: the longest k <= max_groups with sum(sizes[:k]) divisible by world."""
+    return max(k for k in range(min(max_groups, len(sizes)) + 1) if sum(sizes[:k]) % world == 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 5), count=st.integers(0, 12), max_groups=st.integers(0, 14), world=st.integers(1, 4))
+def test_trim_groups_property_equal_groups(n, count, max_groups, world):
+    """Equal-size groups: the result is the longest whole-group prefix within max_groups whose rows split evenly."""
+    groups = [group(i, n) for i in range(count)]
+    kept = step.trim_groups(groups, max_groups, world)
+    assert len(kept) <= max_groups
+    assert all(a is b for a, b in zip(kept, groups))  # a prefix, the same objects
+    assert all(len(g) == n for g in kept)  # no group cut
+    assert sum(len(g) for g in kept) % world == 0
+    assert len(kept) == _best_prefix([n] * count, max_groups, world)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5), max_size=12), max_groups=st.integers(0, 14), world=st.integers(1, 4))
+def test_trim_groups_property_mixed_sizes(sizes, max_groups, world):
+    """Groups of different sizes: still the longest valid prefix, no group split."""
+    groups = [group(i, n) for i, n in enumerate(sizes)]
+    kept = step.trim_groups(groups, max_groups, world)
+    assert all(a is b for a, b in zip(kept, groups))
+    assert [len(g) for g in kept] == sizes[: len(kept)]
+    assert len(kept) == _best_prefix(sizes, max_groups, world)
+
+
+# ----------------------------------------------------------------------------------------------
+# make_batch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_make_batch_rows_fields_and_masks():
+    """Rows follow group order; group_index, scores, acc, format, finished and masks are the hand values."""
+    g0 = Group({"id": 7}, [sample(7, 3, tag=1, finished=True), sample(7, 1, tag=2, finished=False)],
+               [score(1.1, 1.0, 1.0), score(0.0, 0.0, 0.0)])
+    g1 = Group({"id": 2}, [sample(2, 2, tag=3, finished=True, prompt_len=5)], [score(0.1, 0.0, 1.0)])
+    b = step.make_batch([g0, g1], pad_id=-1)
+    assert len(b) == 3
+    assert b.data["group_index"].tolist() == [0, 0, 1]
+    assert b.data["group_index"].dtype == torch.long
+    assert torch.allclose(b.data["scores"], torch.tensor([1.1, 0.0, 0.1]))
+    assert b.data["acc"].tolist() == [1.0, 0.0, 0.0]
+    assert b.data["format"].tolist() == [1.0, 0.0, 1.0]
+    assert b.data["finished"].tolist() == [True, False, True]
+    assert b.response_mask.sum(1).tolist() == [3.0, 1.0, 2.0]
+    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert b.response_ids.tolist() == [[101, 102, 103], [201, -1, -1], [301, 302, -1]]
+    assert b.prompt_mask.sum(1).tolist() == [3, 3, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_with_policy_data(groups: list[Group]):
+    b = step.make_batch(groups, pad_id=0)
+    return b.with_data(old_logp=b.data["rollout_logp"], entropy=b.data["rollout_entropy"])
+
+
+def test_advantages_grpo_hand_values():
+    """GRPO: (R - mean)/(unbiased std + 1e-6) per group on valid tokens, 0 on padding, no segments."""
+    groups = [group(0, 2, lengths=[3, 1], scores=[1.0, 0.0]), group(1, 2, lengths=[2, 2], scores=[0.1, 0.1])]
+    b = _batch_with_policy_data(groups)
+    out, metrics = step.advantages(registry.get_algorithm("grpo"), b, max_new_tokens=8)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)  # [1, 0]: mean 0.5, unbiased std sqrt(0.5)
+    expected = torch.tensor([[a, a, a], [-a, 0, 0], [0, 0, 0], [0, 0, 0]])
+    assert torch.allclose(out.data["advantages"], expected, atol=1e-6)
+    # returns: the outcome on the valid tokens
+    assert torch.allclose(out.data["returns"], torch.tensor([[1, 1, 1], [0, 0, 0], [0.1, 0.1, 0], [0.1, 0.1, 0]]))
+    assert "seg_end" not in out.data and "value_mask" not in out.data
+    assert metrics["critic/advantages/max"] == pytest.approx(a, abs=1e-6)
+    assert metrics["critic/advantages/min"] == pytest.approx(-a, abs=1e-6)
+    assert "segments/per_response" not in metrics
+
+
+def test_advantages_sapo_parity_with_registry():
+    """SAPO: advantages/returns/seg_end/value_mask equal the registry's own calls; metrics are present."""
+    torch.manual_seed(0)
+    groups = [group(0, 2, lengths=[5, 3], scores=[1.0, 0.0]), group(1, 1, lengths=[4], scores=[0.5])]
+    b = step.make_batch(groups, pad_id=0)
+    shape = b.response_mask.shape
+    mask = b.response_mask
+    old_logp = -torch.rand(shape) * mask
+    ref_logp = -torch.rand(shape) * mask
+    b = b.with_data(old_logp=old_logp, ref_logp=ref_logp, entropy=torch.rand(shape) * mask,
+                    values=torch.randn(shape) * mask)
+    spec = registry.get_algorithm("sapo")
+    out, metrics = step.advantages(spec, b, max_new_tokens=8)
+
+    seg = registry.make_segments(spec, mask, entropy=b.data["entropy"], logprobs=old_logp)
+    adv, ret = registry.compute_advantages(spec, scores=b.data["scores"], mask=mask, values=b.data["values"],
+                                           segments=seg, group_index=b.data["group_index"], old_logp=old_logp,
+                                           ref_logp=ref_logp)
+    assert torch.equal(out.data["advantages"], adv)
+    assert torch.equal(out.data["returns"], ret)
+    assert torch.equal(out.data["seg_end"], seg.end_mask)
+    assert torch.equal(out.data["value_mask"], registry.critic_mask(spec, mask, seg).float())
+    assert metrics["segments/per_response"] == pytest.approx(float(seg.num_segments.float().mean()))
+    assert "critic/vf_explained_var" in metrics
+    # k1 KL: mean over the 12 valid tokens of old - ref
+    assert metrics["actor/reward_kl"] == pytest.approx(float((old_logp - ref_logp).sum() / 12), abs=1e-6)
+
+
+def test_dapo_overlong_penalty_hand_values():
+    """DAPO with max 10 tokens: buffer 2; lengths 8, 9, 10 get penalties 0, -0.5, -1."""
+    spec = registry.get_algorithm("dapo", overlong_buffer_len=None)
+    assert spec.overlong_buffer(10) == 2
+    shaped = registry.shape_scores(spec, torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([3, 8, 9, 10]), 10)
+    assert torch.allclose(shaped, torch.tensor([1.0, 1.0, 0.5, 0.0]))
+
+
+def test_advantages_dapo_uses_shaped_scores():
+    """DAPO through `advantages`: equal raw scores, lengths 8/9/10 of 10 -> shaped [1, .5, 0] -> GRPO [1, 0, -1]."""
+    groups = [group(0, 3, lengths=[8, 9, 10], scores=[1.0, 1.0, 1.0])]
+    b = _batch_with_policy_data(groups)
+    out, _ = step.advantages(registry.get_algorithm("dapo"), b, max_new_tokens=10)
+    a = 0.5 / (0.5 + 1e-6)  # mean 0.5, unbiased std sqrt((.25 + 0 + .25) / 2) = 0.5
+    first = out.data["advantages"][:, 0]
+    assert torch.allclose(first, torch.tensor([a, 0.0, -a]), atol=1e-6)
+    assert out.data["advantages"][0, 8:].abs().sum() == 0  # padding of the 8-token row
+    assert torch.allclose(out.data["returns"][:, 0], torch.tensor([1.0, 0.5, 0.0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# tis_weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tis_weights_hand_values():
+    """Ratios 0.5, 3, 1 capped at 2 -> 0.5, 2, 1 on valid tokens, 0 on padding; clipfrac 1/3."""
+    b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
+    rollout = torch.tensor([[-1.0, -2.0], [-0.3, 0.0]])
+    old = torch.tensor([[-1.0 + math.log(0.5), -2.0 + math.log(3.0)], [-0.3, 5.0]])  # padding differs by 5
+    out, metrics = step.tis_weights(b.with_data(rollout_logp=rollout, old_logp=old), cap=2.0)
+    assert torch.allclose(out.data["is_weights"], torch.tensor([[0.5, 2.0], [1.0, 0.0]]))
+    assert metrics["rollout/tis_clipfrac"] == pytest.approx(1 / 3)
+    assert metrics["rollout/tis_weight_mean"] == pytest.approx(3.5 / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch_metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_batch_metrics_hand_counts():
+    """3 groups x 2 rows: 6 rows, 3 groups, mean accuracy/format/lengths/clip ratio by hand."""
+    gs = [Group({"id": i}, [sample(i, 2, finished=True), sample(i, 4, finished=(i != 1))],
+                [score(1.0, acc=float(i == 0), fmt=1.0), score(0.0, acc=0.0, fmt=0.0)]) for i in range(3)]
+    b = step.make_batch(gs, pad_id=0)
+    b = b.with_data(old_logp=b.data["rollout_logp"])
+    m = step.batch_metrics(b, compare_rollout_logp=False)
+    assert m["batch/rows"] == 6 and m["batch/groups"] == 3
+    assert m["reward/accuracy"] == pytest.approx(1 / 6)
+    assert m["reward/format"] == pytest.approx(0.5)
+    assert m["response_length/mean"] == pytest.approx(3.0)
+    assert m["response_length/max"] == 4 and m["response_length/min"] == 2
+    assert m["response_length/clip_ratio"] == pytest.approx(1 / 6)
+    assert m["critic/score/mean"] == pytest.approx(0.5)
+    assert "rollout/logp_diff_max" not in m and "rollout/logp_diff_mean" not in m
+
+
+def test_batch_metrics_logp_diff_only_when_compared():
+    """`rollout/logp_diff_*` appear only with compare_rollout_logp, with hand max/mean over valid tokens."""
+    b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
+    rollout = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    old = torch.tensor([[-1.25, -1.5], [-0.5, 9.0]])  # |diff| 0.25, 0.5, 0 on valid; 9 on padding
+    b = b.with_data(rollout_logp=rollout, old_logp=old)
+    m = step.batch_metrics(b, compare_rollout_logp=True)
+    assert m["rollout/logp_diff_max"] == pytest.approx(0.5)
+    assert m["rollout/logp_diff_mean"] == pytest.approx(0.25)
+    assert "rollout/logp_diff_max" not in step.batch_metrics(b, compare_rollout_logp=False)
