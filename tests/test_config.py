@@ -116,3 +116,50 @@ def test_freezing_the_vision_tower_of_a_text_model_fails_before_ray_starts():
     check_environment(compose_cfg("actor.freeze_vision_tower=true"))  # the bundled VLM has one
     with pytest.raises(ConfigError, match=r"actor\.freeze_vision_tower=true.*text-only"):
         check_environment(compose_cfg("model=tiny_lm", "actor.freeze_vision_tower=true"))
+
+
+def test_each_role_schedules_over_its_own_optimizer_steps():
+    """The demo's critic takes two optimizer steps per training step (mini-batch 32 of 64 rows), the actor
+    one, after the critic's warm-up: with `optim.schedule=cosine` both learning rates follow one cosine over
+    the run's updating steps, instead of the critic's reaching 0 halfway (a schedule sized for the actor)."""
+    from sapo_ray.config import optimizer_steps
+    from sapo_ray.learner.worker import lr_lambda
+
+    cfg = compose_cfg("actor.optim.schedule=cosine", "critic.optim.schedule=cosine", "algorithm.critic_warmup=0")
+    assert (cfg.trainer.steps, cfg.data.prompts_per_step * cfg.rollout.n) == (40, 64)
+    assert (cfg.actor.mini_batch_size, cfg.critic.mini_batch_size) == (64, 32)
+    assert optimizer_steps(cfg, "actor") == 40 and optimizer_steps(cfg, "critic") == 80
+    actor, critic = lr_lambda(0, 40, "cosine"), lr_lambda(0, 80, "cosine")
+    for step in range(40):  # after training step `step`: the actor took step + 1 steps, the critic 2 (step + 1)
+        assert critic(2 * (step + 1)) == pytest.approx(actor(step + 1), abs=1e-12)
+    assert actor(20) == pytest.approx(0.5) and critic(40) == pytest.approx(0.5)  # halfway: half the lr, not 0
+    # With a warm-up the actor updates only after it: 35 steps; the critic still updates at every step.
+    cfg = compose_cfg("algorithm.critic_warmup=5")
+    assert optimizer_steps(cfg, "actor") == 35 and optimizer_steps(cfg, "critic") == 80
+    assert optimizer_steps(compose_cfg("algorithm=grpo", "algorithm.critic_warmup=5"), "actor") == 40  # no critic
+
+
+def test_validation_reads_the_registries():
+    """A newly registered engine, policy loss or estimator is a valid config value at once; unknown ones
+    fail naming the key and listing the registered names."""
+    from sapo_ray.algo import losses
+    from sapo_ray.rollout.engine import ENGINES
+
+    with pytest.raises(ConfigError, match=r"rollout\.engine='mine'.*hf"):
+        validate(compose_cfg("rollout.engine=mine"))
+    with pytest.raises(ConfigError, match=r"algorithm\.policy_loss='mine'.*clipped"):
+        validate(compose_cfg("algorithm.policy_loss=mine"))
+    ENGINES["mine"] = ENGINES["hf"]
+    losses.POLICY_LOSSES["mine"] = losses.POLICY_LOSSES["clipped"]
+    try:
+        validate(compose_cfg("rollout.engine=mine", "algorithm.policy_loss=mine"))
+    finally:
+        del ENGINES["mine"], losses.POLICY_LOSSES["mine"]
+
+
+def test_dapo_overlong_buffer_adapts_to_the_length_limit():
+    """DAPO's preset leaves the buffer to the length limit (a fifth of it); an explicit one is checked."""
+    cfg = compose_cfg("algorithm=dapo", "rollout.max_new_tokens=96")
+    validate(cfg)
+    assert algorithm_spec(cfg).overlong_buffer(96) == 19
+    validate(compose_cfg("algorithm=dapo", "algorithm.overlong_buffer_len=96", "rollout.max_new_tokens=96"))

@@ -265,3 +265,28 @@ def test_entropy_from_logits_by_hand():
     torch.testing.assert_close(
         losses.entropy_from_logits(logits), torch.tensor([math.log(2.0), 0.5623351446188083], dtype=D)
     )
+
+
+def test_a_registered_policy_loss_is_used_through_the_spec():
+    """`AlgorithmSpec.policy_loss` names a function in `losses.POLICY_LOSSES`: a plain (unclipped) policy
+    gradient registered here gives -mean(A * s) by hand, with its own metric, through `registry.policy_loss`."""
+    from sapo_ray.algo import registry
+
+    @losses.register_policy_loss("test_unclipped")
+    def unclipped(log_s, adv, valid, **_):
+        return -adv * torch.exp(log_s), {"positive_adv": adv > 0}
+
+    try:
+        logp = torch.tensor([[-1.0, -2.0, 0.0]], dtype=torch.float64)
+        old = torch.tensor([[-1.0 - math.log(2.0), -2.0, 0.0]], dtype=torch.float64)  # ratios 2, 1 (pad)
+        adv = torch.tensor([[1.0, -3.0, 9.0]], dtype=torch.float64)
+        mask = torch.tensor([[1.0, 1.0, 0.0]])
+        spec = registry.get_algorithm("ppo", policy_loss="test_unclipped")
+        loss, metrics = registry.policy_loss(spec, logp, old, adv, mask)
+        assert float(loss) == pytest.approx(-(1.0 * 2.0 + -3.0 * 1.0) / 2)  # no clip at ratio 2
+        assert float(metrics["positive_adv"]) == pytest.approx(0.5)
+        assert float(metrics["ppo_kl"]) == pytest.approx(-math.log(2.0) / 2)
+        clipped, _ = registry.policy_loss(registry.get_algorithm("ppo"), logp, old, adv, mask)
+        assert float(clipped) == pytest.approx(-(1.0 * 1.2 + -3.0 * 1.0) / 2)  # the preset clips at 1.2
+    finally:
+        del losses.POLICY_LOSSES["test_unclipped"]
