@@ -162,7 +162,7 @@ class VLLMEngine:
         llm = LLM(
             model=path,
             dtype=cfg.model.dtype,
-            seed=derive_seed(cfg.seed, "engine", cfg.index),
+            seed=derive_seed(cfg.seed, "engine", cfg.index) % 2**32,  # vLLM also seeds numpy with it
             tensor_parallel_size=r.tensor_parallel_size,
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=r.max_model_len,

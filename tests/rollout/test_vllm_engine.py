@@ -170,19 +170,14 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
 
 def test_tis_weights_are_truncated_ratios():
     """rollout.tis_cap: w = min(exp(old_logp - rollout_logp), cap) on valid tokens, 0 on padding."""
-    from omegaconf import OmegaConf
-
     from sapo_ray.batch import Batch, Sample
-    from sapo_ray.trainer import Trainer
-
-    trainer = Trainer.__new__(Trainer)  # only its config is read
-    trainer.cfg = OmegaConf.create({"rollout": {"tis_cap": 2.0}})
+    from sapo_ray.step import tis_weights
 
     samples = [Sample([1], [5, 6, 7], [-1.0, -2.0, -0.5], [0.0] * 3, "", True, 0),
                Sample([1], [5], [-3.0], [0.0], "", True, 0)]
     batch = Batch.from_samples(samples, pad_id=0)
     batch = batch.with_data(old_logp=torch.tensor([[-1.5, -1.0, -0.5], [-2.5, 0.0, 0.0]]))
-    out, metrics = trainer.tis_weights(batch)
+    out, metrics = tis_weights(batch, cap=2.0)
     expected = torch.tensor([[math.exp(-0.5), 2.0, 1.0], [math.exp(0.5), 0.0, 0.0]])
     assert torch.allclose(out.data["is_weights"], expected)
     assert metrics["rollout/tis_clipfrac"] == pytest.approx(0.25)
