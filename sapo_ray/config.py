@@ -213,6 +213,20 @@ class RayConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # How actors are placed on GPUs (sapo_ray.placement): none = Ray places each actor by its resource
+    # request; colocate = one placement group, a bundle per GPU, rollout engine i, actor rank i and critic
+    # rank i on bundle i (their num_gpus shares must sum to <= 1); split = engines on GPUs of their own,
+    # actor and critic rank i together on learner bundle i (what rollout.weight_sync=broadcast needs).
+    placement: str = "none"
+    # Seconds to wait for the placement group's bundles before failing with the numbers.
+    placement_timeout_s: float = 120.0
+    # Start the local Ray cluster with this many logical GPUs and run the actors that hold GPU shares on
+    # the CPU (gloo instead of NCCL): the exact GPU topology, exercised on a machine without GPUs. 0 = off.
+    simulate_gpus: int = 0
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,6 +238,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:
@@ -366,10 +381,11 @@ def validate(cfg) -> None:
     _check(r.weight_sync != "broadcast" or (r.num_gpus > 0) == (cfg.actor.num_gpus > 0),
            f"rollout.weight_sync=broadcast needs learners and rollout both on GPUs (NCCL) or both on CPUs (gloo); "
            f"got actor.num_gpus={cfg.actor.num_gpus}, rollout.num_gpus={r.num_gpus}")
-    _check(r.weight_sync != "broadcast" or r.num_gpus == 0 or (r.num_gpus >= 1 and cfg.actor.num_gpus >= 1),
-           "rollout.weight_sync=broadcast on GPUs needs whole GPUs for rollout and learners (NCCL cannot join two "
-           f"processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
-           "use rollout.weight_sync=object_store for engines sharing GPUs with learners")
+    _check(r.weight_sync != "broadcast" or r.num_gpus == 0 or cfg.cluster.placement == "split"
+           or (r.num_gpus >= 1 and cfg.actor.num_gpus >= 1),
+           "rollout.weight_sync=broadcast on GPUs needs the engines and learner rank 0 on different GPUs (NCCL cannot "
+           f"join two processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
+           "use cluster.placement=split, whole GPUs for both, or rollout.weight_sync=object_store")
     _check(not r.enable_sleep_mode or (r.engine == "vllm" and r.num_gpus > 0),
            "rollout.enable_sleep_mode frees GPU memory of the vllm engine: it needs rollout.engine=vllm and "
            f"rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
@@ -380,6 +396,13 @@ def validate(cfg) -> None:
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
     _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
                                    "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")
+    _check(cfg.cluster.simulate_gpus >= 0, f"cluster.simulate_gpus={cfg.cluster.simulate_gpus} must be >= 0")
+    from sapo_ray.placement import PlacementError, plan
+
+    try:
+        plan(cfg, spec.needs_critic)
+    except PlacementError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_batch(cfg, spec: AlgorithmSpec) -> None:

@@ -46,9 +46,11 @@ def check_environment(cfg: DictConfig) -> None:
         if value and not Path(value).exists():
             raise ConfigError(f"data.{key}={value!r} does not exist; point it at a local parquet file or directory")
     wants_gpu = cfg.rollout.num_gpus > 0 or cfg.actor.num_gpus > 0 or (cfg.algorithm.needs_critic and cfg.critic.num_gpus > 0)
-    if wants_gpu and not os.environ.get("RAY_ADDRESS") and not cfg.ray.address and not torch.cuda.is_available():
+    local = not os.environ.get("RAY_ADDRESS") and not cfg.ray.address
+    if wants_gpu and local and not cfg.cluster.simulate_gpus and not torch.cuda.is_available():
         raise ConfigError("this config places actors on GPUs (rollout/actor/critic num_gpus > 0) but no CUDA device "
-                          "is visible and no Ray cluster address is set; run on a GPU node or set ray.address")
+                          "is visible and no Ray cluster address is set; run on a GPU node, set ray.address, or "
+                          "try the topology on the CPU with cluster.simulate_gpus=N")
 
 
 def init_ray(cfg: DictConfig) -> bool:
@@ -63,7 +65,8 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+        num_gpus = cfg.cluster.simulate_gpus or cfg.ray.num_gpus  # logical GPUs: the actors run on the CPU
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
 

@@ -20,6 +20,7 @@ import ray
 from omegaconf import OmegaConf
 
 from sapo_ray.algo import registry
+from sapo_ray import placement
 from sapo_ray import step as bookkeeping
 from sapo_ray.batch import Batch, Prompt, Sample, SamplingParams
 from sapo_ray.config import (algorithm_spec, learner_worker_config, needs_ref, resolve_model_path,
@@ -73,24 +74,44 @@ class Trainer:
         self.reward = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.custom,
                                  cfg.reward.acc_weight, cfg.reward.format_weight)
 
-        self._check_resources()
+        plan = placement.plan(cfg, self.spec.needs_critic)
+        if plan is None:
+            self._check_resources()
+        self.placement = placement.PlacementGroup.create(plan, cfg.cluster.placement_timeout_s)
+        hide = cfg.cluster.simulate_gpus > 0
         r = cfg.rollout
         rollout_actor = ray.remote(RolloutWorker)
         self.rollout = [
             rollout_actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources) or None,
-                                  runtime_env={"env_vars": actor_env(r.num_threads)})
+                                  runtime_env={"env_vars": actor_env(r.num_threads, hide)},
+                                  **self.placement.options("rollout", i))
             .remote(rollout_worker_config(cfg, i))
             for i in range(r.num_workers)
         ]
-        self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"))
-        self.critic = WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic")) if self.spec.needs_critic else None
+        self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"), self.placement, hide)
+        self.critic = (WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic"), self.placement, hide)
+                       if self.spec.needs_critic else None)
         ray.get([w.ready.remote() for w in self.rollout])
         ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
         self.weight_sync = WeightSync(self.actor, self.rollout, r.weight_sync, r.sync_bucket_mb * 2**20, ranks_per_engine)
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
+        self._warn_config_changes()
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
+
+    def _warn_config_changes(self) -> None:
+        """A run directory that already holds a run with another config: say which keys differ (the run
+        continues its checkpoint with the new values, as `trainer.resume=auto` asks)."""
+        old_path = self.run_dir / "config.yaml"
+        if self.cfg.trainer.resume != "auto" or not (self.run_dir / "checkpoints" / "latest").exists():
+            return
+        old = _flatten(OmegaConf.to_container(OmegaConf.load(old_path)))
+        new = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            log.warning("%s holds a run whose config differs in %s; continuing it with the new values",
+                        self.run_dir, ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
 
     def _generator_knobs(self, name: str, path: str | None, **knobs) -> dict:
         """Generator arguments when `name` is generated (synthvista without a path), else none.
@@ -295,6 +316,7 @@ class Trainer:
         if resume == "auto":
             latest = self.run_dir / "checkpoints" / "latest"
             if not latest.exists():
+                log.info("no checkpoint in %s: starting a fresh run", self.run_dir)
                 return
             path = latest.parent / latest.read_text().strip()
         else:
@@ -309,7 +331,11 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.sync_weights()
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("continuing from checkpoint %s (step %d of %d)", path, self.step, self.cfg.trainer.steps)
+        if self.step >= self.cfg.trainer.steps:
+            log.warning("%s already holds a finished run (step %d of trainer.steps=%d): nothing to train; "
+                        "trainer.resume=never or another trainer.experiment starts a new run",
+                        self.run_dir, self.step, self.cfg.trainer.steps)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -341,6 +367,8 @@ class Trainer:
         for group in (getattr(self, "actor", None), getattr(self, "critic", None)):
             if group is not None:
                 group.shutdown()
+        if hasattr(self, "placement"):
+            self.placement.remove()
         if hasattr(self, "reward"):
             self.reward.close()
         if hasattr(self, "tracker"):
@@ -350,3 +378,14 @@ class Trainer:
 def _mean_dicts(parts: list[dict]) -> dict:
     keys = parts[0].keys()
     return {k: float(np.mean([p[k] for p in parts])) for k in keys}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+SIMULATED_GPUS = 8
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,12 +30,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster for the whole session (2 CPUs, no dashboard)."""
+    """A local Ray cluster for the whole session (2 CPUs, no dashboard). Without CUDA it has 8 logical GPUs,
+    so placement tests can put actors on simulated GPUs (they compute on the CPU)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=2, num_gpus=torch.cuda.device_count() or SIMULATED_GPUS, include_dashboard=False,
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
 

@@ -17,14 +17,17 @@ class WorkerGroup:
     weight gathering); `call_sharded(method, batch, ...)` gives rank r the r-th equal row shard.
     """
 
-    def __init__(self, cls, cfg: LearnerWorkerConfig):
+    def __init__(self, cls, cfg: LearnerWorkerConfig, placement=None, hide_gpus: bool = False):
+        """`placement` (a `sapo_ray.placement.PlacementGroup`) pins rank r to its bundle; `hide_gpus` runs
+        ranks holding logical GPU shares on the CPU (`cluster.simulate_gpus`)."""
         g = cfg.learner
         actor = ray.remote(cls)
         self.name = cfg.role
         self.workers = [
             actor.options(
                 num_cpus=g.num_cpus, num_gpus=g.num_gpus, resources=dict(g.resources) or None,
-                runtime_env={"env_vars": actor_env(g.num_threads)},
+                runtime_env={"env_vars": actor_env(g.num_threads, hide_gpus)},
+                **(placement.options(cfg.role, rank) if placement else {}),
             ).remote(rank, g.world_size, cfg)
             for rank in range(g.world_size)
         ]

@@ -15,10 +15,13 @@ import torch
 THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
-def actor_env(num_threads: int) -> dict[str, str]:
-    """Environment for an actor process that owns `num_threads` cores: no spinning, no oversubscription."""
+def actor_env(num_threads: int, hide_gpus: bool = False) -> dict[str, str]:
+    """Environment for an actor process that owns `num_threads` cores: no spinning, no oversubscription.
+    `hide_gpus` (simulated GPUs): the actor sees no CUDA device, so it computes on the CPU over gloo
+    whatever logical GPU share Ray gave it."""
     n = str(max(1, int(num_threads)))
-    return {**THREAD_ENV, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    hidden = {"CUDA_VISIBLE_DEVICES": "", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if hide_gpus else {}
+    return {**THREAD_ENV, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, **hidden}
 
 
 def set_threads(num_threads: int) -> None:
