@@ -224,6 +224,10 @@ class ClusterConfig:
     # Start the local Ray cluster with this many logical GPUs and run the actors that hold GPU shares on
     # the CPU (gloo instead of NCCL): the exact GPU topology, exercised on a machine without GPUs. 0 = off.
     simulate_gpus: int = 0
+    # Memory of one GPU in GiB, and GPUs per node: the budget and the node layout of the memory plan
+    # (`python -m sapo_ray.plan`), which the trainer also checks before it creates actors.
+    gpu_memory_gb: float = 80.0
+    gpus_per_node: int = 8
 
 
 @dataclass
@@ -422,12 +426,7 @@ def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
 
 
 def _validate_vllm(cfg) -> None:
-    import importlib.util
-
-    from sapo_ray.rollout.engine import VLLM_INSTALL_HINT
-
     r = cfg.rollout
-    _check(importlib.util.find_spec("vllm") is not None, VLLM_INSTALL_HINT)
     _check(cfg.actor.recompute_old_logp, "rollout.engine=vllm returns no per-token entropies (segments need them): "
                                          "set actor.recompute_old_logp=true")
     _check(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} must be >= 1")

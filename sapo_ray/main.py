@@ -51,6 +51,13 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("this config places actors on GPUs (rollout/actor/critic num_gpus > 0) but no CUDA device "
                           "is visible and no Ray cluster address is set; run on a GPU node, set ray.address, or "
                           "try the topology on the CPU with cluster.simulate_gpus=N")
+    if cfg.rollout.engine == "vllm":
+        import importlib.util
+
+        from sapo_ray.rollout.engine import VLLM_INSTALL_HINT
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(VLLM_INSTALL_HINT)
 
 
 def init_ray(cfg: DictConfig) -> bool:

@@ -77,6 +77,8 @@ class Trainer:
         plan = placement.plan(cfg, self.spec.needs_critic)
         if plan is None:
             self._check_resources()
+        elif any(b.get("GPU") for b in plan.bundles):
+            self._check_memory()
         self.placement = placement.PlacementGroup.create(plan, cfg.cluster.placement_timeout_s)
         hide = cfg.cluster.simulate_gpus > 0
         r = cfg.rollout
@@ -99,6 +101,17 @@ class Trainer:
         self._warn_config_changes()
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
+
+    def _check_memory(self) -> None:
+        """The memory plan (`python -m sapo_ray.plan`) before any actor exists: stop if a GPU is over budget."""
+        from sapo_ray.plan import format_plan, memory_plan
+
+        estimate = memory_plan(self.cfg)
+        if not estimate["fits"]:
+            raise RuntimeError(f"the memory plan exceeds cluster.gpu_memory_gb={self.cfg.cluster.gpu_memory_gb:g} GiB "
+                               f"on some GPU (lower micro-batches or lengths, turn on model.gradient_checkpointing or "
+                               f"rollout.enable_sleep_mode, or raise the budget if the GPUs are larger):\n"
+                               f"{format_plan(estimate)}")
 
     def _warn_config_changes(self) -> None:
         """A run directory that already holds a run with another config: say which keys differ (the run

@@ -1,0 +1,209 @@
+"""`python -m sapo_ray.plan [overrides] [--json]`: where every actor goes and what each GPU must hold.
+
+Builds the policy's architecture on the meta device from `model.path`'s `config.json` (no weights are
+read, so `model.path=bundled:configs/qwen2_5_vl_3b` works anywhere), places the actors as
+`cluster.placement` does (`sapo_ray.placement`), and estimates per GPU and role, in GiB:
+
+- learners (FSDP over `world_size` ranks): weights, gradients and AdamW's two moments, each sharded
+  and stored in `model.dtype`; the parameters gathered for compute (bf16: the unsharded root and two
+  blocks, the one running and the one prefetched); the frozen reference's shard (KL); activations of
+  one micro-batch of `micro_batch_size x (data.max_prompt_length + rollout.max_new_tokens)` tokens
+  (with gradient checkpointing each block keeps only its input and one block is recomputed at a
+  time); the actor's float32 logits over the response tokens (logits, log-softmax and their gradient);
+- the engine: vllm reserves `rollout.gpu_memory_utilization` of the GPU (weights, KV cache and its own
+  activations); hf holds its weights, a KV cache for `rollout.max_batch_size` rows and every step's
+  float32 logits (it returns them to compute log-probs).
+
+The total is the learners' resident state plus the larger of the engine (freed between rollouts with
+`rollout.enable_sleep_mode`) and one learner's activations (the phases run one after another), or
+their sum without sleep mode. It is an estimate from the shapes, not a measurement: allocator
+fragmentation, CUDA context (~0.5 GiB per process) and NCCL buffers come on top. Exit status 2 when a
+GPU is over `cluster.gpu_memory_gb`; the trainer runs the same check before it creates actors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs of an architecture (counts of parameters, sizes of tensors)."""
+
+    params: int
+    vision_params: int
+    lm_head_params: int  # 0 when tied to the embedding
+    root_params: int  # outside every transformer block: embeddings, lm_head, norms, vision patch/merger
+    block_params: int  # the largest transformer block (an FSDP unit)
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads x head dimension
+    layers: int
+    vocab: int
+
+
+def model_shape(path: str) -> ModelShape:
+    """The shape of the model at `path`, built on the meta device (no weights read)."""
+    from transformers import AutoConfig
+
+    from sapo_ray.models.loading import build_from_config
+    from sapo_ray.models.processor import _check_dir
+
+    config = AutoConfig.from_pretrained(_check_dir(path))
+    with torch.device("meta"):
+        model = build_from_config(config, torch.bfloat16, "sdpa")
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    in_units = {id(p) for m in units for p in m.parameters()}
+    count = lambda params: sum(p.numel() for p in params)
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is None or lm_head.weight is model.get_input_embeddings().weight
+    return ModelShape(
+        params=count(model.parameters()),
+        vision_params=count(p for n, p in model.named_parameters() if ".visual." in f".{n}"),
+        lm_head_params=0 if tied else lm_head.weight.numel(),
+        root_params=count(p for p in model.parameters() if id(p) not in in_units),
+        block_params=max((count(m.parameters()) for m in units), default=0),
+        hidden=text.hidden_size, intermediate=text.intermediate_size, kv_dim=text.num_key_value_heads * head_dim,
+        layers=text.num_hidden_layers, vocab=text.vocab_size,
+    )
+
+
+def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool) -> float:
+    """Activations kept for the backward pass of `tokens` tokens through the decoder, in bf16.
+
+    One block keeps about `2 * (6 h + 2 kv + 4 I)` bytes per token: its input, the norms' outputs,
+    queries, keys and values, the attention output, and the MLP's gate, up, activation and product
+    (sdpa keeps no attention matrix). Checkpointing keeps each block's input (`2 h` bytes per token)
+    and recomputes one block at a time."""
+    per_block = 2 * (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
+    if checkpointing:
+        return tokens * (shape.layers * 2 * shape.hidden + per_block)
+    return tokens * shape.layers * per_block
+
+
+def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[str, float]:
+    """One rank of `role` (actor or critic): resident state and the activation peak, in GiB."""
+    g, m = cfg[role], cfg.model
+    size = DTYPE_BYTES[m.dtype]
+    params = shape.params - (shape.lm_head_params if role == "critic" else 0)
+    trainable = params - (shape.vision_params if g.freeze_vision_tower else 0)
+    world = g.world_size
+    out = {"weights": size * params / world, "gradients": size * trainable / world,
+           "optimizer": 2 * size * trainable / world,
+           "gathered": 2 * (shape.root_params + 2 * shape.block_params)}
+    if with_ref:
+        out["reference"] = size * shape.params / world
+    tokens = g.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+    out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
+    if role == "actor":
+        out["logits"] = 3 * 4 * g.micro_batch_size * cfg.rollout.max_new_tokens * shape.vocab
+    return {k: v / GiB for k, v in out.items()}
+
+
+def engine_memory(shape: ModelShape, cfg) -> dict[str, float]:
+    """One rollout engine on its GPU(s), per GPU, in GiB."""
+    r = cfg.rollout
+    if r.engine == "vllm":
+        return {"reserved": r.gpu_memory_utilization * cfg.cluster.gpu_memory_gb}
+    size = DTYPE_BYTES[cfg.model.dtype]
+    seq = cfg.data.max_prompt_length + r.max_new_tokens
+    gpus = max(1, math.ceil(r.num_gpus))
+    return {"weights": size * shape.params / GiB / gpus,
+            "kv_cache": 2 * size * shape.layers * shape.kv_dim * r.max_batch_size * seq / GiB / gpus,
+            "logits": 4 * r.max_batch_size * r.max_new_tokens * shape.vocab / GiB / gpus}
+
+
+def gpu_total(parts: dict[str, dict[str, float]], sleep: bool) -> float:
+    """Learners' resident state + the engine and the activation peaks (the larger one with sleep mode)."""
+    resident = sum(v for role, p in parts.items() if role != "rollout"
+                   for k, v in p.items() if k not in ("activations", "logits"))
+    peaks = [p.get("activations", 0.0) + p.get("logits", 0.0) for role, p in parts.items() if role != "rollout"]
+    engine = sum(parts.get("rollout", {}).values())
+    learner_peak = max(peaks, default=0.0)
+    return resident + (max(engine, learner_peak) if sleep else engine + learner_peak)
+
+
+def memory_plan(cfg) -> dict:
+    """Every GPU of the placement with its actors and memory estimate; `fits` if all are within budget."""
+    from sapo_ray.config import algorithm_spec, needs_ref
+    from sapo_ray.placement import plan
+
+    spec = algorithm_spec(cfg)
+    placement = plan(cfg, spec.needs_critic)
+    if placement is None or not any(b.get("GPU") for b in placement.bundles):
+        raise ValueError("the memory plan is for GPU placements: set cluster.placement=colocate or split and "
+                         "GPU shares (rollout/actor/critic.num_gpus)")
+    shape = model_shape(cfg.model.path)
+    budget = cfg.cluster.gpu_memory_gb
+    per_node = cfg.cluster.gpus_per_node
+    gpus, index = [], 0
+    for b, bundle in enumerate(placement.bundles):
+        for _ in range(int(bundle.get("GPU", 0))):
+            slots = placement.on_bundle(b)
+            parts = {}
+            for s in slots:
+                if s.role == "rollout":
+                    parts["rollout"] = engine_memory(shape, cfg)
+                else:
+                    parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and needs_ref(spec))
+            total = gpu_total(parts, cfg.rollout.enable_sleep_mode)
+            gpus.append({"node": f"node{index // per_node}", "gpu": index % per_node, "bundle": b,
+                         "actors": [{"role": s.role, "rank": s.rank, "share": s.num_gpus} for s in slots],
+                         "memory_gb": {"total": round(total, 2),
+                                       **{f"{role}/{k}": round(v, 2) for role, p in parts.items() for k, v in p.items()}},
+                         "fits": total <= budget})
+            index += 1
+    return {"fits": all(g["fits"] for g in gpus), "gpu_memory_gb": budget, "model": cfg.model.path,
+            "params_b": round(shape.params / 1e9, 3), "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "gpus": gpus}
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['model']}: {p['params_b']}B parameters, gradient checkpointing "
+             f"{'on' if p['gradient_checkpointing'] else 'off'}, budget {p['gpu_memory_gb']:g} GiB per GPU"]
+    for g in p["gpus"]:
+        actors = ", ".join(f"{a['role']} {a['rank']} ({a['share']:g})" for a in g["actors"])
+        mem = g["memory_gb"]
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")
+        lines.append(f"{g['node']} GPU {g['gpu']}: {actors} | {mem['total']:.1f} GiB "
+                     f"{'fits' if g['fits'] else 'OVER BUDGET'} ({detail})")
+    lines.append("fits" if p["fits"] else "does not fit")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from sapo_ray.config import ConfigError, register_configs, validate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    overrides = [a for a in args if a != "--json"]
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("config", overrides=overrides)
+    try:
+        validate(cfg)
+        p = memory_plan(cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=2) if as_json else format_plan(p))
+    return 0 if p["fits"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The memory plan (`python -m sapo_ray.plan`): placement and per-GPU estimates of the paper's run from the
+shipped Qwen2.5-VL configs (no weights), checked against numbers computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sapo_ray import plan as plan_mod
+
+EXPERIMENT = ["+experiment=mathvista", "model.path=bundled:configs/qwen2_5_vl_3b", "cluster.simulate_gpus=8"]
+P_3B = 3_754_622_976  # Qwen2.5-VL-3B-Instruct's parameters (vision tower included, embedding tied)
+GiB = 2**30
+
+
+def run_plan(capsys, *overrides: str) -> tuple[int, dict]:
+    code = plan_mod.main([*EXPERIMENT, *overrides, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_shapes_of_the_shipped_configs():
+    s3 = plan_mod.model_shape("bundled:configs/qwen2_5_vl_3b")
+    assert (s3.params, s3.hidden, s3.layers, s3.vocab, s3.kv_dim, s3.lm_head_params) == (P_3B, 2048, 36, 151936, 256, 0)
+    s7 = plan_mod.model_shape("bundled:configs/qwen2_5_vl_7b")
+    assert s7.params == 8_292_166_656 and s7.lm_head_params == 152064 * 3584  # 7B: untied lm_head
+
+
+def test_experiment_plan_one_of_each_role_per_gpu_and_fits(capsys):
+    code, p = run_plan(capsys)
+    assert code == 0 and p["fits"] and p["gradient_checkpointing"]
+    assert [(g["node"], g["gpu"]) for g in p["gpus"]] == [("node0", i) for i in range(8)]
+    for i, g in enumerate(p["gpus"]):
+        assert sorted((a["role"], a["rank"], a["share"]) for a in g["actors"]) == [
+            ("actor", i, 0.35), ("critic", i, 0.35), ("rollout", i, 0.3)]
+    mem = p["gpus"][0]["memory_gb"]
+    # By hand: bf16 weights sharded over 8 ranks; AdamW's two moments; vLLM reserves 0.25 of 80 GiB;
+    # the actor's float32 logits x3 for 4 rows x 2048 response tokens x 151,936 ids.
+    assert mem["actor/weights"] == pytest.approx(2 * P_3B / 8 / GiB, abs=0.01)
+    assert mem["actor/optimizer"] == pytest.approx(4 * P_3B / 8 / GiB, abs=0.01)
+    assert mem["rollout/reserved"] == 20.0
+    assert mem["actor/logits"] == pytest.approx(12 * 4 * 2048 * 151936 / GiB, abs=0.01)
+    # Checkpointing: 4 x 3072 tokens keep 36 block inputs (2 x 2048 B) plus one block's activations.
+    per_block = 2 * (6 * 2048 + 2 * 256 + 4 * 11008)
+    assert mem["actor/activations"] == pytest.approx(4 * 3072 * (36 * 2 * 2048 + per_block) / GiB, abs=0.01)
+    resident = sum(v for k, v in mem.items() if k != "total" and not k.startswith("rollout")
+                   and not k.endswith(("activations", "logits")))
+    peak = max(20.0, mem["actor/activations"] + mem["actor/logits"])  # sleep mode: engine or learner peak
+    assert mem["total"] == pytest.approx(resident + peak, abs=0.05)
+
+
+def test_without_checkpointing_or_sleep_it_does_not_fit(capsys):
+    code, p = run_plan(capsys, "model.gradient_checkpointing=false", "rollout.enable_sleep_mode=false")
+    assert code == 2 and not p["fits"]
+    assert p["gpus"][0]["memory_gb"]["actor/activations"] > 40  # every block's activations kept
+    code, p = run_plan(capsys, "cluster.gpu_memory_gb=24")
+    assert code == 2 and not any(g["fits"] for g in p["gpus"])
+
+
+def test_plan_needs_a_gpu_placement(capsys):
+    assert plan_mod.main(["model.path=bundled:configs/qwen2_5_vl_3b"]) == 2
+    assert "cluster.placement=colocate or split" in capsys.readouterr().err
+
+
+def test_trainer_refuses_an_over_budget_plan_before_creating_actors(ray_cluster, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from helpers import TINY_OVERRIDES
+    from sapo_ray.config import register_configs
+    from sapo_ray.main import run
+
+    register_configs()
+    with initialize_config_dir(config_dir=plan_mod.CONF, version_base=None):
+        cfg = compose("config", overrides=["model.path=bundled:tiny-vlm", f"trainer.run_dir={tmp_path}",
+                                           *TINY_OVERRIDES, "cluster.simulate_gpus=2", "cluster.placement=colocate",
+                                           "rollout.num_gpus=0.3", "actor.num_gpus=0.3", "critic.num_gpus=0.3",
+                                           "cluster.gpu_memory_gb=0.001"])
+    with pytest.raises(RuntimeError, match=r"memory plan exceeds cluster\.gpu_memory_gb=0\.001"):
+        run(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists()
