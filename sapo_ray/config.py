@@ -148,7 +148,9 @@ class LearnerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     num_threads: int = 2
-    # Rows per optimizer step across all ranks, and per forward/backward on one rank.
+    # Rows (sampled responses, not prompts) per optimizer step across all ranks, and per forward/backward
+    # on one rank. A step has data.prompts_per_step x rollout.n rows: GRPO with 64 prompts x n = 8 has 512,
+    # so mini_batch_size 128 gives 4 optimizer steps per PPO epoch (the paper's SAPO: 512 x 1, also 4).
     mini_batch_size: int = 64
     micro_batch_size: int = 32
     ppo_epochs: int = 1

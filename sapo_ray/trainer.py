@@ -215,7 +215,7 @@ class Trainer:
             # Every prompt too long, every group dropped, or too few rows for the ranks: no update, said in the metrics.
             log.warning("step %d: no usable rollouts (prompts too long, groups dropped by dynamic sampling, or fewer "
                         "rows than learner ranks); skipping the update", self.step + 1)
-            metrics["rollout/skipped_update"] = 1.0
+            metrics.update({"rollout/skipped_update": 1.0, "batch/rows": 0.0, "batch/groups": 0.0})
             return None, metrics
         return bookkeeping.make_batch(trimmed, self.pad_id), metrics
 
@@ -291,7 +291,8 @@ class Trainer:
                                        top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens),
                     "_greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)}
         for suffix, params in settings.items():
-            samples, examples, _ = self.generate(self.val_examples, params, ("validation",))
+            samples, examples, too_long = self.generate(self.val_examples, params, ("validation",))
+            out["val/prompt_too_long"] = float(too_long)  # counted, never silently dropped
             scores, _, _ = self.reward.score([s.text for s in samples], [examples[s.prompt_index] for s in samples])
             acc = np.array([x["acc"] for x in scores], dtype=float)
             out[f"val/accuracy{suffix}"] = float(acc.mean()) if len(acc) else 0.0

@@ -114,9 +114,10 @@ class LocalCluster:
                 raise RuntimeError(f"`ray start` ({name}) did not come up:\n{tail(log.read_text())}")
             time.sleep(0.5)
 
-    def start_head(self, num_cpus: int, resources: dict | None = None) -> None:
+    def start_head(self, num_cpus: int, resources: dict | None = None, num_gpus: int = 0) -> None:
         gcs, dashboard, client = free_ports(3)
-        self._start(["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+        self._start(["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+                     "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                      f"--ray-client-server-port={client}",
                      *([f"--resources={json.dumps(resources)}"] if resources else [])], "head")
@@ -124,9 +125,9 @@ class LocalCluster:
         self._wait(lambda: urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5).status == 200,
                    "the dashboard to answer")
 
-    def add_node(self, num_cpus: int, resources: dict) -> None:
-        self._start([f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"],
-                    f"node{len(self.nodes)}")
+    def add_node(self, num_cpus: int, resources: dict, num_gpus: int = 0) -> None:
+        self._start([f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+                     f"--resources={json.dumps(resources)}"], f"node{len(self.nodes)}")
         self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), f"{len(self.nodes)} alive nodes")
 
     def alive_nodes(self) -> list:
@@ -268,3 +269,30 @@ def test_two_nodes_pin_rollout_and_learners(cluster, random_tiny_models, tmp_pat
     for a in list_actors(address=c.dashboard_url, detail=True):
         placed.setdefault(a.class_name, set()).add(node_of[a.node_id])
     assert placed == {"RolloutWorker": {"node_b"}, "PolicyWorker": {"node_a"}, "CriticWorker": {"node_a"}}
+
+
+def test_two_nodes_colocated_on_simulated_gpus(cluster, random_tiny_models, tmp_path):
+    """Two nodes of 2 logical GPUs each, `cluster.placement=colocate` over 4 GPUs (GRPO: engines and actor
+    ranks): the placement group spans both nodes, and each node holds two engines and two actor ranks,
+    one of each per GPU; the run trains a step with its ranks on both nodes."""
+    from ray.util.state import list_actors, list_nodes
+
+    c = cluster(multi_node=True)
+    c.start_head(num_cpus=1, resources={"node_a": 1}, num_gpus=2)
+    c.add_node(num_cpus=1, resources={"node_b": 1}, num_gpus=2)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "sapo_ray.main", *tiny_overrides(random_tiny_models["vlm"]),
+                           "algorithm=grpo", "cluster.placement=colocate", "cluster.simulate_gpus=4",
+                           "rollout.num_workers=4", "rollout.num_gpus=0.5", "rollout.num_cpus=0.2",
+                           "actor.world_size=4", "actor.num_gpus=0.5", "actor.num_cpus=0.2", f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env={**c.env, "RAY_ADDRESS": c.gcs_address}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, f"{tail(proc.stdout)}\n{tail(proc.stderr)}\n{c.logs()}"
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1]
+    node_of = {n.node_id: ({"node_a", "node_b"} & set(n.resources_total)).pop()
+               for n in list_nodes(address=c.dashboard_url, detail=True)}
+    ranks: dict[str, list[str]] = {}
+    for a in sorted(list_actors(address=c.dashboard_url, detail=True), key=lambda a: a.actor_id):
+        if a.class_name in ("RolloutWorker", "PolicyWorker"):
+            ranks.setdefault(a.class_name, []).append(node_of[a.node_id])
+    assert sorted(ranks["PolicyWorker"]) == sorted(ranks["RolloutWorker"]) == ["node_a", "node_a", "node_b", "node_b"]
