@@ -436,3 +436,6 @@ def _validate_vllm(cfg) -> None:
            f"rollout.tensor_parallel_size={r.tensor_parallel_size} shards each engine over that many GPUs: "
            f"set rollout.num_gpus >= it (got {r.num_gpus})")
     _check(0 < r.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
+    _check(not 0 < r.num_gpus < 1 or r.gpu_memory_utilization <= r.num_gpus,
+           f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is the share of the whole GPU vLLM reserves: "
+           f"keep it within the engine's share rollout.num_gpus={r.num_gpus} (the rest belongs to the learners)")

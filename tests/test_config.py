@@ -63,6 +63,9 @@ def test_default_config_is_valid_and_overrides_apply():
     (["rollout.weight_sync=broadcast", "actor.num_gpus=1"], "rollout.weight_sync=broadcast"),
     (["rollout.weight_sync=broadcast", "actor.num_gpus=1", "rollout.num_gpus=0.5"], "whole GPUs"),
     (["rollout.enable_sleep_mode=true"], "rollout.enable_sleep_mode"),
+    (["+experiment=mathvista", "rollout.gpu_memory_utilization=0.5"], "rollout.gpu_memory_utilization=0.5"),
+    (["+experiment=mathvista", "rollout.num_gpus=0.5"], "GPU 0 would hold"),
+    (["cluster.placement=spread"], "cluster.placement"),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
