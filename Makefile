@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 VENV_VLLM  := .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: demo test venv bench clean $(VENV_VLLM)
+.PHONY: demo test venv bench gpu-check clean $(VENV_VLLM)
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ test: $(STAMP) $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/algo_bench.py
+
+# On a GPU machine: pytest -m gpu, colocated (and split) training steps, learner throughput; JSON summary.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .pytest_cache .hypothesis
