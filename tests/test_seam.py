@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -157,6 +158,10 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
             metrics = worker.update(batch)
             backbone = worker.model if role == "actor" else worker.model.model
             assert backbone.is_gradient_checkpointing, f"{role}: gradient checkpointing is off"
+            # One FSDP unit per decoder block and per vision block, plus the root, for both roles.
+            config = backbone.config
+            units = sum(isinstance(m, FSDPModule) for m in worker.model.modules())
+            assert units == config.text_config.num_hidden_layers + config.vision_config.depth + 1, (role, units)
             assert metrics[f"{role}/skipped_steps"] == 0 and f"{role}/lr" in metrics
             assert worker.scheduler.last_epoch == 4  # 2 epochs x 2 mini-batches of 2 rows
             missing = expected - reads - ({"model.critic_path"} if role == "actor" else set())

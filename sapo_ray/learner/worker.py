@@ -89,9 +89,8 @@ class FSDPWorker:
         mp = None
         if self.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        inner = getattr(model, "backbone", None)  # the critic's wrapped HF model
-        blocks |= set(getattr(inner, "_no_split_modules", None) or [])
+        # The block classes every Hugging Face model inside declares (the critic wraps one in ValueModel).
+        blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
         kwargs = {"mp_policy": mp} if mp else {}
         for module in model.modules():
             if type(module).__name__ in blocks:
