@@ -5,8 +5,8 @@ read, so `model.path=bundled:configs/qwen2_5_vl_3b` works anywhere), places the 
 `cluster.placement` does (`sapo_ray.placement`), and estimates per GPU and role, in GiB:
 
 - learners (FSDP over `world_size` ranks): weights, gradients and AdamW's two moments, each sharded
-  and stored in `model.dtype`; the parameters gathered for compute (bf16: the unsharded root and two
-  blocks, the one running and the one prefetched); the frozen reference's shard (KL); activations of
+  and stored in float32 (the master copy); the parameters gathered for compute (bf16: the unsharded root and two
+  blocks, the one running and the one prefetched); the frozen reference's shard in `model.dtype` (KL); activations of
   one micro-batch of `micro_batch_size x (data.max_prompt_length + rollout.max_new_tokens)` tokens
   (with gradient checkpointing each block keeps only its input and one block is recomputed at a
   time); the actor's float32 logits over the response tokens (logits, log-softmax and their gradient);
@@ -97,15 +97,15 @@ def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool) -> flo
 def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[str, float]:
     """One rank of `role` (actor or critic): resident state and the activation peak, in GiB."""
     g, m = cfg[role], cfg.model
-    size = DTYPE_BYTES[m.dtype]
+    master = 4  # float32 weights, gradients and moments (sapo_ray.learner.worker.MASTER_DTYPE)
     params = shape.params - (shape.lm_head_params if role == "critic" else 0)
     trainable = params - (shape.vision_params if g.freeze_vision_tower else 0)
     world = g.world_size
-    out = {"weights": size * params / world, "gradients": size * trainable / world,
-           "optimizer": 2 * size * trainable / world,
+    out = {"weights": master * params / world, "gradients": master * trainable / world,
+           "optimizer": 2 * master * trainable / world,
            "gathered": 2 * (shape.root_params + 2 * shape.block_params)}
     if with_ref:
-        out["reference"] = size * shape.params / world
+        out["reference"] = DTYPE_BYTES[m.dtype] * shape.params / world
     tokens = g.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
     if role == "actor":

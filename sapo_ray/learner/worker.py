@@ -30,6 +30,11 @@ from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The trained weights, their gradients and AdamW's moments stay float32 whatever `model.dtype` says: a
+# bf16 weight cannot take an update below ~1/256 of its size (at lr 1e-6 every step would round to
+# nothing). `model.dtype` is the compute dtype (FSDP2's mixed precision on GPUs, autocast on CPUs), the
+# frozen reference's and the engines' dtype; weights are cast to it when they are synced or exported.
+MASTER_DTYPE = torch.float32
 
 
 def _constant(progress: float) -> float:
@@ -111,8 +116,14 @@ class FSDPWorker:
         return self._shard(model)
 
     def _autocast(self):
-        """bf16 autocast around a forward pass when `autocast_bf16` is set on a CPU rank."""
-        if self.cfg.learner.autocast_bf16 and self.device.type == "cpu":
+        """On a CPU rank, autocast around a forward pass: to `model.dtype` when that is a 16-bit type (the
+        weights stay float32), or to bf16 when `autocast_bf16` is set. GPUs compute in bf16 through FSDP2."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        dtype = DTYPES[self.cfg.model.dtype]
+        if dtype != torch.float32:
+            return torch.autocast("cpu", dtype=dtype)
+        if self.cfg.learner.autocast_bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -231,11 +242,11 @@ class PolicyWorker(FSDPWorker):
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        load = lambda: load_policy(m.path, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation)
-        self.model = self._shard_trainable(load())
+        load = lambda dtype: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
+        self.model = self._shard_trainable(load(MASTER_DTYPE))
         self.ref = None
         if self.cfg.needs_ref:
-            ref = load()
+            ref = load(DTYPES[m.dtype])  # frozen: no master copy needed
             ref.requires_grad_(False)
             self.ref = self._shard(ref).eval()
         self._make_optimizer()
@@ -311,11 +322,17 @@ class PolicyWorker(FSDPWorker):
         out = {k: (sum(v) if k == "actor/pg_loss_sum" else _mean(v)) for k, v in stats.items()}
         return {**out, "actor/grad_norm": norm, "actor/skipped_steps": 0.0 if ok else 1.0}
 
+    def engine_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights in the engines' dtype (`model.dtype`) on rank 0; a collective like `full_state_dict`."""
+        sd = self.full_state_dict()
+        dtype = DTYPES[self.cfg.model.dtype]
+        return None if sd is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes` (rank 0 only)."""
         import ray
 
-        sd = self.full_state_dict()
+        sd = self.engine_state_dict()
         return [] if sd is None else [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)]
 
     # `rollout.weight_sync=broadcast` (sapo_ray.sync): rank 0 is rank 0 of the weight-broadcast group.
@@ -328,21 +345,21 @@ class PolicyWorker(FSDPWorker):
         """The buckets `broadcast_weights` sends, as `(name, dtype, shape)` lists (rank 0; a collective)."""
         from sapo_ray.sync import bucket_specs
 
-        sd = self.full_state_dict()
+        sd = self.engine_state_dict()
         return None if sd is None else bucket_specs(bucket_tensors(sd, bucket_bytes))
 
     def broadcast_weights(self, bucket_bytes: int) -> None:
         """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0."""
-        sd = self.full_state_dict()
+        sd = self.engine_state_dict()
         if sd is not None:
             for bucket in bucket_tensors(sd, bucket_bytes):
                 self.weight_group.send(bucket)
 
     def export_hf(self, out_dir: str) -> None:
-        """Save the policy as a Hugging Face directory (safetensors + processor files) on rank 0."""
+        """Save the policy as a Hugging Face directory (safetensors in `model.dtype` + processor files) on rank 0."""
         from sapo_ray.models import load_processor
 
-        sd = self.full_state_dict()
+        sd = self.engine_state_dict()
         if self.rank == 0:
             self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
             load_processor(self.cfg.model.path).save_pretrained(out_dir)
@@ -358,7 +375,7 @@ class CriticWorker(FSDPWorker):
         self._seed_init()
         self.image_token_id = self._token_ids().image
         self.model = self._shard_trainable(ValueModel.from_pretrained(
-            m.critic_path or m.path, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation))
+            m.critic_path or m.path, dtype=MASTER_DTYPE, attn_implementation=m.attn_implementation))
         self._make_optimizer()
 
     @torch.no_grad()

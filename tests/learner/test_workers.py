@@ -104,3 +104,34 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     assert diff < 1e-4, f"engine and learner entropies disagree by {diff} after the sync"
     ray.kill(rollout)
     group.shutdown()
+
+
+def test_bf16_model_keeps_float32_master_weights(ray_cluster, random_tiny_models, tmp_path):
+    """`model.dtype=bfloat16` at lr 1e-6: the update still moves the (float32) master weights, which a bf16
+    weight of this size could not take (its spacing is ~1e-4); the checkpoint stores float32, and the
+    engines get the weights in bf16."""
+    import torch.distributed.checkpoint as dcp
+
+    from sapo_ray.config import OptimConfig
+
+    path = random_tiny_models["vlm"]
+    batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
+    group = WorkerGroup(PolicyWorker, learner_cfg(path, model={"dtype": "bfloat16"}, optim=OptimConfig(lr=1e-6)))
+    before = group.call("full_state_dict")[0]
+    assert all(t.dtype == torch.float32 for t in before.values())
+    metrics = group.call_sharded("update", batch)[0]
+    assert metrics["actor/skipped_steps"] == 0
+    after = group.call("full_state_dict")[0]
+    total = sum(t.numel() for t in after.values())
+    moved = sum(int((after[k] != before[k]).sum()) for k in after)
+    moved_bf16 = sum(int((after[k].bfloat16() != before[k].bfloat16()).sum()) for k in after)
+    assert moved > 0.5 * total, f"only {moved} of {total} weights moved at lr 1e-6"
+    # The same step rounded to bf16 would have left most weights where they were.
+    assert moved_bf16 < 0.2 * moved
+    group.call("save_checkpoint", str(tmp_path / "ckpt"))
+    meta = dcp.FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
+    stored = {m.properties.dtype for k, m in meta.items() if k.startswith("model.") and hasattr(m, "properties")}
+    assert stored == {torch.float32}
+    buckets = group.call("engine_state_dict")[0]
+    assert all(t.dtype == torch.bfloat16 for t in buckets.values() if t.is_floating_point())
+    group.shutdown()
