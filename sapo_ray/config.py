@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 BUNDLED = "bundled:"
 
 
@@ -254,6 +255,16 @@ def register_configs() -> None:
     cs.store(group="algorithm", name="base_algorithm", node=AlgorithmSpec)
     for name in ALGORITHMS:
         cs.store(group="algorithm", name=name, node=get_algorithm(name))
+
+
+def compose_config(*overrides: str):
+    """The config `python -m sapo_ray.main OVERRIDES...` would run, composed without Hydra's app (for tools
+    and tests): `conf/config.yaml` with the overrides, validated against the schema but not `validate`d."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=list(overrides))
 
 
 def algorithm_spec(cfg) -> AlgorithmSpec:

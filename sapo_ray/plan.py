@@ -27,13 +27,11 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass(frozen=True)
@@ -185,16 +183,12 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-
-    from sapo_ray.config import ConfigError, register_configs, validate
+    from sapo_ray.config import ConfigError, compose_config, validate
 
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(*overrides)
     try:
         validate(cfg)
         p = memory_plan(cfg)

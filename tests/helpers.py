@@ -7,7 +7,7 @@ import torch
 from sapo_ray.algo.registry import get_algorithm
 from sapo_ray.batch import Batch
 from sapo_ray.config import (LearnerConfig, LearnerWorkerConfig, ModelConfig, OptimConfig, RolloutConfig,
-                             RolloutWorkerConfig)
+                             RolloutWorkerConfig, compose_config)
 from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.batch import Prompt, SamplingParams
 from sapo_ray.rollout.engine import HFEngine, encode_prompt
@@ -37,6 +37,12 @@ TINY_OVERRIDES = [
     "actor.num_threads=1", "critic.num_threads=1", "actor.mini_batch_size=8", "actor.micro_batch_size=4",
     "critic.mini_batch_size=8", "critic.micro_batch_size=4", "reward.num_workers=1",
 ]
+
+
+def tiny_cfg(run_dir, model: str = "bundled:tiny-vlm", *overrides: str):
+    """The smallest two-step run of `model` into `run_dir` (TINY_OVERRIDES), plus `overrides`."""
+    return compose_config(f"model.path={model}", f"trainer.run_dir={run_dir}", "trainer.steps=2", *TINY_OVERRIDES,
+                          *overrides)
 
 
 def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 12, seed: int = 0,

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 from sapo_ray.algo.registry import ALGORITHMS
-from sapo_ray.config import ConfigError, algorithm_spec, register_configs, validate
+from sapo_ray.config import ConfigError, algorithm_spec, compose_config as compose_cfg, register_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-def compose_cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 # What the root config sets for every algorithm (the demo's critic warm-up).

@@ -7,20 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from helpers import TINY_OVERRIDES
-from sapo_ray.config import register_configs
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from helpers import TINY_OVERRIDES, tiny_cfg
 ALGORITHMS = ["sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo"]
-
-
-def tiny_cfg(run_dir: Path, model: str, *overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=[f"model.path={model}", f"trainer.run_dir={run_dir}", "trainer.steps=2",
-                                             *TINY_OVERRIDES, *overrides])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -115,7 +104,7 @@ def test_the_same_command_again_continues_the_run(ray_cluster, tmp_path):
 
     from sapo_ray.main import run
 
-    tiny = [f"model.path=bundled:tiny-vlm", "trainer.save_every=1", "trainer.export_hf=false", *TINY_OVERRIDES]
+    tiny = ["model.path=bundled:tiny-vlm", "trainer.save_every=1", "trainer.export_hf=false", *TINY_OVERRIDES]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
 
     def main(cwd: Path, steps: int) -> str:

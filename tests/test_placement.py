@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import ray
-from hydra import compose, initialize_config_dir
-
-from helpers import TINY_OVERRIDES
-from sapo_ray.config import ConfigError, register_configs, validate
+from helpers import tiny_cfg
+from sapo_ray.config import ConfigError, validate
+from sapo_ray.config import compose_config as compose_cfg
 from sapo_ray.placement import PlacementGroup, plan
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def compose_cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 def test_experiment_colocates_one_of_each_role_per_gpu():
@@ -107,12 +97,7 @@ def test_infeasible_placement_fails_within_seconds(ray_cluster):
 def _run_two_steps(tmp_path, *overrides):
     from sapo_ray.main import run
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose("config", overrides=["model.path=bundled:tiny-vlm", f"trainer.run_dir={tmp_path}",
-                                           "trainer.steps=2", "trainer.export_hf=false", *TINY_OVERRIDES,
-                                           "cluster.simulate_gpus=2", *overrides])
-    run(cfg)
+    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "trainer.export_hf=false", "cluster.simulate_gpus=2", *overrides))
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 

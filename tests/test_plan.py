@@ -64,18 +64,11 @@ def test_plan_needs_a_gpu_placement(capsys):
 
 
 def test_trainer_refuses_an_over_budget_plan_before_creating_actors(ray_cluster, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from helpers import TINY_OVERRIDES
-    from sapo_ray.config import register_configs
+    from helpers import tiny_cfg
     from sapo_ray.main import run
 
-    register_configs()
-    with initialize_config_dir(config_dir=plan_mod.CONF, version_base=None):
-        cfg = compose("config", overrides=["model.path=bundled:tiny-vlm", f"trainer.run_dir={tmp_path}",
-                                           *TINY_OVERRIDES, "cluster.simulate_gpus=2", "cluster.placement=colocate",
-                                           "rollout.num_gpus=0.3", "actor.num_gpus=0.3", "critic.num_gpus=0.3",
-                                           "cluster.gpu_memory_gb=0.001"])
+    cfg = tiny_cfg(tmp_path, "bundled:tiny-vlm", "cluster.simulate_gpus=2", "cluster.placement=colocate",
+                   "rollout.num_gpus=0.3", "actor.num_gpus=0.3", "critic.num_gpus=0.3", "cluster.gpu_memory_gb=0.001")
     with pytest.raises(RuntimeError, match=r"memory plan exceeds cluster\.gpu_memory_gb=0\.001"):
         run(cfg)
     assert not (tmp_path / "metrics.jsonl").exists()

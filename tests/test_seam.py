@@ -14,22 +14,19 @@ import dataclasses
 import socket
 import types
 import typing
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import learner_cfg, sample_batch
 from sapo_ray.algo import registry
 from sapo_ray.algo.registry import AlgorithmSpec
-from sapo_ray.config import (LearnerConfig, ModelConfig, RolloutConfig, learner_worker_config, register_configs,
+from sapo_ray.config import compose_config as compose_cfg
+from sapo_ray.config import (LearnerConfig, ModelConfig, RolloutConfig, learner_worker_config,
                              rollout_worker_config)
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "actor": LearnerConfig, "critic": LearnerConfig,
             "algorithm": AlgorithmSpec}
@@ -44,11 +41,6 @@ def leaf_fields(cls, prefix: str):
         else:
             yield f"{prefix}.{f.name}", hints[f.name]
 
-
-def compose_cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 def other_value(kind, default):

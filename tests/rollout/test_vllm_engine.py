@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import TINY_OVERRIDES, rollout_cfg
-from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
+from sapo_ray.config import ConfigError, compose_config, resolve_model_path, validate
 from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.batch import Prompt, SamplingParams
 from sapo_ray.rollout.engine import HFEngine, build_engine, encode_prompt
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.vllm
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed here (it runs in .venv-vllm: make .venv-vllm)")
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
 PATH = resolve_model_path("bundled:tiny-lm")
 ENGINE_CFG = rollout_cfg(PATH, max_batch_size=64, enforce_eager=True)
 VLLM_CFG = rollout_cfg(PATH, engine="vllm", max_batch_size=64, enforce_eager=True)
@@ -44,19 +43,14 @@ def text_prompts(n: int = 8, seed: int = 0) -> list[Prompt]:
 
 
 def tiny_cfg(run_dir: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("config", overrides=[
-            "model=tiny_lm", "rollout.engine=vllm", "rollout.enforce_eager=true", "actor.recompute_old_logp=true",
-            f"trainer.run_dir={run_dir}", "trainer.steps=2", "trainer.export_hf=false", *TINY_OVERRIDES,
-            "rollout.max_new_tokens=16",
-            # float32 learners (the log-prob checks compare with the engine's float32 weights) and the
-            # hinted queries tiny-lm was trained on.
-            "actor.autocast_bf16=false", "critic.autocast_bf16=false", "data.hint=true",
-            *overrides,
-        ])
+    return compose_config(
+        "model=tiny_lm", "rollout.engine=vllm", "rollout.enforce_eager=true", "actor.recompute_old_logp=true",
+        f"trainer.run_dir={run_dir}", "trainer.steps=2", "trainer.export_hf=false", *TINY_OVERRIDES,
+        "rollout.max_new_tokens=16",
+        # float32 learners (the log-prob checks compare with the engine's float32 weights) and the
+        # hinted queries tiny-lm was trained on.
+        "actor.autocast_bf16=false", "critic.autocast_bf16=false", "data.hint=true",
+        *overrides)
 
 
 def test_missing_vllm_names_the_extra(monkeypatch, tmp_path):
