@@ -65,6 +65,19 @@ def one(args) -> dict:
 
     step()  # allocates the gradients, which the measured step reuses
     model.zero_grad(set_to_none=False)
+    peak, seconds = peak_above_now(step)
+    return {"checkpointing": args.checkpointing, "peak_above_model_mib": round(peak, 1),
+            "seconds": round(seconds, 2), "vocab": vocab}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+
+
+def peak_above_now(fn):
+    """`(peak resident MiB above the current resident set while fn runs, fn())`: the resident set is
+    sampled every 2 ms (run with MALLOC_MMAP_THRESHOLD_ set so that freed large tensors leave it)."""
     base = rss_mib()
     peak = [base]
     done = threading.Event()
@@ -76,16 +89,12 @@ def one(args) -> dict:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    seconds = step()
-    done.set()
-    sampler.join()
-    return {"checkpointing": args.checkpointing, "peak_above_model_mib": round(peak[0] - base, 1),
-            "seconds": round(seconds, 2), "vocab": vocab}
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0] - base, result
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from sapo_ray.batch import Prompt, Sample, SamplingParams
-from sapo_ray.learner.forward import logprobs_and_entropy
+from sapo_ray.learner.forward import log_softmax_and_entropy
 from sapo_ray.utils import derive_seed
 
 
@@ -79,6 +80,61 @@ def build_engine(cfg):
     return ENGINES[name].from_config(cfg)
 
 
+class ScoreRecorder:
+    """A logits processor that records, step by step, what the engine returns for each sampled token.
+
+    Placed before temperature and top-p, it sees the model's raw logits; it masks the banned ids (to
+    -inf, so they are never sampled) and keeps each step's entropy and the log-probs of that step's
+    vocabulary only until the next step reveals which token was drawn: memory is one step's
+    `[rows, V]`, not `steps x rows x V` (64 rows x 2048 steps x 151,936 float32 logits would be 80 GB).
+    """
+
+    def __init__(self, temperature: float, banned: torch.Tensor):
+        self.temperature, self.banned = temperature, banned
+        self.logp: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None  # the previous step's log-probs, [rows, V]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self._take(input_ids[:, -1])
+        logp_all, entropy = log_softmax_and_entropy(scores.float(), self.temperature, self.banned)
+        self.entropy.append(entropy)
+        self._last = logp_all
+        if self.banned.numel():
+            scores = scores.index_fill(-1, self.banned.to(scores.device), float("-inf"))
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.logp.append(self._last.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        self._last = None
+
+    def finish(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logp, entropy)`, each `[rows, steps]` on the CPU, given the generated tokens `[rows, steps]`."""
+        if self._last is not None:
+            self._take(responses[:, len(self.logp)].to(self._last.device))
+        if not self.logp:
+            empty = torch.zeros(responses.shape[0], 0)
+            return empty, empty
+        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()
+
+
+def sampling_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """The complete generation config of a rollout: every sampling knob set here, none left to a
+    checkpoint's `generation_config.json` (Qwen2.5-VL's sets top_k=1, top_p=0.001 and a repetition
+    penalty; transformers fills every field left None from it), so that tokens are drawn from exactly
+    the distribution `rollout_logp` describes: temperature, then top-p."""
+    greedy = params.temperature <= 0
+    return GenerationConfig(
+        do_sample=not greedy, temperature=1.0 if greedy else params.temperature,
+        top_p=1.0 if greedy else params.top_p, top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
+        eos_token_id=eos_ids, pad_token_id=pad_id, suppress_tokens=None, begin_suppress_tokens=None,
+        bad_words_ids=None, renormalize_logits=False, output_logits=False, output_scores=False,
+        return_dict_in_generate=False,
+    )
+
+
 @register_engine("hf")
 class HFEngine:
     """Batched `model.generate` with the banned (special/vision) tokens suppressed.
@@ -86,13 +142,16 @@ class HFEngine:
     The returned `rollout_logp` is the log-prob of each sampled token under
     `softmax(logits / temperature)` with the banned ids masked, the same distribution the learner
     computes (top-p changes what is sampled, not this reference distribution); `rollout_entropy`
-    is that distribution's entropy, the rollout-time entropy SAPO segments on.
+    is that distribution's entropy, the rollout-time entropy SAPO segments on. Both are recorded
+    during generation (`ScoreRecorder`), never from stored logits.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64):
         from sapo_ray.models.tokens import TokenIds
 
         self.model = model.eval()
+        # Nothing of the checkpoint's own sampling defaults may reach `generate` (see `sampling_config`).
+        self.model.generation_config = GenerationConfig()
         self.tokenizer = tokenizer
         ids = TokenIds.of(tokenizer)
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
@@ -136,16 +195,12 @@ class HFEngine:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device)
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for _, p in chunk if p.pixel_values is not None]).to(self.device)
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
-        greedy = params.temperature <= 0
-        sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        out = self.model.generate(
-            **inputs, do_sample=not greedy, max_new_tokens=params.max_new_tokens,
-            suppress_tokens=self.banned.tolist(), eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True, **sampling,
-        )
-        responses = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()
-        logp, entropy = logprobs_and_entropy(logits, responses, params.temperature if not greedy else 1.0, self.banned, True)
+        recorder = ScoreRecorder(params.temperature if params.temperature > 0 else 1.0, self.banned)
+        sequences = self.model.generate(**inputs, generation_config=sampling_config(params, self.eos_ids, self.pad_id),
+                                        logits_processor=LogitsProcessorList([recorder]))
+        responses = sequences[:, width:]
+        logp, entropy = recorder.finish(responses)
+        responses = responses.cpu()
         samples = []
         eos = torch.tensor(self.eos_ids)
         for row, (index, p) in enumerate(chunk):

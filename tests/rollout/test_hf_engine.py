@@ -87,3 +87,37 @@ def test_a_sleeping_engine_is_woken_before_it_generates_or_loads_weights():
     worker.generate([], SamplingParams())
     assert worker.engine.calls == ["generate", "sleep", "wake_up", "begin_weight_update", "receive_weights",
                                    "receive_weights", "finish_weight_update", "generate", "sleep", "wake_up", "generate"]
+
+
+def test_the_checkpoints_sampling_defaults_never_reach_generation(tmp_path):
+    """A checkpoint whose generation_config.json says top_k=1 (argmax only), a repetition penalty and
+    T=0.1 (Qwen2.5-VL-Instruct ships such values): the engine must still sample from the distribution
+    `rollout_logp` describes. At T=1 that distribution picks the argmax only some of the time, and
+    `E[log p(token)] = -H`, so the sampled tokens' mean log-prob matches minus the mean entropy."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import sapo_ray
+
+    path = tmp_path / "model"
+    shutil.copytree(Path(sapo_ray.__file__).parent / "assets" / "tiny-vlm", path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.5)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    engine, processor = engine_for(str(path))
+    samples = engine.generate(_prompts(processor, 4), SamplingParams(n=8, temperature=1.0, max_new_tokens=48, seed=3))
+    batch = Batch.from_samples(samples, engine.pad_id)
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        logits = engine.model(**batch.model_inputs(engine.image_token_id)).logits
+        logp, entropy = policy_forward(engine.model, batch, 1.0, engine.banned, engine.image_token_id)
+    P = batch.prompt_ids.shape[1]
+    argmax = logits[:, P - 1 : -1].index_fill(-1, engine.banned, -1e9).argmax(-1)
+    not_argmax = float((argmax != batch.response_ids)[mask].float().mean())
+    assert not_argmax > 0.1, not_argmax  # top_k=1 would make this 0
+    assert float((logp - batch.data["rollout_logp"]).abs()[mask].max()) < 1e-4
+    n = int(mask.sum())
+    gap = float(logp[mask].mean() + entropy[mask].mean())
+    spread = float((logp[mask] + entropy[mask]).std()) / n ** 0.5
+    assert abs(gap) < 4 * spread, (gap, spread, n)
