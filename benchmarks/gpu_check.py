@@ -56,7 +56,9 @@ def pytest_gpu(timeout: float) -> dict:
 
 def training_steps(placement: str, gpus: int, timeout: float) -> dict:
     """Two steps of the tiny VLM through `python -m sapo_ray.main` with `placement` on the GPUs."""
-    shares = (["rollout.num_gpus=0.3", "actor.num_gpus=0.35", "critic.num_gpus=0.35"] if placement == "colocate" else
+    # Colocated learners offload their state between steps (`learner.offload`), the memory hand-off a shared GPU needs.
+    shares = (["rollout.num_gpus=0.3", "actor.num_gpus=0.35", "critic.num_gpus=0.35", "actor.offload=true",
+               "critic.offload=true"] if placement == "colocate" else
               ["rollout.num_gpus=1", "actor.num_gpus=0.5", "critic.num_gpus=0.5", "rollout.weight_sync=broadcast"])
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu_check_{placement}_"))
     result = _run([sys.executable, "-m", "sapo_ray.main", "model.path=bundled:tiny-vlm", *TINY,

@@ -71,6 +71,12 @@ class DataConfig:
     instruction: str = ""
     # Prompts longer than this many tokens (images included) are skipped and counted.
     max_prompt_length: int = 1024
+    # Pixel budget of one image: the image processor resizes each image (keeping its aspect ratio, sides
+    # multiples of 28) to at least min_pixels and at most max_pixels, so an image costs at most
+    # max_pixels / 784 prompt tokens. null = the checkpoint's own (Qwen2.5-VL: 3136 and 12845056, i.e. up to
+    # 16384 tokens). The driver's encoder and the vllm engine's processor use the same values.
+    max_pixels: Optional[int] = None
+    min_pixels: Optional[int] = None
     # Generator knobs of synthvista (ignored by other datasets): image side in pixels, and whether the
     # query starts with MathVista's hint sentence (answer type and format; off = question and choices only).
     image_size: int = 112
@@ -118,6 +124,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # vllm engine only: longest prompt + response in tokens (null = the model's limit).
     max_model_len: Optional[int] = None
+    # vllm engine only: most images one prompt may carry (vLLM's limit_mm_per_prompt; videos 0). vLLM sizes
+    # its multimodal memory profile by it. Vision-language models only.
+    images_per_prompt: int = 1
     # vllm engine only: no CUDA graphs (faster start, slower decoding); always on with the CPU build.
     enforce_eager: bool = False
     # vllm engine on GPUs only: free the engine's weights and KV cache after each rollout while the
@@ -168,6 +177,10 @@ class LearnerConfig:
     # Train the language model only: the vision encoder and its merger keep their weights (as EasyR1's
     # freeze_vision_tower). Vision-language models only.
     freeze_vision_tower: bool = False
+    # GPUs shared with the engines (cluster.placement=colocate): outside the step's learner phases keep this
+    # group's weights, gradients and optimizer state in CPU memory, so generation gets the GPU memory
+    # (verl's param/optimizer offload); costs two host<->GPU copies of that state per step. A no-op on CPUs.
+    offload: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Ray custom resources each rank requires (placement on nodes started with
     # `ray start --resources='{"learner_node": 1}'`); add keys with `+`: '+actor.resources={learner_node: 0.01}'.
@@ -286,6 +299,10 @@ class RolloutWorkerConfig:
     # This worker's position among the rollout workers, and the run's seed (its engine seed derives from both).
     index: int
     seed: int
+    # `data.max_pixels` / `data.min_pixels`: the vllm engine runs its own image processor on the raw images,
+    # with the driver's pixel budget (else its prompts would not match the learner's).
+    max_pixels: Optional[int] = None
+    min_pixels: Optional[int] = None
 
 
 @dataclass
@@ -323,7 +340,8 @@ def optimizer_steps(cfg, role: str) -> int:
 
 
 def rollout_worker_config(cfg, index: int) -> RolloutWorkerConfig:
-    return RolloutWorkerConfig(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.rollout), index, cfg.seed)
+    return RolloutWorkerConfig(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.rollout), index, cfg.seed,
+                               max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
 
 
 def learner_worker_config(cfg, role: str) -> LearnerWorkerConfig:
@@ -408,6 +426,10 @@ def validate(cfg) -> None:
            f"rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
     if r.engine == "vllm":
         _validate_vllm(cfg)
+    for key in ("max_pixels", "min_pixels"):
+        _check(d[key] is None or d[key] > 0, f"data.{key}={d[key]} must be > 0, or null for the processor's own")
+    _check(d.max_pixels is None or d.min_pixels is None or d.min_pixels <= d.max_pixels,
+           f"data.min_pixels={d.min_pixels} must be <= data.max_pixels={d.max_pixels}")
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
@@ -446,6 +468,7 @@ def _validate_vllm(cfg) -> None:
     _check(r.tensor_parallel_size == 1 or r.num_gpus >= r.tensor_parallel_size,
            f"rollout.tensor_parallel_size={r.tensor_parallel_size} shards each engine over that many GPUs: "
            f"set rollout.num_gpus >= it (got {r.num_gpus})")
+    _check(r.images_per_prompt >= 1, f"rollout.images_per_prompt={r.images_per_prompt} must be >= 1")
     _check(0 < r.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
     _check(not 0 < r.num_gpus < 1 or r.gpu_memory_utilization <= r.num_gpus,
            f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is the share of the whole GPU vLLM reserves: "

@@ -16,6 +16,7 @@ from the gathered state dict and handed to the receivers, who allocate and recei
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import timedelta
 
 import torch
@@ -29,6 +30,79 @@ SYNC_METHODS = ("object_store", "broadcast")
 def bucket_specs(buckets: list[list[tuple[str, torch.Tensor]]]) -> list[BucketSpec]:
     """What a receiver needs to allocate each bucket: `(name, dtype, shape)` per tensor."""
     return [[(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket] for bucket in buckets]
+
+
+# -- a bucket as an RPC payload ------------------------------------------------------------------------
+# vLLM's `LLM.collective_rpc` with its engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1, vLLM's
+# default) msgpack-encodes the arguments and decodes them untyped (`vllm/v1/serial_utils.py`,
+# `MsgpackEncoder._encode_tensor` / the engine core's `generic_decoder` in `vllm/v1/engine/core.py`): a
+# tensor arrives as a list `[dtype, shape, buffer index]`, not a tensor. A payload made of str, int, bool,
+# list and bytes survives that path and the in-process one alike.
+PayloadEntry = list  # [name, kind, dtype name, shape, data]; kind "bytes" or "cuda_ipc"
+
+
+def encode_bucket(bucket: list[tuple[str, torch.Tensor]]) -> list[PayloadEntry]:
+    """`(name, tensor)` pairs as msgpack-native entries: a CPU tensor's raw bytes, a CUDA tensor's IPC handle.
+
+    A CUDA entry refers to the sender's memory: keep the tensors alive until the receiver has loaded them
+    (`collective_rpc` returns after that), then `torch.cuda.ipc_collect()`.
+    """
+    out = []
+    for name, tensor in bucket:
+        tensor = tensor.detach()
+        dtype, shape = str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+        if tensor.is_cuda:
+            out.append([name, "cuda_ipc", dtype, shape, _ipc_handle(tensor.contiguous())])
+        else:
+            # A uint8 view keeps the exact bits of every dtype (bfloat16 has no numpy counterpart).
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            out.append([name, "bytes", dtype, shape, raw.tobytes()])
+    return out
+
+
+def decode_bucket(payload: list[PayloadEntry], device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """The inverse of `encode_bucket`: `(name, tensor)` pairs, byte entries on `device`; an IPC entry opens
+    the sender's memory on the GPU it lives on (the same device index: the rollout actor and its engine's
+    workers see the same `CUDA_VISIBLE_DEVICES`)."""
+    out = []
+    for name, kind, dtype, shape, data in payload:
+        torch_dtype = getattr(torch, dtype)
+        if kind == "cuda_ipc":
+            tensor = _open_ipc_handle(torch_dtype, data)
+        elif kind == "bytes":
+            if len(data) == 0:
+                tensor = torch.empty(shape, dtype=torch_dtype)
+            else:
+                with warnings.catch_warnings():  # msgpack's bytes are read-only; the tensor is only read (copied)
+                    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                    tensor = torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype).reshape(shape)
+        else:
+            raise ValueError(f"weight payload entry {name!r} has unknown kind {kind!r}")
+        out.append((name, tensor.to(device)))
+    return out
+
+
+def _ipc_handle(tensor: torch.Tensor) -> list:
+    """`torch.multiprocessing.reductions.reduce_tensor`'s arguments for `rebuild_cuda_tensor`, without the
+    Python classes and dtype (not msgpack-native; the dtype travels in the entry)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+    rebuild, args = reduce_tensor(tensor)
+    assert rebuild is rebuild_cuda_tensor and args[4] is torch.storage.TypedStorage, (rebuild, args[4])
+    (_, size, stride, offset, _, _, device, handle, storage_bytes, storage_offset, _, ref_handle, ref_offset,
+     event_handle, event_sync) = args
+    return [list(size), list(stride), offset, device, handle, storage_bytes, storage_offset, ref_handle, ref_offset,
+            event_handle, event_sync]
+
+
+def _open_ipc_handle(dtype: torch.dtype, args: list) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    (size, stride, offset, device, handle, storage_bytes, storage_offset, ref_handle, ref_offset, event_handle,
+     event_sync) = args
+    return rebuild_cuda_tensor(torch.Tensor, tuple(size), tuple(stride), offset, torch.storage.TypedStorage, dtype,
+                               device, handle, storage_bytes, storage_offset, False, ref_handle, ref_offset,
+                               event_handle, event_sync)
 
 
 class WeightGroup:

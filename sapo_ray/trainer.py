@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Trainer:
         seed_everything(cfg.seed)
         from sapo_ray.models import load_processor
 
-        self.processor = load_processor(model_path(cfg))
+        self.processor = load_processor(model_path(cfg), max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = TokenIds.of(self.tokenizer).pad
         self.has_vision = hasattr(self.processor, "image_processor")
@@ -90,10 +91,14 @@ class Trainer:
             .remote(rollout_worker_config(cfg, i))
             for i in range(r.num_workers)
         ]
+        # Engines first: vLLM sizes its KV cache from the free GPU memory it finds, which colocated learners
+        # would otherwise already hold.
+        ray.get([w.ready.remote() for w in self.rollout])
+        if r.enable_sleep_mode:
+            ray.get([w.sleep.remote() for w in self.rollout])
         self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"), self.placement, hide)
         self.critic = (WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic"), self.placement, hide)
                        if self.spec.needs_critic else None)
-        ray.get([w.ready.remote() for w in self.rollout])
         ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
         self.weight_sync = WeightSync(self.actor, self.rollout, r.weight_sync, r.sync_bucket_mb * 2**20, ranks_per_engine)
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
@@ -101,6 +106,7 @@ class Trainer:
         self._warn_config_changes()
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
+        self._learners("offload")  # the first validation generates before any learner phase
 
     def _check_memory(self) -> None:
         """The memory plan (`python -m sapo_ray.plan`) before any actor exists: stop if a GPU is over budget."""
@@ -238,6 +244,21 @@ class Trainer:
         if batch is None:
             timing["step"] = time.perf_counter() - t0
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
+        with self.learners_on_device():
+            batch = self.learn(batch, metrics, timing)
+        timing["step"] = time.perf_counter() - t0
+        metrics.update(bookkeeping.batch_metrics(batch, cfg.actor.recompute_old_logp))
+        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
+        metrics["perf/throughput"] = tokens / timing["step"]
+        metrics["perf/response_tokens"] = float(batch.response_mask.sum())
+        metrics.update(self._memory_metrics())
+        return metrics
+
+    def learn(self, batch: Batch, metrics: dict, timing: dict) -> Batch:
+        """The step's learner phases on a scored batch: old, reference log-probs and values, advantages,
+        critic and policy updates, weight sync. Returns the batch with what they computed; fills `metrics`."""
+        cfg = self.cfg
         if cfg.actor.recompute_old_logp:
             with timer("old_log_prob", timing):
                 batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
@@ -266,14 +287,20 @@ class Trainer:
                 metrics.update(self.sync_weights())
         else:
             metrics["actor/lr"] = ray.get(self.actor.workers[0].lr.remote())
-        timing["step"] = time.perf_counter() - t0
-        metrics.update(bookkeeping.batch_metrics(batch, cfg.actor.recompute_old_logp))
-        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
-        tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
-        metrics["perf/throughput"] = tokens / timing["step"]
-        metrics["perf/response_tokens"] = float(batch.response_mask.sum())
-        metrics.update(self._memory_metrics())
-        return metrics
+        return batch
+
+    @contextmanager
+    def learners_on_device(self):
+        """The learner groups' state on their GPUs for the block (`learner.offload`), and their free GPU memory
+        handed back after it, for the colocated engines to generate in."""
+        self._learners("onload")
+        try:
+            yield
+        finally:
+            self._learners("offload")
+
+    def _learners(self, method: str) -> None:
+        ray.get([getattr(w, method).remote() for g in (self.actor, self.critic) if g for w in g.workers])
 
     def _memory_metrics(self) -> dict:
         """Peak resident memory (MB) of the largest actor of each role."""
@@ -369,9 +396,11 @@ class Trainer:
                 metrics["timing_s/val"] = t["val"]
             self.tracker.log(metrics, step=self.step)
             if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps:
-                self.save_checkpoint()
+                with self.learners_on_device():
+                    self.save_checkpoint()
         if cfg.export_hf:
-            self.actor.call("export_hf", str(self.run_dir / "hf_policy"))
+            with self.learners_on_device():
+                self.actor.call("export_hf", str(self.run_dir / "hf_policy"))
         return last_val
 
     def close(self) -> None:

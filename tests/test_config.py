@@ -58,6 +58,9 @@ def test_default_config_is_valid_and_overrides_apply():
     (["+experiment=mathvista", "rollout.gpu_memory_utilization=0.5"], "rollout.gpu_memory_utilization=0.5"),
     (["+experiment=mathvista", "rollout.num_gpus=0.5"], "GPU 0 would hold"),
     (["cluster.placement=spread"], "cluster.placement"),
+    (["data.max_pixels=0"], "data.max_pixels"),
+    (["data.min_pixels=50000", "data.max_pixels=40000"], "data.min_pixels=50000 must be <= data.max_pixels=40000"),
+    (["rollout.engine=vllm", "actor.recompute_old_logp=true", "rollout.images_per_prompt=0"], "rollout.images_per_prompt"),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

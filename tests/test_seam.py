@@ -97,6 +97,14 @@ def test_every_worker_facing_field_reaches_the_worker_config():
     assert isinstance(actor.learner, LearnerConfig) and isinstance(actor.algorithm, AlgorithmSpec)
 
 
+def test_pixel_budget_reaches_the_rollout_worker():
+    """data.max_pixels / data.min_pixels are data fields the vllm engine's own image processor needs."""
+    for values in ({"max_pixels": 602112, "min_pixels": 3136}, {"max_pixels": None, "min_pixels": None}):
+        cfg = compose_cfg(*[f"data.{k}={'null' if v is None else v}" for k, v in values.items()])
+        rollout = rollout_worker_config(cfg, 0)
+        assert {k: getattr(rollout, k) for k in values} == values
+
+
 class Recorder:
     """Wraps a config dataclass and records the names of the fields read through it."""
 
@@ -147,7 +155,9 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
             cfg.learner, cfg.model = Recorder(cfg.learner, reads, "learner"), Recorder(cfg.model, reads, "model")
             worker = cls(0, 1, cfg)
             worker.setup()
+            worker.onload()  # the trainer's phase bracket (`Trainer.learners_on_device`)
             metrics = worker.update(batch)
+            worker.offload()
             backbone = worker.model if role == "actor" else worker.model.model
             assert backbone.is_gradient_checkpointing, f"{role}: gradient checkpointing is off"
             # One FSDP unit per decoder block and per vision block, plus the root, for both roles.

@@ -10,6 +10,7 @@ These classes are plain Python; `sapo_ray.learner.group` turns them into Ray act
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -86,14 +87,29 @@ class FSDPWorker:
         return ray.util.get_node_ip_address(), port
 
     def init_group(self, host: str, port: int) -> None:
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # CUDA tensors over NCCL; any CPU tensor a collective meets (counts, DCP metadata) over gloo.
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size)
 
+    def _build(self, load, build_empty) -> torch.nn.Module:
+        """This rank's model before sharding: the checkpoint (`load()`) on rank 0; elsewhere, when the
+        group has several ranks, the same architecture on the meta device (`build_empty()`, no memory),
+        whose shards `_shard` fills from rank 0. One process per role reads the checkpoint, and no other
+        rank ever holds a full copy (24 full learner loads for the paper's run otherwise)."""
+        if self.rank == 0 or self.world_size == 1:
+            return load()
+        with torch.device("meta"):
+            return build_empty()
+
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        model.to(self.device)
+        """Shard every decoder/vision block, then the root, onto this rank's device; weights and buffers
+        broadcast from rank 0 when the other ranks built on the meta device (`_build`)."""
+        distributed = self.world_size > 1
+        full = model.state_dict() if distributed and self.rank == 0 else {}
         mp = None
-        if self.device.type == "cuda":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        compute = DTYPES[self.cfg.model.dtype]
+        if self.device.type == "cuda" and compute != MASTER_DTYPE:
+            mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         # The block classes every Hugging Face model inside declares (the critic wraps one in ValueModel).
         blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
         kwargs = {"mp_policy": mp} if mp else {}
@@ -101,6 +117,16 @@ class FSDPWorker:
             if type(module).__name__ in blocks:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if not distributed:
+            return model.to(self.device)
+        if self.rank == 0:
+            model.to(self.device)
+        else:
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Non-persistent buffers (rotary frequencies) are in no state dict: rank 0 has them computed.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
         return model
 
     def _shard_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -175,8 +201,9 @@ class FSDPWorker:
         return TokenIds.of(getattr(processor, "tokenizer", processor))
 
     def _global_count(self, local: torch.Tensor | float) -> float:
-        """`sum over ranks / world_size`: the denominator that makes FSDP's gradient average exact."""
-        t = torch.tensor(float(local), dtype=torch.float64)
+        """`sum over ranks / world_size`: the denominator that makes FSDP's gradient average exact.
+        The tensor lives on the rank's device: an NCCL group reduces CUDA tensors only."""
+        t = torch.tensor(float(local), dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(t)
         return max(float(t) / self.world_size, 1e-8)
@@ -220,11 +247,42 @@ class FSDPWorker:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else None
 
+    # -- memory hand-off between colocated phases -----------------------------------------------------
+    def onload(self) -> None:
+        """Before the step's learner phases: bring offloaded state back to the GPU (`learner.offload`)."""
+        self._move_states(self.device)
+
+    def offload(self) -> None:
+        """After them: move the state to CPU memory when `learner.offload` is set, and hand the caching
+        allocator's free blocks back to the driver either way, for the engines to wake up into."""
+        self._move_states(torch.device("cpu"))
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _move_states(self, device: torch.device) -> None:
+        if not (self.cfg.learner.offload and self.device.type == "cuda"):
+            return
+        for module in filter(None, (self.model, getattr(self, "ref", None))):
+            module.to(device)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for key, value in state.items():
+                    # AdamW's step counters live on the CPU (its non-capturable kernels expect them there).
+                    if torch.is_tensor(value) and key != "step":
+                        state[key] = value.to(device, non_blocking=True)
+        if device.type == "cpu":
+            torch.cuda.synchronize()
+
     def ready(self) -> bool:
         return True
 
     def peak_memory_mb(self) -> float:
         return peak_memory_mb()
+
+    def gpu_memory_mb(self) -> float:
+        """GPU memory this rank's tensors hold now (MB); 0 on a CPU rank."""
+        return torch.cuda.memory_allocated() / 2**20 if self.device.type == "cuda" else 0.0
 
 
 def _mean(xs: list[float]) -> float:
@@ -235,18 +293,25 @@ class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
     def setup(self) -> None:
+        from transformers import AutoConfig
+
         from sapo_ray.models import load_policy
+        from sapo_ray.models.loading import build_from_config
+        from sapo_ray.models.processor import _check_dir
 
         m = self.cfg.model
         self._seed_init()
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        load = lambda dtype: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
-        self.model = self._shard_trainable(load(MASTER_DTYPE))
+        config = AutoConfig.from_pretrained(_check_dir(m.path))
+        model = lambda dtype: self._build(
+            lambda: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation),
+            lambda: build_from_config(config, dtype, m.attn_implementation))
+        self.model = self._shard_trainable(model(MASTER_DTYPE))
         self.ref = None
         if self.cfg.needs_ref:
-            ref = load(DTYPES[m.dtype])  # frozen: no master copy needed
+            ref = model(DTYPES[m.dtype])  # frozen: no master copy needed
             ref.requires_grad_(False)
             self.ref = self._shard(ref).eval()
         self._make_optimizer()
@@ -297,8 +362,10 @@ class PolicyWorker(FSDPWorker):
         for micro in minibatch.chunks(self.cfg.learner.micro_batch_size):
             micro = self._to_device(micro)
             with self._autocast():
+                # The entropy is always reported; it joins the graph only when it is in the loss.
                 logp, entropy = policy_forward(self.model, micro, self.cfg.rollout.temperature, self.banned,
-                                               self.image_token_id, with_entropy=True)
+                                               self.image_token_id, with_entropy=True,
+                                               entropy_grad=spec.entropy_coef > 0)
             mask = micro.response_mask
             seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
             loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
@@ -374,8 +441,10 @@ class CriticWorker(FSDPWorker):
         m = self.cfg.model
         self._seed_init()
         self.image_token_id = self._token_ids().image
-        self.model = self._shard_trainable(ValueModel.from_pretrained(
-            m.critic_path or m.path, dtype=MASTER_DTYPE, attn_implementation=m.attn_implementation))
+        path = m.critic_path or m.path
+        self.model = self._shard_trainable(self._build(
+            lambda: ValueModel.from_pretrained(path, dtype=MASTER_DTYPE, attn_implementation=m.attn_implementation),
+            lambda: ValueModel.empty(path, dtype=MASTER_DTYPE, attn_implementation=m.attn_implementation)))
         self._make_optimizer()
 
     @torch.no_grad()

@@ -61,24 +61,36 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(_check_dir(path))
 
 
-def load_processor(path: str):
+def load_processor(path: str, max_pixels: int | None = None, min_pixels: int | None = None):
     """Load the processor of the HF directory `path`.
 
     For a vision-language directory (one with `preprocessor_config.json` or `processor_config.json`)
     returns an :class:`ImageOnlyQwenVLProcessor` with the PIL image processor; for a text-only
     model returns its tokenizer (which has the same `apply_chat_template` and a `__call__` taking
-    `text=`).
+    `text=`). `max_pixels` / `min_pixels` (`data.max_pixels` / `data.min_pixels`) replace the
+    checkpoint's pixel budget per image; None keeps the checkpoint's.
     """
     path = _check_dir(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
         return load_tokenizer(path)
-    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    limits = {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v is not None}
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **limits)
     tokenizer = load_tokenizer(path)
     processor = ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
     stock = getattr(image_processor, "processor_class", None) or tokenizer.init_kwargs.get("processor_class")
     if stock in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
         processor.stock_class = stock
     return processor
+
+
+def pixel_limits(processor) -> dict[str, int] | None:
+    """`{"min_pixels", "max_pixels"}` the processor resizes images to (both, the checkpoint's defaults filled
+    in), for an engine that runs its own image processor (vLLM's `mm_processor_kwargs`); None without images."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    return {"min_pixels": int(image_processor.size["shortest_edge"]),
+            "max_pixels": int(image_processor.size["longest_edge"])}
 
 
 def banned_token_ids(tokenizer) -> list[int]:

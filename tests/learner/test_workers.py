@@ -135,3 +135,70 @@ def test_bf16_model_keeps_float32_master_weights(ray_cluster, random_tiny_models
     buckets = group.call("engine_state_dict")[0]
     assert all(t.dtype == torch.bfloat16 for t in buckets.values() if t.is_floating_point())
     group.shutdown()
+
+
+def test_chunked_scoring_matches_the_whole_and_detaches_the_entropy(monkeypatch):
+    """`logprobs_and_entropy` scores pieces of `CHUNK_TOKENS` positions with a hand-written backward pass:
+    values and gradients (of log-probs, entropies, or both) equal autograd's through one whole-tensor
+    computation; the logits' extra last position (the model's output) is unscored with a zero gradient;
+    `entropy_grad=False` leaves the entropy out of the gradient."""
+    from sapo_ray.learner import forward
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11) * 3  # 5 response positions + the one after the last token
+    targets = torch.randint(0, 11, (3, 5))
+    banned = torch.tensor([2, 7])
+
+    def whole(x):
+        z = (x[:, :5] / 0.7).index_fill(-1, banned, -1e9)
+        lp = torch.log_softmax(z, -1)
+        return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+    def grad_of(loss_fn, chunked, **kw):
+        x = logits.clone().requires_grad_()
+        logp, ent = forward.logprobs_and_entropy(x, targets, 0.7, banned, True, **kw) if chunked else whole(x)
+        loss_fn(logp, ent).backward()
+        return logp, ent, x.grad
+
+    monkeypatch.setattr(forward, "CHUNK_TOKENS", 2)  # each row's 5 positions in pieces of 2, 2 and 1
+    for loss in (lambda lp, h: lp.sum() + 0.3 * h.sum(), lambda lp, h: h.sum(), lambda lp, h: lp.sum()):
+        ref_logp, ref_ent, ref_grad = grad_of(loss, False)
+        logp, ent, grad = grad_of(loss, True)
+        torch.testing.assert_close(logp, ref_logp)
+        torch.testing.assert_close(ent, ref_ent)
+        torch.testing.assert_close(grad, ref_grad)
+        assert float(grad[:, 5].abs().max()) == 0.0
+
+    _, ent, grad = grad_of(lambda lp, h: lp.sum() + 0.3 * h.sum(), True, entropy_grad=False)
+    assert not ent.requires_grad
+    torch.testing.assert_close(grad, grad_of(lambda lp, h: lp.sum(), False)[2])
+
+
+@pytest.mark.parametrize("role", ["actor", "critic"])
+def test_ranks_built_on_the_meta_device_receive_rank0s_weights_and_buffers(role, ray_cluster, random_tiny_models):
+    """World size 2: only rank 0 reads the checkpoint, rank 1 builds on the meta device and is filled
+    by broadcast. Every weight equals the checkpoint's, and both ranks score a batch exactly as the
+    plainly loaded model does (which needs the non-persistent rotary buffers too)."""
+    from sapo_ray.learner.worker import CriticWorker
+    from sapo_ray.models import load_policy
+    from sapo_ray.models.value import ValueModel
+
+    path = random_tiny_models["vlm"]
+    batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
+    worker_cls, method, key = (PolicyWorker, "compute_logprobs", "old_logp") if role == "actor" else (
+        CriticWorker, "compute_values", "values")
+    group = WorkerGroup(worker_cls, learner_cfg(path, role=role, world_size=2))
+    state = group.call("full_state_dict")[0]
+    sharded = group.gather_tensors(method, batch)[key]
+    group.shutdown()
+    torch.manual_seed(0)
+    plain = load_policy(path) if role == "actor" else ValueModel.from_pretrained(path)
+    reference = plain.state_dict()
+    assert state.keys() == reference.keys()
+    for k in reference:
+        if role == "actor" or not k.startswith("value_head"):  # a fresh head: drawn from the seeded init
+            torch.testing.assert_close(state[k], reference[k], rtol=0, atol=0, msg=k)
+    single = WorkerGroup(worker_cls, learner_cfg(path, role=role, world_size=1))
+    expected = single.gather_tensors(method, batch)[key]
+    single.shutdown()
+    torch.testing.assert_close(sharded, expected, rtol=0, atol=1e-5)

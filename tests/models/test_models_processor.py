@@ -2,7 +2,8 @@ import importlib.util
 
 import pytest
 
-from sapo_ray.models import ImageOnlyQwenVLProcessor, banned_token_ids, load_processor, load_tokenizer
+from sapo_ray.models import (ImageOnlyQwenVLProcessor, banned_token_ids, load_processor, load_tokenizer,
+                             pixel_limits)
 from tests.models.conftest import image, vlm_batch
 
 
@@ -21,6 +22,35 @@ def test_processor_builds_without_torchvision_and_expands_images(vlm_dir):
     # a larger image is resized down to max_pixels: still at most 16 tokens
     big = proc(images=[image(448)], text=["<|vision_start|><|image_pad|><|vision_end|>x"], return_tensors="pt")
     assert (big["input_ids"] == pad).sum().item() == 16
+
+
+def test_pixel_budget_overrides_the_checkpoints(vlm_dir, lm_dir):
+    """data.max_pixels / data.min_pixels reach the image processor (Qwen's smart_resize: sides rounded to
+    multiples of 28, scaled into [min_pixels, max_pixels] keeping the aspect ratio); None keeps the checkpoint's."""
+    from PIL import Image
+
+    wide, tiny = Image.new("RGB", (500, 300), "white"), Image.new("RGB", (28, 28), "white")
+    prompt = ["<|vision_start|><|image_pad|><|vision_end|>x"]
+    pad = load_processor(vlm_dir).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def encode(proc, img):
+        out = proc(images=[img], text=prompt, return_tensors="pt")
+        return out["image_grid_thw"].tolist(), int((out["input_ids"] == pad).sum())
+
+    default = load_processor(vlm_dir)
+    assert pixel_limits(default) == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}  # the checkpoint's
+    # 500x300 > 12544 px: scale sqrt(150000 / 12544) = 3.458 -> 84 x 140 px -> 6 x 10 patches -> 15 tokens
+    assert encode(default, wide) == ([[1, 6, 10]], 15)
+    # max 6272 px: scale 4.890 -> 56 x 84 px -> 4 x 6 patches -> 6 tokens
+    smaller = load_processor(vlm_dir, max_pixels=6272)
+    assert pixel_limits(smaller) == {"min_pixels": 3136, "max_pixels": 6272}
+    assert encode(smaller, wide) == ([[1, 4, 6]], 6)
+    # 28x28 = 784 px < min 3136: scaled up by 2 -> 56 x 56 px -> 4 tokens; min 12544: by 4 -> 112 px -> 16 tokens
+    assert encode(default, tiny) == ([[1, 4, 4]], 4)
+    larger = load_processor(vlm_dir, min_pixels=112 * 112, max_pixels=224 * 224)
+    assert pixel_limits(larger) == {"min_pixels": 12544, "max_pixels": 50176}
+    assert encode(larger, tiny) == ([[1, 8, 8]], 16)
+    assert pixel_limits(load_processor(lm_dir)) is None  # a text model has no pixel budget
 
 
 def test_chat_template_is_qwen_style(vlm_dir):

@@ -165,6 +165,113 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     assert changed >= 4, f"the update changed only {changed}/{len(prompts)} greedy responses"
 
 
+@needs_vllm
+def test_weight_payload_survives_vllms_msgpack_path():
+    """What a worker receives when vLLM's engine runs in a process of its own: `collective_rpc`'s arguments
+    through vLLM's encoder and the engine core's untyped decoder (vllm/v1/serial_utils.py, `generic_decoder` in
+    vllm/v1/engine/core.py). A bare tensor arrives as a list; the payload arrives bit for bit."""
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from sapo_ray.sync import decode_bucket, encode_bucket
+
+    def through(obj):
+        return MsgpackDecoder().decode(MsgpackEncoder().encode(obj))
+
+    gen = torch.Generator().manual_seed(0)
+    bucket = [("w", torch.randn(64, 32, generator=gen)), ("w_t", torch.randn(16, 8, generator=gen).t()),
+              ("b", torch.randn(300, generator=gen).to(torch.bfloat16)), ("step", torch.tensor(3))]
+    (name, arrived), = through([bucket[0]])
+    assert name == "w" and isinstance(arrived, list) and arrived[:2] == ["float32", [64, 32]]
+    decoded = decode_bucket(through(encode_bucket(bucket)))
+    for (n, a), (m, b) in zip(bucket, decoded, strict=True):
+        assert (m, b.dtype, b.shape) == (n, a.dtype, a.shape)
+        assert torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@needs_vllm
+def test_multimodal_args_carry_the_learners_pixel_budget():
+    """A vision-language model's engine gets the image limit and the pixel budget the learner's processor resolved
+    (both bounds, the checkpoint's min filled in); a text model gets neither."""
+    from sapo_ray.models import load_processor
+    from sapo_ray.rollout.vllm_engine import multimodal_args
+
+    vlm = load_processor(resolve_model_path("bundled:tiny-vlm"), max_pixels=6272)
+    assert multimodal_args(vlm, 2) == {"limit_mm_per_prompt": {"image": 2, "video": 0},
+                                       "mm_processor_kwargs": {"min_pixels": 3136, "max_pixels": 6272}}
+    assert multimodal_args(load_processor(PATH), 1) == {}
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_weight_sync_through_the_multiprocessing_engine(engines, ray_cluster):
+    """vLLM's default (and what it runs on GPUs): its engine in a process of its own, VLLM_ENABLE_V1_MULTIPROCESSING=1,
+    where `collective_rpc`'s arguments cross msgpack. A rollout actor with such an engine takes the same buckets as
+    this module's in-process engine and then generates exactly what it does."""
+    import ray
+
+    from sapo_ray.models import load_policy
+    from sapo_ray.rollout.worker import RolloutWorker
+
+    local = engines[1]
+    remote = ray.remote(RolloutWorker).options(
+        num_cpus=0.5, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}).remote(VLLM_CFG)
+    try:
+        short = text_prompts(24, seed=3)
+        prompts = [Prompt(a.ids + b.ids + c.ids) for a, b, c in zip(short[0::3], short[1::3], short[2::3])]
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=32)
+        before = ray.get(remote.generate.remote(prompts, params))
+
+        gen = torch.Generator().manual_seed(1)
+        state = {k: v + 0.1 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=gen)
+                 for k, v in load_policy(PATH).state_dict().items()}
+        refs = [ray.put(b) for b in bucket_tensors(state, 256 * 1024)]
+        (remote_bytes, _), (local_bytes, _) = ray.get(remote.update_weights.remote(refs)), local.update_weights(refs)
+        assert remote_bytes == local_bytes == sum(t.numel() * t.element_size() for t in state.values())
+
+        after, expected = ray.get(remote.generate.remote(prompts, params)), local.generate(prompts, params)
+        assert [s.response_ids for s in after] == [s.response_ids for s in expected]
+        assert max(abs(x - y) for a, b in zip(after, expected) for x, y in zip(a.rollout_logp, b.rollout_logp)) < 1e-6
+        changed = sum(x.response_ids != y.response_ids for x, y in zip(before, after))
+        assert changed >= 4, f"the update changed only {changed}/{len(prompts)} greedy responses"
+    finally:
+        ray.kill(remote)
+
+
+@needs_vllm
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_pixels", [None, 6272], ids=["checkpoint-budget", "max_pixels-6272"])
+def test_vllm_image_processor_matches_the_learners(max_pixels):
+    """vLLM runs Qwen2.5-VL's image processor itself (the engine hands it raw images); given the same pixel budget it
+    must give the learner's pixel values, grid and image-token count. GPU only: vLLM's Qwen2-VL module imports
+    transformers' torchvision image processor, and torchvision does not run beside the CPU build here."""
+    from PIL import Image
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import ProcessorInputs, TimingContext
+
+    from sapo_ray.models import load_processor
+    from sapo_ray.rollout.vllm_engine import multimodal_args
+
+    path = resolve_model_path("bundled:tiny-vlm")
+    learner = load_processor(path, max_pixels=max_pixels)
+    args = multimodal_args(learner, 1)
+    vllm_processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=path, dtype="float32", **args))
+    example = load_dataset_split("synthvista", None, "test", n=1, seed=0)[0]
+    gen = torch.Generator().manual_seed(0)
+    noise = Image.fromarray((torch.rand(300, 500, 3, generator=gen) * 255).to(torch.uint8).numpy())
+    image_id = learner.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for image in (example["images"][0], noise):  # 112x112 (no resize at either budget) and resized
+        prompt = encode_prompt(learner, {**example, "images": [image]})
+        collapsed = [t for i, t in enumerate(prompt.ids) if t != image_id or prompt.ids[i - 1] != image_id]
+        out = vllm_processor.apply(ProcessorInputs(collapsed, vllm_processor.info.parse_mm_data({"image": [image]})),
+                                   TimingContext(enabled=False))
+        item = out["mm_kwargs"]["image"][0]
+        assert item["image_grid_thw"].data.tolist() == prompt.image_grid_thw[0].tolist()
+        assert out["prompt_token_ids"] == prompt.ids
+        torch.testing.assert_close(item["pixel_values"].data.float(), prompt.pixel_values.float(), atol=1e-5, rtol=0)
+
+
 def test_tis_weights_are_truncated_ratios():
     """rollout.tis_cap: w = min(exp(old_logp - rollout_logp), cap) on valid tokens, 0 on padding."""
     from sapo_ray.batch import Batch, Sample
