@@ -51,6 +51,27 @@ test: $(STAMP) $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/algo_bench.py
 
+# sapo_ray's GRPO step next to TRL's GRPOTrainer on the same workload, both timed in one run
+# (benchmarks/trl_compare.py). TRL lives in its own environment: it is no dependency of the project.
+# torch comes first from PyTorch's CPU index, as in docker/Dockerfile.cpu; the rest is pinned in
+# requirements/trl-bench.txt. ARGS: --steps, --side, hydra overrides.
+VENV_TRL        := .venv-trl
+TRL_STAMP       := $(VENV_TRL)/.installed
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+.PHONY: trl-compare
+
+$(TRL_STAMP): requirements/trl-bench.txt requirements/cpu.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	test -x $(VENV_TRL)/bin/python || $(PYTHON) -m venv $(VENV_TRL)
+	$(VENV_TRL)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TRL)/bin/python -m pip install -q --no-deps --index-url $(TORCH_CPU_INDEX) "$$(grep '^torch==' requirements/trl-bench.txt)"
+	$(VENV_TRL)/bin/python -m pip install -q -r requirements/trl-bench.txt
+	$(VENV_TRL)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(TRL_STAMP)
+
+trl-compare: $(STAMP) $(TRL_STAMP)
+	$(BIN)/python benchmarks/trl_compare.py $(ARGS)
+
 # On a GPU machine: pytest -m gpu, colocated (and split) training steps, learner throughput; JSON summary.
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py $(ARGS)

@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # Phases that are model compute (generation, forward passes, updates); the rest is framework overhead.
-COMPUTE = ("gen", "old_log_prob", "ref", "values", "update_critic", "update_actor")
+COMPUTE = ("gen", "forward", "update")
 
 
 def machine() -> str:

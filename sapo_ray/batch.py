@@ -11,6 +11,7 @@ tower consumes them flattened and micro-batches must be able to pick any subset 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 
@@ -91,6 +92,11 @@ class Batch:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def padding_ratio(self) -> float:
+        """The share of the `[prompt | response]` positions a forward pass computes that are padding."""
+        computed = len(self) * (self.prompt_ids.shape[1] + self.response_ids.shape[1])
+        return 1.0 - float(self.prompt_mask.sum() + self.response_mask.sum()) / max(computed, 1)
+
     def select(self, index: torch.Tensor | list[int] | slice) -> "Batch":
         """Rows `index` (all fields), trimming padding columns no selected row uses."""
         if isinstance(index, slice):
@@ -127,3 +133,39 @@ class Batch:
             # Text-only: positions from the mask, so left padding does not shift them.
             inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
         return inputs
+
+
+def pack_by_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,
+                   count: int = 0) -> list[list[int]]:
+    """Row indices in micro-batches whose padded size, rows x (longest prompt + longest response),
+    stays within `budget` tokens.
+
+    Rows are taken longest response first (then longest prompt: responses vary far more), so each
+    micro-batch holds rows of similar length and little padding (verl's `use_dynamic_bsz`); a row
+    longer than `budget` goes alone. With `count`, exactly that many
+    micro-batches (at least as many as `budget` needs, at most one per row): the ranks of an FSDP group
+    must run the same number of forward/backward passes, so every rank splits to the largest count any
+    rank needs, halving its largest micro-batches until it has as many.
+    """
+    n = len(prompt_lengths)
+    order = sorted(range(n), key=lambda i: (-response_lengths[i], -prompt_lengths[i], i))
+    groups: list[list[int]] = []
+    widths: list[tuple[int, int]] = []  # each group's longest prompt and response
+    for i in order:
+        p, r = prompt_lengths[i], response_lengths[i]
+        if groups:
+            wp, wr = max(widths[-1][0], p), max(widths[-1][1], r)
+            if (len(groups[-1]) + 1) * (wp + wr) <= budget:
+                groups[-1].append(i)
+                widths[-1] = (wp, wr)
+                continue
+        groups.append([i])
+        widths.append((p, r))
+    if count:
+        if not len(groups) <= count <= n:
+            raise ValueError(f"cannot split {n} rows into {count} micro-batches of at most {budget} tokens")
+        while len(groups) < count:
+            largest = max(range(len(groups)), key=lambda g: (len(groups[g]), -g))
+            rows = groups.pop(largest)
+            groups[largest:largest] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return groups

@@ -132,6 +132,12 @@ class RolloutConfig:
     # vllm engine on GPUs only: free the engine's weights and KV cache after each rollout while the
     # learners run (for rollout and learners sharing GPUs); the next weight sync or generate restores them.
     enable_sleep_mode: bool = False
+    # 0: each step samples on the weights it then updates (synchronous). 1: one step off-policy (verl's
+    # one-step-off-policy trainer, AReaL): the next step's first draw samples on the current weights while
+    # the learners update them, so generation and training overlap; the loss's old log-probs are the
+    # behaviour policy's (rollout_logp), or recomputed and corrected by rollout.tis_cap. Logged as
+    # rollout/staleness; a checkpoint keeps the in-flight samples, so resuming is exact.
+    max_staleness: int = 0
     # Truncated importance sampling for the rollout/learner mismatch: each token's policy-loss term is
     # weighted by min(exp(old_logp - rollout_logp), tis_cap); 0 = off (e.g. 2 with vllm in bfloat16).
     tis_cap: float = 0.0
@@ -163,6 +169,10 @@ class LearnerConfig:
     # so mini_batch_size 128 gives 4 optimizer steps per PPO epoch (the paper's SAPO: 512 x 1, also 4).
     mini_batch_size: int = 64
     micro_batch_size: int = 32
+    # Micro-batches by token budget instead (verl's use_dynamic_bsz / ppo_max_token_len_per_gpu): rows
+    # sorted by length and packed so that rows x (longest prompt + longest response) <= this many tokens,
+    # padding only between rows of similar length (`actor/padding_ratio`). 0 = micro_batch_size rows.
+    max_tokens_per_micro_batch: int = 0
     ppo_epochs: int = 1
     # Shuffle rows before cutting mini-batches.
     shuffle: bool = True
@@ -421,6 +431,11 @@ def validate(cfg) -> None:
            "rollout.weight_sync=broadcast on GPUs needs the engines and learner rank 0 on different GPUs (NCCL cannot "
            f"join two processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
            "use cluster.placement=split, whole GPUs for both, or rollout.weight_sync=object_store")
+    _check(r.max_staleness in (0, 1), f"rollout.max_staleness={r.max_staleness}: 0 (synchronous) or 1 (one step "
+                                      "off-policy); more steps in flight are not implemented")
+    _check(not (r.max_staleness and r.enable_sleep_mode),
+           "rollout.max_staleness=1 samples while the learners train, so the engines cannot sleep meanwhile: "
+           "set rollout.enable_sleep_mode=false (and give the engines memory of their own)")
     _check(not r.enable_sleep_mode or (r.engine == "vllm" and r.num_gpus > 0),
            "rollout.enable_sleep_mode frees GPU memory of the vllm engine: it needs rollout.engine=vllm and "
            f"rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
@@ -458,6 +473,10 @@ def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
         _check(rows % g.world_size == 0,
                f"data.prompts_per_step * rollout.n = {d.prompts_per_step} x {r.n} = {rows} rows must be divisible "
                f"by {role}.world_size={g.world_size}, so that a step's groups split evenly over the ranks")
+        longest = d.max_prompt_length + r.max_new_tokens
+        _check(g.max_tokens_per_micro_batch == 0 or g.max_tokens_per_micro_batch >= longest,
+               f"{role}.max_tokens_per_micro_batch={g.max_tokens_per_micro_batch} must hold one whole row: >= "
+               f"data.max_prompt_length + rollout.max_new_tokens = {longest} (or 0 for micro_batch_size rows)")
 
 
 def _validate_vllm(cfg) -> None:

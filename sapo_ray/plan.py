@@ -9,10 +9,11 @@ read, so `model.path=bundled:configs/qwen2_5_vl_3b` works anywhere), places the 
   blocks, the one running and the one prefetched); the frozen reference's shard in `model.dtype` (KL); activations of
   one micro-batch of `micro_batch_size x (data.max_prompt_length + rollout.max_new_tokens)` tokens
   (with gradient checkpointing each block keeps only its input and one block is recomputed at a
-  time); the actor's float32 logits over the response tokens (logits, log-softmax and their gradient);
+  time); the actor's logits over the response tokens and their gradient in `model.dtype`, plus one
+  128-position scoring piece in float32;
 - the engine: vllm reserves `rollout.gpu_memory_utilization` of the GPU (weights, KV cache and its own
-  activations); hf holds its weights, a KV cache for `rollout.max_batch_size` rows and every step's
-  float32 logits (it returns them to compute log-probs).
+  activations); hf holds its weights, a KV cache for `rollout.max_batch_size` rows and one decoding
+  step's float32 scores and log-probs.
 
 The total is the learners' resident state plus the larger of the engine (freed between rollouts with
 `rollout.enable_sleep_mode`) and one learner's activations (the phases run one after another), or
@@ -107,7 +108,12 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
     tokens = g.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
     if role == "actor":
-        out["logits"] = 3 * 4 * g.micro_batch_size * cfg.rollout.max_new_tokens * shape.vocab
+        # The logits and their gradient in the compute dtype, and one scoring piece's float32 temporaries
+        # (log-softmax, its exp, the gradient piece and a product: sapo_ray.learner.forward._Score).
+        from sapo_ray.learner.forward import CHUNK_TOKENS
+
+        out["logits"] = (2 * DTYPE_BYTES[m.dtype] * g.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
+                         + 4 * 4 * CHUNK_TOKENS) * shape.vocab
     return {k: v / GiB for k, v in out.items()}
 
 
@@ -121,7 +127,9 @@ def engine_memory(shape: ModelShape, cfg) -> dict[str, float]:
     gpus = max(1, math.ceil(r.num_gpus))
     return {"weights": size * shape.params / GiB / gpus,
             "kv_cache": 2 * size * shape.layers * shape.kv_dim * r.max_batch_size * seq / GiB / gpus,
-            "logits": 4 * r.max_batch_size * r.max_new_tokens * shape.vocab / GiB / gpus}
+            # One decoding step's float32 scores, the log-probs kept for the next step, and two temporaries
+            # (sapo_ray.rollout.engine.ScoreRecorder): never all steps' logits.
+            "logits": 4 * 4 * r.max_batch_size * shape.vocab / GiB / gpus}
 
 
 def gpu_total(parts: dict[str, dict[str, float]], sleep: bool) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from omegaconf import OmegaConf
 
 from sapo_ray.algo import registry
@@ -39,6 +40,8 @@ from sapo_ray.tracking import Tracker
 from sapo_ray.utils import actor_env, derive_seed, rng_state, seed_everything, set_rng_state, timer
 
 log = logging.getLogger(__name__)
+# A checkpoint's in-flight rollout (`rollout.max_staleness`): the next step's samples, already drawn.
+IN_FLIGHT = "in_flight_rollout.pt"
 
 
 def model_path(cfg) -> str:
@@ -53,6 +56,8 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.run_dir)
         self.step = 0
         self.spec = algorithm_spec(cfg)
+        self.policy_version = 0  # policy updates so far; a rollout's staleness is how many it missed
+        self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -168,10 +173,9 @@ class Trainer:
                                keep_images=self.cfg.rollout.engine == "vllm")
         return prompt if len(prompt.ids) <= self.cfg.data.max_prompt_length else None
 
-    def generate(self, examples: list[dict], params: SamplingParams,
-                 stream: tuple) -> tuple[list[Sample], list[dict], int]:
-        """Split prompts over the rollout workers, worker i sampling with `derive_seed(seed, *stream, i)`;
-        returns samples (`prompt_index` into the kept examples), the kept examples, and how many were too long."""
+    def submit_generate(self, examples: list[dict], params: SamplingParams, stream: tuple) -> "Rollout":
+        """Start sampling `examples` on the rollout workers, worker i with `derive_seed(seed, *stream, i)`
+        (prompts over `data.max_prompt_length` are left out and counted)."""
         prompts, kept = [], []
         for ex in examples:
             p = self.encode(ex)
@@ -182,23 +186,34 @@ class Trainer:
         refs = [w.generate.remote(prompts[i * per:(i + 1) * per],
                                   replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per)
                 for i, w in enumerate(self.rollout) if prompts[i * per:(i + 1) * per]]
-        samples = [s for part in ray.get(refs) for s in part]
-        return samples, kept, len(examples) - len(kept)
+        return Rollout(refs, kept, len(examples) - len(kept), self.policy_version)
+
+    def generate(self, examples: list[dict], params: SamplingParams,
+                 stream: tuple) -> tuple[list[Sample], list[dict], int]:
+        """Samples (`prompt_index` into the kept examples), the kept examples, and how many were too long."""
+        rollout = self.submit_generate(examples, params, stream)
+        return rollout.samples(), rollout.examples, rollout.too_long
+
+    def sampling_params(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
     def rollout_step(self, timing: dict) -> tuple[Batch | None, dict]:
         """Generate and score prompt groups until a full batch (DAPO's dynamic sampling may draw more
         prompts), then keep whole groups whose rows split over the learner ranks."""
         cfg, spec = self.cfg, self.spec
-        params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens)
         target = cfg.data.prompts_per_step
         groups: list[bookkeeping.Group] = []
         metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0,
                    "rollout/dropped_groups": 0.0, "rollout/skipped_update": 0.0}
         for draw in range(1 + (spec.max_refill if spec.dynamic_sampling else 0)):
             with timer("gen", timing):
-                samples, examples, too_long = self.generate(self.loader.next_batch(), params,
-                                                            ("rollout", self.step, draw))
+                # The first draw may have been started during the previous step (`rollout.max_staleness`).
+                rollout, self.in_flight = (self.in_flight, None) if draw == 0 and self.in_flight else (
+                    self.submit_rollout(self.step, draw), None)
+                samples, examples, too_long = rollout.samples(), rollout.examples, rollout.too_long
+            if draw == 0:
+                metrics["rollout/staleness"] = float(self.policy_version - rollout.policy_version)
             metrics["data/prompt_too_long"] += too_long
             with timer("reward", timing):
                 scores, errors, timeouts = self.reward.score([s.text for s in samples],
@@ -225,6 +240,10 @@ class Trainer:
             return None, metrics
         return bookkeeping.make_batch(trimmed, self.pad_id), metrics
 
+    def submit_rollout(self, step: int, draw: int) -> "Rollout":
+        """Start draw `draw` of training step `step` (0-based): the next prompts of the loader."""
+        return self.submit_generate(self.loader.next_batch(), self.sampling_params(), ("rollout", step, draw))
+
     def token_texts(self, batch: Batch) -> list[list[str]]:
         """Each valid response token decoded (the text segmenters' input)."""
         return [[self.tokenizer.decode([t]) for t in row[: int(m.sum())].tolist()]
@@ -239,6 +258,12 @@ class Trainer:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         batch, metrics = self.rollout_step(timing)
+        if cfg.rollout.max_staleness:
+            # One step off-policy: the next step's first draw samples on these weights while the learners
+            # update them (the engines take the new weights after it, in call order). The last step too:
+            # its checkpoint keeps that draw, so a run continued past `trainer.steps` trains as one that
+            # never stopped.
+            self.in_flight = self.submit_rollout(self.step + 1, 0)
         if cfg.rollout.enable_sleep_mode:  # the learners get the GPU memory until the next sync
             ray.get([w.sleep.remote() for w in self.rollout])
         if batch is None:
@@ -259,30 +284,32 @@ class Trainer:
         """The step's learner phases on a scored batch: old, reference log-probs and values, advantages,
         critic and policy updates, weight sync. Returns the batch with what they computed; fills `metrics`."""
         cfg = self.cfg
-        if cfg.actor.recompute_old_logp:
-            with timer("old_log_prob", timing):
-                batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "policy"))
-        else:
-            batch = batch.with_data(old_logp=batch.data["rollout_logp"], entropy=batch.data["rollout_entropy"])
+        # Forward passes that need nothing of each other run at the same time: the critic's values beside
+        # the policy's old and the reference's log-probs (one after the other on the actor ranks).
+        with timer("forward", timing):
+            old = (self.actor.submit_gather("compute_logprobs", batch, "policy") if cfg.actor.recompute_old_logp
+                   else None)
+            ref = self.actor.submit_gather("compute_logprobs", batch, "ref") if needs_ref(self.spec) else None
+            values = self.critic.submit_gather("compute_values", batch) if self.critic else None
+            batch = batch.with_data(**(old.get() if old else {"old_logp": batch.data["rollout_logp"],
+                                                               "entropy": batch.data["rollout_entropy"]}),
+                                    **(ref.get() if ref else {}), **(values.get() if values else {}))
         if cfg.rollout.tis_cap > 0:
             batch, tis_metrics = bookkeeping.tis_weights(batch, cfg.rollout.tis_cap)
             metrics.update(tis_metrics)
-        if needs_ref(self.spec):
-            with timer("ref", timing):
-                batch = batch.with_data(**self.actor.gather_tensors("compute_logprobs", batch, "ref"))
-        if self.critic:
-            with timer("values", timing):
-                batch = batch.with_data(**self.critic.gather_tensors("compute_values", batch))
         with timer("adv", timing):
             texts = self.token_texts(batch) if registry.needs_token_texts(self.spec) else None
             batch, adv_metrics = bookkeeping.advantages(self.spec, batch, cfg.rollout.max_new_tokens, texts)
         metrics.update(adv_metrics)
-        if self.critic:
-            with timer("update_critic", timing):
-                metrics.update(_mean_dicts(self.critic.call_sharded("update", batch)))
-        if not self.critic or self.step >= self.spec.critic_warmup:
-            with timer("update_actor", timing):
-                metrics.update(_mean_dicts(self.actor.call_sharded("update", batch)))
+        # The critic's and the policy's updates need nothing of each other either.
+        train_actor = not self.critic or self.step >= self.spec.critic_warmup
+        with timer("update", timing):
+            critic = self.critic.submit_sharded("update", batch) if self.critic else None
+            actor = self.actor.submit_sharded("update", batch) if train_actor else None
+            for pending in filter(None, (critic, actor)):
+                metrics.update(_mean_dicts(pending.get()))
+        if train_actor:
+            self.policy_version += 1
             with timer("update_weights", timing):
                 metrics.update(self.sync_weights())
         else:
@@ -343,8 +370,13 @@ class Trainer:
         self.actor.call("save_checkpoint", str(tmp / "actor"))
         if self.critic:
             self.critic.call("save_checkpoint", str(tmp / "critic"))
-        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state()}
+        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
+                 "policy_version": self.policy_version}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if self.in_flight is not None:
+            # The next step's first draw, sampled on weights this checkpoint no longer holds: saved as it
+            # came out, so a resumed run trains on exactly what the uninterrupted one does.
+            torch.save(self.in_flight.state(), tmp / IN_FLIGHT)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)  # a checkpoint directory exists only once it is complete
         (self.run_dir / "checkpoints" / "latest").write_text(path.name)
@@ -371,6 +403,9 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        self.policy_version = state.get("policy_version", 0)
+        if (path / IN_FLIGHT).exists():
+            self.in_flight = Rollout.from_state(torch.load(path / IN_FLIGHT, weights_only=False))
         self.sync_weights()
         log.info("continuing from checkpoint %s (step %d of %d)", path, self.step, self.cfg.trainer.steps)
         if self.step >= self.cfg.trainer.steps:
@@ -432,3 +467,28 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+class Rollout:
+    """Sampling in flight on the rollout workers (or finished, from a checkpoint): the kept examples, how
+    many were too long, and the policy version whose weights sampled them."""
+
+    def __init__(self, refs: list, examples: list[dict], too_long: int, policy_version: int,
+                 samples: list[Sample] | None = None):
+        self.refs, self.examples, self.too_long, self.policy_version = refs, examples, too_long, policy_version
+        self._samples = samples
+
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = [s for part in ray.get(self.refs) for s in part]
+            self.refs = []
+        return self._samples
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it (waits for the sampling to finish)."""
+        return {"samples": self.samples(), "examples": self.examples, "too_long": self.too_long,
+                "policy_version": self.policy_version}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Rollout":
+        return cls([], state["examples"], state["too_long"], state["policy_version"], state["samples"])

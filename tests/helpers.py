@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from sapo_ray.algo.registry import get_algorithm
@@ -65,3 +67,23 @@ def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: 
     return LearnerWorkerConfig(role=role, model=ModelConfig(path=path, **(model or {})), learner=LearnerConfig(**fields),
                                algorithm=get_algorithm(algorithm), rollout=RolloutConfig(temperature=1.0, max_new_tokens=12),
                                seed=0, optimizer_steps=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_process_group():
+    """A one-rank gloo group in this process, for running a learner rank without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

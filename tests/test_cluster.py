@@ -96,9 +96,9 @@ class LocalCluster:
         self.nodes: list[tuple[subprocess.Popen, Path]] = []
         self.gcs_address = self.dashboard_url = ""
 
-    def _start(self, args: list[str], name: str) -> None:
+    def _start(self, args: list[str], name: str, ports: list[int] | None = None) -> None:
         log = self.temp_dir / f"{name}.log"
-        agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(6)
+        agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = ports or free_ports(6)
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
                "--disable-usage-stats", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
@@ -115,12 +115,13 @@ class LocalCluster:
             time.sleep(0.5)
 
     def start_head(self, num_cpus: int, resources: dict | None = None, num_gpus: int = 0) -> None:
-        gcs, dashboard, client = free_ports(3)
+        # All nine ports drawn together: ports drawn in two batches may repeat (the first are closed again).
+        gcs, dashboard, client, *node_ports = free_ports(9)
         self._start(["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                      "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                      f"--ray-client-server-port={client}",
-                     *([f"--resources={json.dumps(resources)}"] if resources else [])], "head")
+                     *([f"--resources={json.dumps(resources)}"] if resources else [])], "head", node_ports)
         self.gcs_address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
         self._wait(lambda: urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5).status == 200,
                    "the dashboard to answer")

@@ -35,12 +35,13 @@ def test_experiment_plan_one_of_each_role_per_gpu_and_fits(capsys):
             ("actor", i, 0.35), ("critic", i, 0.35), ("rollout", i, 0.3)]
     mem = p["gpus"][0]["memory_gb"]
     # By hand: float32 master weights sharded over 8 ranks; AdamW's two float32 moments; the reference in
-    # bf16; vLLM reserves 0.25 of 80 GiB; the actor's float32 logits x3 for 4 rows x 2048 tokens x 151,936 ids.
+    # bf16; vLLM reserves 0.25 of 80 GiB; the actor's bf16 logits and their gradient for 4 rows x 2049
+    # positions x 151,936 ids, and four float32 [128, 151,936] temporaries of one scoring piece.
     assert mem["actor/weights"] == pytest.approx(4 * P_3B / 8 / GiB, abs=0.01)
     assert mem["actor/optimizer"] == pytest.approx(8 * P_3B / 8 / GiB, abs=0.01)
     assert mem["actor/reference"] == pytest.approx(2 * P_3B / 8 / GiB, abs=0.01)
     assert mem["rollout/reserved"] == 20.0
-    assert mem["actor/logits"] == pytest.approx(12 * 4 * 2048 * 151936 / GiB, abs=0.01)
+    assert mem["actor/logits"] == pytest.approx((2 * 2 * 4 * 2049 + 16 * 128) * 151936 / GiB, abs=0.01)
     # Checkpointing: 4 x 3072 tokens keep 36 block inputs (2 x 2048 B) plus one block's activations.
     per_block = 2 * (6 * 2048 + 2 * 256 + 4 * 11008)
     assert mem["actor/activations"] == pytest.approx(4 * 3072 * (36 * 2 * 2048 + per_block) / GiB, abs=0.01)

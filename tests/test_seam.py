@@ -11,17 +11,15 @@ being ignored.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import types
 import typing
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from omegaconf import OmegaConf
 
-from helpers import learner_cfg, sample_batch
+from helpers import learner_cfg, local_process_group, sample_batch
 from sapo_ray.algo import registry
 from sapo_ray.algo.registry import AlgorithmSpec
 from sapo_ray.config import compose_config as compose_cfg
@@ -119,12 +117,6 @@ class Recorder:
         return Recorder(value, self._reads, f"{self._prefix}.{name}") if dataclasses.is_dataclass(value) else value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Learner fields the driver reads rather than the rank: Ray options and the group size (WorkerGroup),
 # and whether the step recomputes old log-probs (Trainer.train_step).
 DRIVER_SIDE = {"learner.world_size", "learner.num_cpus", "learner.resources", "learner.recompute_old_logp"}
@@ -146,8 +138,7 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
                             value_mask=seg.end_mask.float())
     expected = {key for key, _ in leaf_fields(LearnerConfig, "learner")} - DRIVER_SIDE
     expected |= {"model.path", "model.dtype", "model.attn_implementation", "model.gradient_checkpointing"}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
+    with local_process_group():
         for cls, role in ((PolicyWorker, "actor"), (CriticWorker, "critic")):
             cfg = learner_cfg(path, role=role, model={"gradient_checkpointing": True}, shuffle=True, ppo_epochs=2,
                               mini_batch_size=2, micro_batch_size=1)
@@ -169,5 +160,3 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
             missing = expected - reads - ({"model.critic_path"} if role == "actor" else set())
             assert not missing, f"{role} rank never reads {sorted(missing)}"
             assert role == "actor" or "model.critic_path" in reads
-    finally:
-        dist.destroy_process_group()

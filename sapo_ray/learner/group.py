@@ -42,21 +42,38 @@ class WorkerGroup:
     def call(self, method: str, *args, **kwargs) -> list:
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
-    def call_sharded(self, method: str, batch: Batch, *args, **kwargs) -> list:
+    def submit_sharded(self, method: str, batch: Batch, *args, **kwargs) -> "Pending":
+        """Start `method` on every rank with its row shard of `batch`; `.get()` waits for the per-rank results."""
         n = len(batch)
         assert n % self.world_size == 0, f"{self.name}: batch of {n} rows is not divisible by {self.world_size} ranks"
         size = n // self.world_size
-        refs = [getattr(w, method).remote(batch.select(slice(r * size, (r + 1) * size)), *args, **kwargs)
-                for r, w in enumerate(self.workers)]
-        return ray.get(refs)
+        return Pending([getattr(w, method).remote(batch.select(slice(r * size, (r + 1) * size)), *args, **kwargs)
+                        for r, w in enumerate(self.workers)])
 
-    def gather_tensors(self, method: str, batch: Batch, *args) -> dict[str, torch.Tensor]:
-        """Concatenate each rank's `{name: [rows, R_r]}` result back to `[B, R]` in row order."""
-        parts = self.call_sharded(method, batch, *args)
+    def call_sharded(self, method: str, batch: Batch, *args, **kwargs) -> list:
+        return self.submit_sharded(method, batch, *args, **kwargs).get()
+
+    def submit_gather(self, method: str, batch: Batch, *args) -> "Pending":
+        """`submit_sharded` whose `.get()` concatenates each rank's `{name: [rows, R_r]}` back to `[B, R]`."""
         R = batch.response_ids.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, R - t.shape[1])) if t.dim() == 2 else t
-        return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
+        return Pending(self.submit_sharded(method, batch, *args).refs,
+                       lambda parts: {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]})
+
+    def gather_tensors(self, method: str, batch: Batch, *args) -> dict[str, torch.Tensor]:
+        return self.submit_gather(method, batch, *args).get()
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
+
+
+class Pending:
+    """A call in flight on every rank of a group: the driver starts calls on several groups, then waits
+    for them (`get`), so that phases that do not need each other's results run at the same time."""
+
+    def __init__(self, refs: list, finish=lambda parts: parts):
+        self.refs, self.finish = refs, finish
+
+    def get(self):
+        return self.finish(ray.get(self.refs))

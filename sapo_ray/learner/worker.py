@@ -25,7 +25,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
-from sapo_ray.batch import Batch
+from sapo_ray.batch import Batch, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
@@ -180,6 +180,36 @@ class FSDPWorker:
             for m0 in range(0, len(batch), mini):
                 yield batch.select(order[m0 : m0 + mini])
 
+    def _micro_rows(self, batch: Batch) -> list[list[int]]:
+        """The rows of each micro-batch: `micro_batch_size` at a time, or packed by length into
+        `max_tokens_per_micro_batch` (as many micro-batches on every rank: each is a collective pass)."""
+        g = self.cfg.learner
+        if not g.max_tokens_per_micro_batch:
+            return [list(range(s, min(s + g.micro_batch_size, len(batch)))) for s in range(0, len(batch), g.micro_batch_size)]
+        prompts, responses = batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
+        count = len(pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch))
+        if self.world_size > 1:
+            t = torch.tensor(count, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            count = int(t)
+        return pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, count)
+
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        return [batch.select(rows) for rows in self._micro_rows(batch)]
+
+    def _forward_rows(self, batch: Batch, forward) -> dict[str, torch.Tensor]:
+        """`forward(micro) -> {name: [rows, R_micro]}` over the micro-batches (no gradient), put back
+        together as `{name: [B, R]}` in the batch's row order."""
+        R = batch.response_ids.shape[1]
+        out: dict[str, torch.Tensor] = {}
+        for rows in self._micro_rows(batch):
+            with self._autocast():
+                parts = forward(self._to_device(batch.select(rows)))
+            for name, part in parts.items():
+                full = out.setdefault(name, torch.zeros(len(batch), R))
+                full[rows, : part.shape[1]] = part.float().cpu()
+        return out
+
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, then step unless the gradient is not finite (a bad batch must not destroy the model)."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.optim.max_grad_norm)
@@ -321,18 +351,13 @@ class PolicyWorker(FSDPWorker):
         """`old_logp` and `entropy` under the policy, or `ref_logp` under the frozen reference ([B, R] each)."""
         model = self.model if which == "policy" else self.ref
         model.eval()
-        out_logp, out_ent = [], []
-        R = batch.response_ids.shape[1]
-        for micro in batch.chunks(self.cfg.learner.micro_batch_size):
-            with self._autocast():
-                logp, ent = policy_forward(model, self._to_device(micro), self.cfg.rollout.temperature, self.banned,
-                                           self.image_token_id, with_entropy=which == "policy")
-            out_logp.append(torch.nn.functional.pad(logp.cpu(), (0, R - logp.shape[1])))
-            if ent is not None:
-                out_ent.append(torch.nn.functional.pad(ent.cpu(), (0, R - ent.shape[1])))
-        if which == "policy":
-            return {"old_logp": torch.cat(out_logp), "entropy": torch.cat(out_ent)}
-        return {"ref_logp": torch.cat(out_logp)}
+
+        def forward(micro: Batch) -> dict[str, torch.Tensor]:
+            logp, ent = policy_forward(model, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
+                                       with_entropy=which == "policy")
+            return {"old_logp": logp, "entropy": ent} if which == "policy" else {"ref_logp": logp}
+
+        return self._forward_rows(batch, forward)
 
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
@@ -359,7 +384,7 @@ class PolicyWorker(FSDPWorker):
         denom = self._global_units(minibatch, spec.loss_agg)
         tokens = self._global_units(minibatch, "token_mean")
         stats: dict[str, list[float]] = {}
-        for micro in minibatch.chunks(self.cfg.learner.micro_batch_size):
+        for micro in self._micro_batches(minibatch):
             micro = self._to_device(micro)
             with self._autocast():
                 # The entropy is always reported; it joins the graph only when it is in the loss.
@@ -382,6 +407,7 @@ class PolicyWorker(FSDPWorker):
             if spec.entropy_coef > 0:
                 loss = loss - spec.entropy_coef * entropy_sum / tokens
             m["actor/entropy"] = float(entropy_sum.detach()) / float(mask.sum().clamp(min=1))
+            m["actor/padding_ratio"] = micro.padding_ratio()
             loss.backward()
             for k, v in m.items():
                 stats.setdefault(k, []).append(v)
@@ -450,13 +476,8 @@ class CriticWorker(FSDPWorker):
     @torch.no_grad()
     def compute_values(self, batch: Batch) -> dict[str, torch.Tensor]:
         self.model.eval()
-        R = batch.response_ids.shape[1]
-        out = []
-        for micro in batch.chunks(self.cfg.learner.micro_batch_size):
-            with self._autocast():
-                v = value_forward(self.model, self._to_device(micro), self.image_token_id).cpu()
-            out.append(torch.nn.functional.pad(v, (0, R - v.shape[1])))
-        return {"values": torch.cat(out) * batch.response_mask}
+        values = self._forward_rows(batch, lambda micro: {"values": value_forward(self.model, micro, self.image_token_id)})
+        return {"values": values["values"] * batch.response_mask}
 
     def update(self, batch: Batch) -> dict[str, float]:
         """Clipped value loss on `value_mask` positions (segment anchors for SAPO, every token for PPO)."""
@@ -465,7 +486,7 @@ class CriticWorker(FSDPWorker):
         for minibatch in self._minibatches(batch):
             denom = self._global_count(minibatch.data["value_mask"].sum())
             loss_sum = 0.0
-            for micro in minibatch.chunks(self.cfg.learner.micro_batch_size):
+            for micro in self._micro_batches(minibatch):
                 micro = self._to_device(micro)
                 with self._autocast():
                     values = value_forward(self.model, micro, self.image_token_id)
@@ -476,6 +497,7 @@ class CriticWorker(FSDPWorker):
                 loss_sum += float(loss.detach())
                 for k, v in m.items():
                     stats.setdefault(f"critic/{k}", []).append(float(v))
+                stats.setdefault("critic/padding_ratio", []).append(micro.padding_ratio())
             norm, ok = self._optimizer_step()
             stats.setdefault("critic/vf_loss", []).append(loss_sum)
             stats.setdefault("critic/grad_norm", []).append(norm)
