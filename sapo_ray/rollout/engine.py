@@ -125,9 +125,11 @@ def sampling_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> 
     penalty; transformers fills every field left None from it), so that tokens are drawn from exactly
     the distribution `rollout_logp` describes: temperature, then top-p."""
     greedy = params.temperature <= 0
+    # Greedy decoding reads no sampling knob (and transformers warns about any set away from its default).
+    sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
+                                  "min_p": None, "typical_p": 1.0}
     return GenerationConfig(
-        do_sample=not greedy, temperature=1.0 if greedy else params.temperature,
-        top_p=1.0 if greedy else params.top_p, top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+        do_sample=not greedy, **sampling, repetition_penalty=1.0,
         no_repeat_ngram_size=0, num_beams=1, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_ids, pad_token_id=pad_id, suppress_tokens=None, begin_suppress_tokens=None,
         bad_words_ids=None, renormalize_logits=False, output_logits=False, output_scores=False,
