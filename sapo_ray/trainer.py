@@ -208,9 +208,10 @@ class Trainer:
                    "rollout/dropped_groups": 0.0, "rollout/skipped_update": 0.0}
         for draw in range(1 + (spec.max_refill if spec.dynamic_sampling else 0)):
             with timer("gen", timing):
-                # The first draw may have been started during the previous step (`rollout.max_staleness`).
-                rollout, self.in_flight = (self.in_flight, None) if draw == 0 and self.in_flight else (
-                    self.submit_rollout(self.step, draw), None)
+                if draw == 0 and self.in_flight:  # started during the previous step (`rollout.max_staleness`)
+                    rollout, self.in_flight = self.in_flight, None
+                else:
+                    rollout = self.submit_rollout(self.step, draw)
                 samples, examples, too_long = rollout.samples(), rollout.examples, rollout.too_long
             if draw == 0:
                 metrics["rollout/staleness"] = float(self.policy_version - rollout.policy_version)
