@@ -69,12 +69,20 @@ def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: 
                                seed=0, optimizer_steps=10)
 
 
-def free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held together while drawn, so none repeats)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @contextmanager
@@ -82,7 +90,7 @@ def local_process_group():
     """A one-rank gloo group in this process, for running a learner rank without Ray."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_ports(1)[0]}", rank=0, world_size=1)
     try:
         yield
     finally:

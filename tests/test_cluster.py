@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -53,19 +52,6 @@ def child_env(multi_node: bool = False, **extra: str) -> dict[str, str]:
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1" if multi_node else "0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", **extra)
     return env
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def session_pids(sid: int) -> list[int]:

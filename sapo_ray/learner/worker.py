@@ -187,12 +187,13 @@ class FSDPWorker:
         if not g.max_tokens_per_micro_batch:
             return [list(range(s, min(s + g.micro_batch_size, len(batch)))) for s in range(0, len(batch), g.micro_batch_size)]
         prompts, responses = batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
-        count = len(pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch))
+        rows = pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch)
         if self.world_size > 1:
-            t = torch.tensor(count, device=self.device)
+            t = torch.tensor(len(rows), device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            count = int(t)
-        return pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, count)
+            if int(t) > len(rows):  # another rank needs more: split to its count
+                rows = pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, int(t))
+        return rows
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         return [batch.select(rows) for rows in self._micro_rows(batch)]
@@ -323,21 +324,17 @@ class PolicyWorker(FSDPWorker):
     """A rank of the policy: log-probs/entropies, reference log-probs, PPO updates, weight export."""
 
     def setup(self) -> None:
-        from transformers import AutoConfig
-
         from sapo_ray.models import load_policy
-        from sapo_ray.models.loading import build_from_config
-        from sapo_ray.models.processor import _check_dir
+        from sapo_ray.models.loading import empty_policy
 
         m = self.cfg.model
         self._seed_init()
         ids = self._token_ids()
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.image_token_id = ids.image
-        config = AutoConfig.from_pretrained(_check_dir(m.path))
         model = lambda dtype: self._build(
             lambda: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation),
-            lambda: build_from_config(config, dtype, m.attn_implementation))
+            lambda: empty_policy(m.path, dtype, m.attn_implementation))
         self.model = self._shard_trainable(model(MASTER_DTYPE))
         self.ref = None
         if self.cfg.needs_ref:

@@ -62,3 +62,10 @@ def build_from_config(
 ) -> torch.nn.Module:
     """A randomly initialised model of `config`'s architecture (VLM or causal LM)."""
     return model_class(config).from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def empty_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The architecture of the HF directory `path` with freshly initialised weights, nothing read but its
+    config (under `torch.device("meta")`: no memory at all, for a learner rank that receives its weights)."""
+    return build_from_config(AutoConfig.from_pretrained(_check_dir(path)), dtype, attn_implementation)

@@ -10,9 +10,8 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig
 
-from sapo_ray.models.loading import build_from_config, is_vision_config, load_policy
+from sapo_ray.models.loading import empty_policy, is_vision_config, load_policy
 from sapo_ray.models.processor import _check_dir
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw")
@@ -69,7 +68,7 @@ class ValueModel(nn.Module):
         path = _check_dir(path)
         if not _has_value_head(path):
             return cls(load_policy(path, dtype=dtype, attn_implementation=attn_implementation), head_init_std)
-        model = cls(build_from_config(AutoConfig.from_pretrained(path), dtype, attn_implementation), head_init_std)
+        model = cls(empty_policy(path, dtype, attn_implementation), head_init_std)
         state = {}
         for file in _weight_files(path):
             state.update(load_file(file))
@@ -81,7 +80,7 @@ class ValueModel(nn.Module):
               attn_implementation: str = "sdpa") -> "ValueModel":
         """A critic of the architecture in `path` with uninitialised weights (build it under
         `torch.device("meta")` to allocate nothing; a learner rank then receives the weights)."""
-        return cls(build_from_config(AutoConfig.from_pretrained(_check_dir(path)), dtype, attn_implementation))
+        return cls(empty_policy(path, dtype, attn_implementation))
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **_) -> None:
         """Write `config.json` and safetensors weights (sharded above 5 GB); `state_dict` lets an

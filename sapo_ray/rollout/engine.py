@@ -98,7 +98,7 @@ class ScoreRecorder:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._last is not None:
             self._take(input_ids[:, -1])
-        logp_all, entropy = log_softmax_and_entropy(scores.float(), self.temperature, self.banned)
+        logp_all, entropy = log_softmax_and_entropy(scores, self.temperature, self.banned)
         self.entropy.append(entropy)
         self._last = logp_all
         if self.banned.numel():
