@@ -2,8 +2,8 @@
 
 An engine implements `from_config(cfg: RolloutWorkerConfig)`, `generate(prompts, params) -> list[Sample]`
 and `update_weights(named_tensors) -> bytes loaded`; engines are looked up by name in `ENGINES`
-(config `rollout.engine`, registered with `@register_engine`). `hf` (Hugging Face `generate` with a KV
-cache) is the embedded default and runs on a CPU; `vllm` (`sapo_ray.rollout.vllm_engine`, imported on
+(config `rollout.engine`, registered with `@register_engine`). `hf` (a decoding loop over a Hugging Face
+model's KV cache) is the embedded default and runs on a CPU; `vllm` (`sapo_ray.rollout.vllm_engine`, imported on
 first use since the package is optional) is the production engine.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers.cache_utils import Cache, DynamicLayer
 
 from sapo_ray.batch import Prompt, Sample, SamplingParams
 from sapo_ray.learner.forward import log_softmax_and_entropy
@@ -80,80 +80,85 @@ def build_engine(cfg):
     return ENGINES[name].from_config(cfg)
 
 
-class ScoreRecorder:
-    """A logits processor that records, step by step, what the engine returns for each sampled token.
+def sample_tokens(logp_all: torch.Tensor, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from `pi = exp(logp_all)` restricted to its nucleus: the most probable tokens
+    whose mass, counted before each, is still below `top_p` (so at least one); `greedy` takes the argmax.
 
-    Placed before temperature and top-p, it sees the model's raw logits; it masks the banned ids (to
-    -inf, so they are never sampled) and keeps each step's entropy and the log-probs of that step's
-    vocabulary only until the next step reveals which token was drawn: memory is one step's
-    `[rows, V]`, not `steps x rows x V` (64 rows x 2048 steps x 151,936 float32 logits would be 80 GB).
-    """
-
-    def __init__(self, temperature: float, banned: torch.Tensor):
-        self.temperature, self.banned = temperature, banned
-        self.logp: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
-        self._last: torch.Tensor | None = None  # the previous step's log-probs, [rows, V]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._last is not None:
-            self._take(input_ids[:, -1])
-        logp_all, entropy = log_softmax_and_entropy(scores, self.temperature, self.banned)
-        self.entropy.append(entropy)
-        self._last = logp_all
-        if self.banned.numel():
-            scores = scores.index_fill(-1, self.banned.to(scores.device), float("-inf"))
-        return scores
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        self.logp.append(self._last.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-        self._last = None
-
-    def finish(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(logp, entropy)`, each `[rows, steps]` on the CPU, given the generated tokens `[rows, steps]`."""
-        if self._last is not None:
-            self._take(responses[:, len(self.logp)].to(self._last.device))
-        if not self.logp:
-            empty = torch.zeros(responses.shape[0], 0)
-            return empty, empty
-        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()
+    The nucleus changes what is sampled, not `pi`, the distribution whose log-probs the engine returns
+    and the learner recomputes (as in vLLM and Hugging Face `generate`)."""
+    if greedy:
+        return logp_all.argmax(-1)
+    probs = logp_all.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sampling_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
-    """The complete generation config of a rollout: every sampling knob set here, none left to a
-    checkpoint's `generation_config.json` (Qwen2.5-VL's sets top_k=1, top_p=0.001 and a repetition
-    penalty; transformers fills every field left None from it), so that tokens are drawn from exactly
-    the distribution `rollout_logp` describes: temperature, then top-p."""
-    greedy = params.temperature <= 0
-    # Greedy decoding reads no sampling knob (and transformers warns about any set away from its default).
-    sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
-                                  "min_p": None, "typical_p": 1.0}
-    return GenerationConfig(
-        do_sample=not greedy, **sampling, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
-        eos_token_id=eos_ids, pad_token_id=pad_id, suppress_tokens=None, begin_suppress_tokens=None,
-        bad_words_ids=None, renormalize_logits=False, output_logits=False, output_scores=False,
-        return_dict_in_generate=False,
-    )
+class _PreallocatedLayer(DynamicLayer):
+    """One attention layer's KV cache in buffers sized for the whole rollout (prompt + `max_new_tokens`):
+    a decoding step writes its keys and values in place, where the default layer concatenates, copying
+    the whole cache at every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rows, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_empty(rows, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions is full")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        return self._views()
+
+    def _views(self):
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._views()
 
 
 @register_engine("hf")
 class HFEngine:
-    """Batched `model.generate` with the banned (special/vision) tokens suppressed.
+    """A batched decoding loop over a Hugging Face model and its KV cache, with the banned
+    (special/vision) tokens never sampled.
 
-    The returned `rollout_logp` is the log-prob of each sampled token under
-    `softmax(logits / temperature)` with the banned ids masked, the same distribution the learner
-    computes (top-p changes what is sampled, not this reference distribution); `rollout_entropy`
-    is that distribution's entropy, the rollout-time entropy SAPO segments on. Both are recorded
-    during generation (`ScoreRecorder`), never from stored logits.
+    Each distinct prompt of a chunk is prefilled once and its cache shared by its `n` samples; rows
+    that have ended leave the batch (`COMPACT_FRACTION`), so a step computes the live rows only. The
+    returned `rollout_logp` is the log-prob of each sampled token under `softmax(logits / temperature)`
+    with the banned ids masked, the distribution the learner computes (top-p changes what is sampled,
+    not this reference distribution); `rollout_entropy` is its entropy, the rollout-time entropy SAPO
+    segments on. Both come from each step's logits, which are never stored. No field of a checkpoint's
+    `generation_config.json` (Qwen2.5-VL-Instruct's sets top_k=1 and a repetition penalty) is read:
+    tokens are drawn from exactly the distribution `rollout_logp` describes.
     """
+
+    # Ended rows are dropped from the batch once they are this share of it: dropping copies the cache,
+    # as one decoding step's concatenation does, so it is done in batches rather than row by row.
+    COMPACT_FRACTION = 0.125
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64):
         from sapo_ray.models.tokens import TokenIds
 
         self.model = model.eval()
-        # Nothing of the checkpoint's own sampling defaults may reach `generate` (see `sampling_config`).
-        self.model.generation_config = GenerationConfig()
         self.tokenizer = tokenizer
         ids = TokenIds.of(tokenizer)
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
@@ -176,46 +181,92 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:
-        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         samples: list[Sample] = []
-        for start in range(0, len(expanded), self.max_batch_size):
-            chunk = expanded[start : start + self.max_batch_size]
-            torch.manual_seed(derive_seed(params.seed, "chunk", start))  # reproducible given (seed, chunk)
-            samples += self._generate_chunk(chunk, params)
+        for start, groups in enumerate(self._chunks(prompts, params.n)):
+            samples += self._generate_chunk(groups, params, derive_seed(params.seed, "chunk", start))
         return samples
 
-    def _generate_chunk(self, chunk: list[tuple[int, Prompt]], params: SamplingParams) -> list[Sample]:
-        width = max(len(p.ids) for _, p in chunk)
-        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+    def _chunks(self, prompts: list[Prompt], n: int):
+        """Chunks of at most `max_batch_size` rows, each a list of `(prompt index, prompt, samples)`:
+        a prompt's samples share one chunk (and one prefill) unless `n` alone exceeds a chunk."""
+        if n <= self.max_batch_size:
+            per = self.max_batch_size // n
+            for s in range(0, len(prompts), per):
+                yield [(i, prompts[i], n) for i in range(s, min(s + per, len(prompts)))]
+        else:
+            for i, p in enumerate(prompts):
+                for s in range(0, n, self.max_batch_size):
+                    yield [(i, p, min(self.max_batch_size, n - s))]
+
+    def _prefill(self, groups: list[tuple[int, Prompt, int]], max_new_tokens: int):
+        """One forward pass over the distinct prompts (left-padded); returns the last position's logits,
+        the cache, the attention mask and the last position ids, each with one row per prompt."""
+        width = max(len(p.ids) for _, p, _ in groups)
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for row, (_, p) in enumerate(chunk):
+        for row, (_, p, _) in enumerate(groups):
             ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
             attn[row, width - len(p.ids) :] = 1
         inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
-        pixels = [p.pixel_values for _, p in chunk if p.pixel_values is not None]
+        pixels = [p for _, p, _ in groups if p.pixel_values is not None]
         if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(self.device)
-            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for _, p in chunk if p.pixel_values is not None]).to(self.device)
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in pixels]).to(self.device)
+            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in pixels]).to(self.device)
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
-        recorder = ScoreRecorder(params.temperature if params.temperature > 0 else 1.0, self.banned)
-        sequences = self.model.generate(**inputs, generation_config=sampling_config(params, self.eos_ids, self.pad_id),
-                                        logits_processor=LogitsProcessorList([recorder]))
-        responses = sequences[:, width:]
-        logp, entropy = recorder.finish(responses)
-        responses = responses.cpu()
+        # The model's own position rule (multimodal RoPE for Qwen-VL), the one its `generate` uses.
+        positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+        cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(width + max_new_tokens))
+        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values, inputs["attention_mask"], positions[..., -1:]
+
+    def _generate_chunk(self, groups: list[tuple[int, Prompt, int]], params: SamplingParams, seed: int) -> list[Sample]:
+        logits, cache, attn, position = self._prefill(groups, params.max_new_tokens)
+        share = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([k for _, _, k in groups])).to(self.device)
+        cache.batch_select_indices(share)
+        logits, attn, position = logits[share], attn[share], position[..., share, :]
+
+        rows, steps = len(share), params.max_new_tokens
+        tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=self.device)
+        logp = torch.zeros(rows, steps, device=self.device)
+        entropy = torch.zeros(rows, steps, device=self.device)
+        lengths = torch.full((rows,), steps, dtype=torch.long, device=self.device)
+        live = torch.arange(rows, device=self.device)  # output row of each batch row
+        ended = torch.zeros(rows, dtype=torch.bool, device=self.device)  # per batch row
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        banned = self.banned.to(self.device)
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        generator = torch.Generator(self.device).manual_seed(seed)  # reproducible given (seed, chunk)
+        for t in range(steps):
+            logp_all, step_entropy = log_softmax_and_entropy(logits, temperature, banned)
+            token = sample_tokens(logp_all, params.top_p, params.temperature <= 0, generator)
+            going = live[~ended]
+            tokens[going, t] = token[~ended]
+            logp[going, t] = logp_all.gather(-1, token[:, None]).squeeze(-1)[~ended]
+            entropy[going, t] = step_entropy[~ended]
+            stop = torch.isin(token, eos) & ~ended
+            lengths[live[stop]] = t + 1
+            ended |= stop
+            if t == steps - 1 or bool(ended.all()):
+                break
+            if int(ended.sum()) >= max(1, self.COMPACT_FRACTION * len(live)):
+                keep = (~ended).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, token, attn, position, ended = live[keep], token[keep], attn[keep], position[..., keep, :], ended[keep]
+            attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
+            position = position + 1
+            logits = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+        tokens, logp, entropy, lengths = tokens.cpu(), logp.cpu(), entropy.cpu(), lengths.tolist()
         samples = []
-        eos = torch.tensor(self.eos_ids)
-        for row, (index, p) in enumerate(chunk):
-            tokens = responses[row]
-            is_eos = torch.isin(tokens, eos).nonzero()
-            finished = len(is_eos) > 0
-            length = int(is_eos[0]) + 1 if finished else len(tokens)
-            resp = tokens[:length].tolist()
+        for row, index in enumerate(share.tolist()):
+            prompt_index, p, _ = groups[index]
+            resp = tokens[row, : lengths[row]].tolist()
             samples.append(Sample(
-                prompt_ids=list(p.ids), response_ids=resp, rollout_logp=logp[row, :length].tolist(),
-                rollout_entropy=entropy[row, :length].tolist(),
-                text=self.tokenizer.decode(resp, skip_special_tokens=True), finished=finished,
-                prompt_index=index, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                prompt_ids=list(p.ids), response_ids=resp, rollout_logp=logp[row, : lengths[row]].tolist(),
+                rollout_entropy=entropy[row, : lengths[row]].tolist(),
+                text=self.tokenizer.decode(resp, skip_special_tokens=True), finished=bool(resp) and resp[-1] in self.eos_ids,
+                prompt_index=prompt_index, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
             ))
         return samples
 

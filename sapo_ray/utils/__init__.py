@@ -94,7 +94,7 @@ def derive_seed(seed: int, stream: str, *index: int | str) -> int:
     | `rollout` | step, draw, worker | one rollout worker's sampling in one draw of a training step |
     | `engine` | worker | vllm: the engine's own generator (each request also has its own seed) |
     | `sample` | prompt, k | vllm: the k-th response to a prompt (`SamplingParams.seed` is the base) |
-    | `chunk` | first row | hf: one `generate` call over rows from `first row` (`SamplingParams.seed` is the base) |
+    | `chunk` | chunk | hf: the sampling of one chunk of at most `rollout.max_batch_size` rows (`SamplingParams.seed` is the base) |
     | `validation` | worker | validation sampling (the same at every validation: common random numbers) |
     | `init` | role | a learner's fresh weights (the value head); every rank of a role draws the same |
     | `shuffle` | role, update | a learner's mini-batch order in its `update`-th call |

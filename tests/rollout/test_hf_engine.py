@@ -121,3 +121,49 @@ def test_the_checkpoints_sampling_defaults_never_reach_generation(tmp_path):
     gap = float(logp[mask].mean() + entropy[mask].mean())
     spread = float((logp[mask] + entropy[mask]).std()) / n ** 0.5
     assert abs(gap) < 4 * spread, (gap, spread, n)
+
+
+def test_top_p_samples_from_the_nucleus_only():
+    """pi = (0.5, 0.3, 0.15, 0.05): top-p 0.7 keeps the first two (the mass before the third is 0.8),
+    renormalised to 0.625 / 0.375; top-p 0.45 keeps the first alone; greedy takes the argmax."""
+    from sapo_ray.rollout.engine import sample_tokens
+
+    logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_tokens(logp, 0.7, False, gen)
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs(float((drawn == 0).float().mean()) - 0.625) < 0.03
+    assert set(sample_tokens(logp, 0.45, False, gen).tolist()) == {0}
+    assert set(sample_tokens(logp, 1.0, False, gen).tolist()) == {0, 1, 2, 3}
+    assert sample_tokens(logp[:2].flip(-1), 1.0, True, None).tolist() == [3, 3]
+
+
+def test_chunks_keep_a_prompts_samples_together_and_respect_the_batch_limit():
+    engine, processor = engine_for(MODEL)
+    prompts = _prompts(processor, 3)
+    engine.max_batch_size = 9
+    assert [[(i, k) for i, _, k in c] for c in engine._chunks(prompts, 4)] == [[(0, 4), (1, 4)], [(2, 4)]]
+    engine.max_batch_size = 3
+    assert [[(i, k) for i, _, k in c] for c in engine._chunks(prompts[:2], 4)] == [[(0, 3)], [(0, 1)], [(1, 3)], [(1, 1)]]
+    samples = engine.generate(prompts[:2], SamplingParams(n=4, temperature=0.7, max_new_tokens=24, seed=1))
+    assert [s.prompt_index for s in samples] == [0] * 4 + [1] * 4
+    batch = Batch.from_samples(samples, engine.pad_id)
+    with torch.no_grad():
+        logp, _ = policy_forward(engine.model, batch, 0.7, engine.banned, engine.image_token_id)
+    assert float((logp - batch.data["rollout_logp"]).abs()[batch.response_mask.bool()].max()) < 1e-4
+
+
+def test_dropping_ended_rows_changes_nothing_but_the_work():
+    """Greedy, so the tokens are determined: the same responses and log-probs whether ended rows leave
+    the batch as soon as one ends, or never (each prompt's samples share its prefill either way)."""
+    engine, processor = engine_for(MODEL)
+    prompts = _prompts(processor, 4)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=64)
+    engine.COMPACT_FRACTION = 0.0
+    eager = engine.generate(prompts, params)
+    engine.COMPACT_FRACTION = 2.0
+    never = engine.generate(prompts, params)
+    assert len({len(s.response_ids) for s in eager}) > 1  # rows did end at different steps
+    for a, b in zip(eager, never):
+        assert a.response_ids == b.response_ids and a.finished == b.finished
+        assert max(abs(x - y) for x, y in zip(a.rollout_logp, b.rollout_logp)) < 1e-5
