@@ -50,14 +50,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Training dataset: synthvista (generated), geometry3k (parquet path or hub).
+    # Training dataset: synthvista (generated), geometry3k (parquet path or hub), custom (your files, below).
     train: str = "synthvista"
-    # Local parquet file/dir for `train` (None: generated, or the hub when online).
+    # Local file/dir for `train` (None: generated, or the hub when online). custom: a .jsonl, .json or
+    # .parquet file, a directory of them, or a hub dataset `name@split` (sapo_ray/data/custom.py).
     train_path: Optional[str] = None
-    # Validation dataset: synthvista, mathvista, geometry3k.
+    # Validation dataset: synthvista, mathvista, geometry3k, custom.
     val: str = "synthvista"
-    # Local parquet file/dir for `val`.
+    # Local file/dir for `val` (as train_path).
     val_path: Optional[str] = None
+    # custom: the columns holding the question, the gold answer and the images (a list of paths relative
+    # to the file, bytes, or {"bytes"|"path": ...} dicts; a row without it is text-only).
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    # custom: a Jinja template (inline, or a file) rendering the query from `content` (the question) and
+    # the row's columns, as EasyR1's format_prompt; null = the question as it is.
+    prompt_template: Optional[str] = None
     # Split names passed to the loaders.
     train_split: str = "train"
     val_split: str = "test"
@@ -199,14 +208,21 @@ class LearnerConfig:
 
 @dataclass
 class RewardConfig:
-    # Weights of the paper's reward: acc_weight * accuracy + format_weight * format.
-    acc_weight: float = 0.9
+    # Weights of the paper's reward: acc_weight * accuracy + format_weight * format (acc_weight null =
+    # 1 - format_weight: the paper's 0.9 / 0.1; format_weight=0 scores by the accuracy alone).
+    acc_weight: Optional[float] = None
     format_weight: float = 0.1
     # Processes scoring answers, and the per-sample time limit (a hung check scores 0 and is counted).
     num_workers: int = 1
     timeout_s: float = 10.0
-    # A user reward function `path/to/file.py:function(response, example) -> float | dict`.
+    # A user reward function `path/to/file.py:function(response, example) -> float | dict`: a dict holds
+    # `score` (the accuracy) and any extra numbers, each logged as reward/<name> (val/reward/<name>).
     custom: Optional[str] = None
+    # The custom function scores a whole batch: `function(responses, examples) -> list`, in the driver.
+    batch: bool = False
+    # A run stops (instead of training on zeros) when more than this share of a step's samples fail to
+    # score (exceptions, non-finite values, timeouts) three steps running.
+    max_error_rate: float = 0.5
 
 
 @dataclass
@@ -227,6 +243,17 @@ class TrainerConfig:
     loggers: list = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     project: str = "sapo-ray"
     experiment: str = "${algorithm.name}-seed${seed}"
+    # Evaluate model.path (or the checkpoint trainer.resume names) on the validation set and exit: the
+    # metrics, the generations (as dump_generations) and, for MathVista, the official result file
+    # (mathvista_results_step_XXXXXX.json, scored by `python -m sapo_ray.reward.mathvista`).
+    val_only: bool = False
+    # Write every validation's responses (generations/val_step_XXXXXX.jsonl: prompt, response, gold answer,
+    # scores, the row's own columns) and, with dump_rollouts, every step's training samples
+    # (generations/rollout_step_XXXXXX.jsonl).
+    dump_generations: bool = False
+    dump_rollouts: bool = False
+    # Keep only the newest this many checkpoints (0 = all).
+    max_ckpt_to_keep: int = 0
 
 
 @dataclass
@@ -448,6 +475,16 @@ def validate(cfg) -> None:
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
+    _check(cfg.trainer.max_ckpt_to_keep >= 0, f"trainer.max_ckpt_to_keep={cfg.trainer.max_ckpt_to_keep} must be >= 0 (0 = all)")
+    _check(0 <= cfg.reward.max_error_rate <= 1, f"reward.max_error_rate={cfg.reward.max_error_rate} must be in [0, 1]")
+    _check(not cfg.reward.batch or cfg.reward.custom, "reward.batch=true needs reward.custom=path/to/file.py:function")
+    from sapo_ray.data.datasets import DATASETS
+
+    for role in ("train", "val"):
+        _check(d[role] in DATASETS, f"data.{role}={d[role]!r} is not a known dataset; choose one of {list(DATASETS)}")
+        _check(d[role] != "custom" or d[f"{role}_path"],
+               f"data.{role}=custom needs data.{role}_path: a .jsonl, .json or .parquet file, a directory of them, or "
+               "a hub dataset name@split")
     _check(d.train != "mathvista", "data.train=mathvista: MathVista is a test set and its terms say 'using it for "
                                    "training is prohibited'; train on geometry3k or synthvista, validate on mathvista")
     _check(cfg.cluster.simulate_gpus >= 0, f"cluster.simulate_gpus={cfg.cluster.simulate_gpus} must be >= 0")

@@ -1,4 +1,5 @@
-"""Metrics sinks: console (rich), `metrics.jsonl` in the run directory, TensorBoard, W&B."""
+"""Metrics sinks: console (rich), `metrics.jsonl` in the run directory, TensorBoard, W&B; and the
+generation dumps (`generations/*.jsonl`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_
          "critic/vf_explained_var": "vf_ev", "response_length/mean": "resp_len", "timing_s/step": "step_s",
          "perf/throughput": "tok/s"}
 CONSOLE_KEYS = tuple(SHORT)
+
+
+def generation_records(samples, examples: list[dict], scores: list[dict], **fields) -> list[dict]:
+    """One JSON-able record per sample: `fields`, the example's id, prompt (its query) and gold answer, the
+    response, its scores (with a reward function's extra numbers), and the row's own columns (a custom
+    dataset's, such as its id, for joining; the record's keys win a clash)."""
+    records = []
+    for sample, scored in zip(samples, scores):
+        example = examples[sample.prompt_index]
+        records.append({**{k: example[k] for k in example.get("columns", ())}, **fields, "pid": example["pid"],
+                        "prompt": example["query"], "response": sample.text, "answer": example["answer"],
+                        "finished": sample.finished, "response_length": len(sample.response_ids), **scored})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record, default=str) + "\n")
 
 
 def _step_of(line: str) -> int | None:

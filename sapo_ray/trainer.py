@@ -29,6 +29,7 @@ from sapo_ray.config import (algorithm_spec, learner_worker_config, needs_ref, r
                              rollout_worker_config)
 from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.data.prompt_loader import PromptLoader
+from sapo_ray.data.report import DataReport
 from sapo_ray.learner.group import WorkerGroup
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.models.tokens import TokenIds
@@ -36,7 +37,8 @@ from sapo_ray.reward.pool import RewardPool
 from sapo_ray.rollout.engine import encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.sync import WeightSync
-from sapo_ray.tracking import Tracker
+from sapo_ray.reward.mathvista import result_file
+from sapo_ray.tracking import Tracker, generation_records, write_jsonl
 from sapo_ray.utils import actor_env, derive_seed, rng_state, seed_everything, set_rng_state, timer
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class Trainer:
         self.step = 0
         self.spec = algorithm_spec(cfg)
         self.policy_version = 0  # policy updates so far; a rollout's staleness is how many it missed
+        self.failing_steps = 0  # steps running whose reward error rate exceeded reward.max_error_rate
+        self.reward_errors_seen: set[str] = set()  # reward error messages already logged
         self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -70,15 +74,9 @@ class Trainer:
         self.pad_id = TokenIds.of(self.tokenizer).pad
         self.has_vision = hasattr(self.processor, "image_processor")
 
-        d = cfg.data
-        train = load_dataset_split(d.train, d.train_path, d.train_split, for_training=True,
-                                   **self._generator_knobs(d.train, d.train_path, n=d.train_size,
-                                                           seed=derive_seed(cfg.seed, "data/train")))
-        self.val_examples = load_dataset_split(d.val, d.val_path, d.val_split, max_samples=d.val_size,
-                                               **self._generator_knobs(d.val, d.val_path, seed=derive_seed(0, "data/val")))
-        self.loader = PromptLoader(train, d.prompts_per_step, seed=derive_seed(cfg.seed, "loader"))
+        self.load_data()
         self.reward = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.custom,
-                                 cfg.reward.acc_weight, cfg.reward.format_weight)
+                                 cfg.reward.acc_weight, cfg.reward.format_weight, cfg.reward.batch)
 
         plan = placement.plan(cfg, self.spec.needs_critic)
         if plan is None:
@@ -136,6 +134,33 @@ class Trainer:
         if changed:
             log.warning("%s holds a run whose config differs in %s; continuing it with the new values",
                         self.run_dir, ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
+
+    def load_data(self) -> None:
+        """The training prompts' loader and the validation examples; what was kept and skipped of each goes
+        to `data_report.json` in the run directory."""
+        cfg, d = self.cfg, self.cfg.data
+        reports = {"train": DataReport(), "val": DataReport()}
+        columns = {"prompt_key": d.prompt_key, "answer_key": d.answer_key, "image_key": d.image_key,
+                   "prompt_template": d.prompt_template, "image_check": self._check_image}
+        try:
+            train = load_dataset_split(d.train, d.train_path, d.train_split, for_training=True, report=reports["train"],
+                                       columns=columns, **self._generator_knobs(d.train, d.train_path, n=d.train_size,
+                                                                                seed=derive_seed(cfg.seed, "data/train")))
+            self.val_examples = load_dataset_split(d.val, d.val_path, d.val_split, max_samples=d.val_size,
+                                                   report=reports["val"], columns=columns,
+                                                   **self._generator_knobs(d.val, d.val_path, seed=derive_seed(0, "data/val")))
+        finally:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "data_report.json").write_text(json.dumps({k: r.as_dict() for k, r in reports.items()}, indent=1))
+        for role, report in reports.items():
+            log.info("data/%s: %s", role, report.summary())
+        self.loader = PromptLoader(train, d.prompts_per_step, seed=derive_seed(cfg.seed, "loader"))
+
+    def _check_image(self, image) -> None:
+        """Raise what the model's processor raises for `image` (too small, an aspect ratio over 200, ...)."""
+        if not self.has_vision:
+            raise ValueError("the model takes text only")
+        self.processor.image_processor(images=[image], return_tensors="pt")
 
     def _generator_knobs(self, name: str, path: str | None, **knobs) -> dict:
         """Generator arguments when `name` is generated (synthvista without a path), else none.
@@ -204,7 +229,7 @@ class Trainer:
         cfg, spec = self.cfg, self.spec
         target = cfg.data.prompts_per_step
         groups: list[bookkeeping.Group] = []
-        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0,
+        metrics = {"data/prompt_too_long": 0.0, "reward/errors": 0.0, "reward/timeouts": 0.0, "reward/samples": 0.0,
                    "rollout/dropped_groups": 0.0, "rollout/skipped_update": 0.0}
         for draw in range(1 + (spec.max_refill if spec.dynamic_sampling else 0)):
             with timer("gen", timing):
@@ -217,10 +242,10 @@ class Trainer:
                 metrics["rollout/staleness"] = float(self.policy_version - rollout.policy_version)
             metrics["data/prompt_too_long"] += too_long
             with timer("reward", timing):
-                scores, errors, timeouts = self.reward.score([s.text for s in samples],
-                                                             [examples[s.prompt_index] for s in samples])
-            metrics["reward/errors"] += errors
-            metrics["reward/timeouts"] += timeouts
+                scores = self.score(samples, examples, metrics)
+            if cfg.trainer.dump_rollouts:
+                write_jsonl(self.run_dir / "generations" / f"rollout_step_{self.step + 1:06d}.jsonl",
+                            generation_records(samples, examples, scores, step=self.step + 1, draw=draw))
             drawn = bookkeeping.group_samples(samples, scores, examples)
             if spec.dynamic_sampling:
                 if draw == 0:
@@ -231,6 +256,7 @@ class Trainer:
             groups += drawn
             if len(groups) >= target:
                 break
+        self.check_reward_errors(metrics)
         trimmed = bookkeeping.trim_groups(groups, target, self.learner_ranks)
         metrics["rollout/trimmed_groups"] = float(min(len(groups), target) - len(trimmed))
         if not trimmed:
@@ -240,6 +266,34 @@ class Trainer:
             metrics.update({"rollout/skipped_update": 1.0, "batch/rows": 0.0, "batch/groups": 0.0})
             return None, metrics
         return bookkeeping.make_batch(trimmed, self.pad_id), metrics
+
+    def score(self, samples: list[Sample], examples: list[dict], metrics: dict, prefix: str = "") -> list[dict]:
+        """Each sample's scores; adds the failures to `{prefix}reward/errors|timeouts|samples` and the mean
+        of each of the reward function's extra numbers to `{prefix}reward/<name>` (the last draw's)."""
+        scores, errors, timeouts = self.reward.score([s.text for s in samples], [examples[s.prompt_index] for s in samples])
+        for key, n in (("errors", errors), ("timeouts", timeouts), ("samples", len(samples))):
+            metrics[f"{prefix}reward/{key}"] = metrics.get(f"{prefix}reward/{key}", 0.0) + n
+        if self.reward.last_error and self.reward.last_error not in self.reward_errors_seen:
+            self.reward_errors_seen.add(self.reward.last_error)
+            log.warning("reward: %d of %d samples failed to score; the first error: %s", errors, len(samples),
+                        self.reward.last_error)
+        extras = {k for x in scores for k in x} - {"score", "acc", "format"}
+        for key in sorted(extras):
+            values = [x[key] for x in scores if key in x]
+            metrics[f"{prefix}reward/{key}"] = float(np.mean(values))
+        return scores
+
+    def check_reward_errors(self, metrics: dict) -> None:
+        """Stop the run when more than `reward.max_error_rate` of the samples failed to score in each of
+        three steps running: training on their zeros would teach nothing, silently."""
+        n = metrics["reward/samples"]
+        rate = (metrics["reward/errors"] + metrics["reward/timeouts"]) / n if n else 0.0
+        metrics["reward/error_rate"] = rate
+        self.failing_steps = self.failing_steps + 1 if rate > self.cfg.reward.max_error_rate else 0
+        if self.failing_steps >= 3:
+            raise RewardError(f"reward: {rate:.0%} of the samples failed to score in each of the last 3 steps "
+                              f"(reward.max_error_rate={self.cfg.reward.max_error_rate}); stopping instead of "
+                              f"training on zeros. The last error: {self.reward.last_error or 'a timeout'}")
 
     def submit_rollout(self, step: int, draw: int) -> "Rollout":
         """Start draw `draw` of training step `step` (0-based): the next prompts of the loader."""
@@ -345,10 +399,20 @@ class Trainer:
         settings = {"": SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
                                        top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens),
                     "_greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)}
+        dump = self.run_dir / "generations" / f"val_step_{self.step:06d}.jsonl"
+        dumping = cfg.trainer.dump_generations or cfg.trainer.val_only
+        if dumping:
+            dump.unlink(missing_ok=True)  # a resumed run validates this step again
         for suffix, params in settings.items():
             samples, examples, too_long = self.generate(self.val_examples, params, ("validation",))
             out["val/prompt_too_long"] = float(too_long)  # counted, never silently dropped
-            scores, _, _ = self.reward.score([s.text for s in samples], [examples[s.prompt_index] for s in samples])
+            scores = self.score(samples, examples, out if not suffix else {}, prefix="val/")
+            if dumping:
+                write_jsonl(dump, generation_records(samples, examples, scores, step=self.step,
+                                                     sampling="greedy" if suffix else "sampled"))
+            if suffix and cfg.data.val == "mathvista" and dumping:
+                results = result_file([(examples[s.prompt_index], s.text) for s in samples])
+                (self.run_dir / f"mathvista_results_step_{self.step:06d}.json").write_text(json.dumps(results, indent=1))
             acc = np.array([x["acc"] for x in scores], dtype=float)
             out[f"val/accuracy{suffix}"] = float(acc.mean()) if len(acc) else 0.0
             if not suffix:
@@ -381,6 +445,8 @@ class Trainer:
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)  # a checkpoint directory exists only once it is complete
         (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        for old in stale_checkpoints(path.parent, self.cfg.trainer.max_ckpt_to_keep):
+            shutil.rmtree(old)
         return path
 
     def _maybe_resume(self) -> None:
@@ -419,6 +485,10 @@ class Trainer:
         cfg = self.cfg.trainer
         last_val: dict = {}
         self.tracker.start(cfg.steps, self.step)
+        if cfg.val_only:  # the model as loaded (model.path, or the checkpoint resumed), evaluated once
+            last_val = self.validate()
+            self.tracker.log(last_val, step=self.step)
+            return last_val
         if self.step == 0:
             last_val = self.validate()
             self.tracker.log(last_val, step=0)
@@ -452,6 +522,16 @@ class Trainer:
             self.reward.close()
         if hasattr(self, "tracker"):
             self.tracker.close()
+
+
+def stale_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """The complete checkpoints in `directory` beyond the newest `keep` (0 keeps all), oldest first."""
+    done = sorted(p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[:-keep] if keep > 0 else []
+
+
+class RewardError(RuntimeError):
+    """The reward function failed for most samples, step after step (`reward.max_error_rate`)."""
 
 
 def _mean_dicts(parts: list[dict]) -> dict:

@@ -61,6 +61,12 @@ def test_default_config_is_valid_and_overrides_apply():
     (["data.max_pixels=0"], "data.max_pixels"),
     (["data.min_pixels=50000", "data.max_pixels=40000"], "data.min_pixels=50000 must be <= data.max_pixels=40000"),
     (["rollout.engine=vllm", "actor.recompute_old_logp=true", "rollout.images_per_prompt=0"], "rollout.images_per_prompt"),
+    (["data=custom"], "data.train=custom needs data.train_path"),
+    (["data=custom", "data.train_path=x.jsonl"], "data.val=custom needs data.val_path"),
+    (["data.val=mine"], "data.val='mine' is not a known dataset"),
+    (["reward.batch=true"], "reward.batch=true needs reward.custom"),
+    (["reward.max_error_rate=2"], "reward.max_error_rate"),
+    (["trainer.max_ckpt_to_keep=-1"], "trainer.max_ckpt_to_keep"),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,4 +1,5 @@
-"""Load a dataset split as a list of Examples: SynthVista (generated), Geometry3K, MathVista.
+"""Load a dataset split as a list of Examples: SynthVista (generated), Geometry3K, MathVista, or the
+user's own files (`custom`, `sapo_ray.data.custom`).
 
 Local data is a parquet file or a directory of parquet files in the hub's schema (``hiyouga/
 geometry3k``: ``images`` list<struct<bytes, path>>, ``problem`` with ``<image>`` placeholders,
@@ -6,7 +7,8 @@ geometry3k``: ``images`` list<struct<bytes, path>>, ``problem`` with ``<image>``
 directory the files of the split are ``{split}.parquet`` or ``{split}-*.parquet`` at any depth (the
 hub's ``data/train-00000-of-00001.parquet`` layout). Without a path the hub is tried by name.
 
-A row whose image cannot be decoded is skipped and counted in one warning; it never crashes a run.
+A row whose image cannot be decoded, or without an answer, is skipped and counted in the `DataReport`
+(and one warning); it never crashes a run.
 Files written by ``tests/data/fixtures.py`` carry a ``sapo_ray`` key in their parquet metadata;
 their Examples get pids prefixed ``synthetic-`` and ``metadata["source"] == "synthetic"``.
 """
@@ -22,11 +24,12 @@ from pathlib import Path
 from PIL import Image
 
 from sapo_ray.data import synthvista
+from sapo_ray.data.report import DataReport, SkipRow
 from sapo_ray.data.schema import row_to_example
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthvista", "geometry3k", "mathvista")
+DATASETS = ("synthvista", "geometry3k", "mathvista", "custom")
 HUB_NAMES = {"geometry3k": "hiyouga/geometry3k", "mathvista": "AI4Math/MathVista"}
 KNOWN_SPLITS = ("train", "validation", "val", "test", "testmini")
 FIXTURE_KEY = b"sapo_ray"  # parquet key-value metadata written by tests/data/fixtures.py
@@ -39,21 +42,31 @@ class UnreadableImageError(ValueError):
 
 
 def load_dataset_split(name: str, path: str | Path | None = None, split: str = "train",
-                       max_samples: int | None = None, for_training: bool = False, **knobs) -> list[dict]:
-    """Load one split of ``name`` (``synthvista``, ``geometry3k``, ``mathvista``) as Examples.
+                       max_samples: int | None = None, for_training: bool = False,
+                       report: DataReport | None = None, columns: dict | None = None, **knobs) -> list[dict]:
+    """Load one split of ``name`` (``synthvista``, ``geometry3k``, ``mathvista``, ``custom``) as Examples.
 
     ``path``: a parquet file or directory; ``None`` generates SynthVista (``knobs``: ``n``
     (default ``max_samples`` or 1000), ``seed`` (default 0), ``text_only`` and the generator's
     ``Knobs``) or loads the hub dataset by name. ``for_training`` selects which config key an
     error names (``data.train_path`` / ``data.val_path``) and is refused for MathVista.
-    ``max_samples`` keeps the first rows (before corrupt ones are skipped).
+    ``max_samples`` keeps the first rows (before corrupt ones are skipped). ``report`` receives the
+    counts of rows read, used and skipped by reason. ``columns``: ``custom``'s keyword arguments
+    (``prompt_key``, ``answer_key``, ``image_key``, ``prompt_template``, ``image_check``).
     """
+    report = report if report is not None else DataReport()
     name = name.lower()
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     if name == "mathvista" and for_training:
         raise ValueError(f"refusing to load mathvista for training. {MATHVISTA_LICENCE}")
     key = "data.train_path" if for_training else "data.val_path"
+    if name == "custom":
+        if path is None:
+            raise ValueError(f"data=custom needs {key}: a .jsonl/.json/.parquet file, a directory of them, or name@split")
+        from sapo_ray.data.custom import load_custom
+
+        return load_custom(str(path), split, key, report, max_samples=max_samples, **(columns or {}))
     if knobs and (name != "synthvista" or path is not None):
         raise TypeError(f"generator knobs {sorted(knobs)} only apply to synthvista without a path")
 
@@ -63,7 +76,10 @@ def load_dataset_split(name: str, path: str | Path | None = None, split: str = "
             n = min(n, max_samples)
         seed = knobs.pop("seed", 0)
         split = {"validation": "val", "testmini": "test"}.get(split, split)
-        return [synthvista.to_example(r) for r in synthvista.generate(n, seed, split, **knobs)]
+        examples = [synthvista.to_example(r) for r in synthvista.generate(n, seed, split, **knobs)]
+        report.rows += len(examples)
+        report.used += len(examples)
+        return examples
 
     sources = _hub_tables(name, split, key) if path is None else _parquet_tables(path, split, key)
     examples, skipped, seen = [], [], 0
@@ -71,11 +87,18 @@ def load_dataset_split(name: str, path: str | Path | None = None, split: str = "
         if max_samples is not None:
             table = table.slice(0, max(0, max_samples - seen))
         for index, row in enumerate(table.to_pylist(), start=seen):
+            report.rows += 1
             try:
-                ex = (geometry3k_to_example(row, split, index, base_dir) if name == "geometry3k"
-                      else mathvista_to_example(row, name, base_dir))
-            except UnreadableImageError as err:
-                skipped.append(f"{row.get('pid', row.get('id', index))}: {err}")
+                if row.get("answer") is None:
+                    raise SkipRow("missing_answer", "column 'answer' is missing or null")
+                try:
+                    ex = (geometry3k_to_example(row, split, index, base_dir) if name == "geometry3k"
+                          else mathvista_to_example(row, name, base_dir))
+                except UnreadableImageError as err:
+                    raise SkipRow("unreadable_image", str(err)) from None
+            except SkipRow as skip:
+                report.skip(str(base_dir or HUB_NAMES[name]), index, skip.reason, skip.detail)
+                skipped.append(f"{row.get('pid', row.get('id', index))}: {skip}")
                 continue
             if synthetic:
                 ex["metadata"]["source"] = "synthetic"
@@ -84,8 +107,9 @@ def load_dataset_split(name: str, path: str | Path | None = None, split: str = "
             examples.append(ex)
         seen += table.num_rows
     if skipped:
-        logger.warning("%s/%s: skipped %d of %d rows with unreadable images: %s", name, split, len(skipped),
+        logger.warning("%s/%s: skipped %d of %d rows (unreadable images, no answer): %s", name, split, len(skipped),
                        seen, "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    report.used += len(examples)
     return examples
 
 
@@ -95,7 +119,7 @@ def geometry3k_to_example(row: dict, split: str = "train", index: int = 0, base_
     The query keeps the ``<image>`` placeholders (``build_messages`` puts the images there); the
     question drops them. Free-form; the answer type is inferred from the answer text.
     """
-    images = [_decode_image(img, base_dir) for img in row.get("images") or []]
+    images = [decode_image(img, base_dir) for img in row.get("images") or []]
     answer = str(row["answer"]).strip()
     answer_type, precision = infer_answer_type(answer)
     problem = row["problem"]
@@ -125,7 +149,7 @@ def geometry3k_to_example(row: dict, split: str = "train", index: int = 0, base_
 def mathvista_to_example(row: dict, data_source: str = "mathvista", base_dir: Path | None = None) -> dict:
     """Map a MathVista-schema row (``decoded_image`` as struct<bytes, path> or None) to an Example."""
     image = row.get("decoded_image")
-    images = [] if image is None else [_decode_image(image, base_dir)]
+    images = [] if image is None else [decode_image(image, base_dir)]
     return row_to_example(row, data_source, images=images)
 
 
@@ -138,12 +162,15 @@ def infer_answer_type(answer: str) -> tuple[str, int | None]:
     return "text", None
 
 
-def _decode_image(value, base_dir: Path | None) -> Image.Image:
-    """Decode a hub image cell (struct<bytes, path>, raw bytes or PIL) to an RGB PIL image."""
+def decode_image(value, base_dir: Path | None) -> Image.Image:
+    """Decode an image cell (struct<bytes, path>, raw bytes, a path relative to ``base_dir``, or PIL) to
+    an RGB PIL image."""
     try:
         if isinstance(value, Image.Image):
             img = value
         else:
+            if isinstance(value, (str, Path)):
+                value = {"path": str(value)}
             data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
             if data is None and path:
                 file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
@@ -155,7 +182,7 @@ def _decode_image(value, base_dir: Path | None) -> Image.Image:
         return img.convert("RGB")
     except UnreadableImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
 
 

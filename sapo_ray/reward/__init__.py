@@ -1,14 +1,18 @@
 """Rewards: `score = acc_weight * acc + format_weight * format`, with `acc` chosen by the example's data source.
 
-An accuracy function maps `(response, example) -> float in [0, 1]`. Built-ins are registered by data
-source (`mathvista`, `synthvista`, `geometry3k`); a new source registers its own with
+An accuracy function maps `(response, example)` to a float (the accuracy, in [0, 1] for the built-ins)
+or to a dict with `score` (the accuracy) and any further numbers of the user's, which are kept beside it
+in the sample's scores and logged as `reward/<name>`. Built-ins are registered by data source
+(`mathvista`, `synthvista`, `geometry3k`, `custom`); a new source registers its own with
 `@register_reward("name")`, and a user hook is loaded from a file with `load_reward_fn("file.py:fn")`.
+`acc_weight` None means `1 - format_weight`, so `format_weight=0` scores by the accuracy alone.
 `RewardPool` scores a batch in worker processes with a per-sample timeout.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import numbers
 import re
 from collections.abc import Callable
@@ -18,7 +22,9 @@ from sapo_ray.reward.extract import last_boxed
 from sapo_ray.reward.format import format_reward
 from sapo_ray.reward.verify import is_equivalent, plain
 
-RewardFn = Callable[[str, dict], float]
+RewardFn = Callable[[str, dict], "float | dict"]
+# Names a user's extra numbers cannot take: the sample's own scores and the step's reward counters.
+RESERVED = ("score", "acc", "format", "errors", "timeouts", "error_rate")
 _REGISTRY: dict[str, RewardFn] = {}
 
 
@@ -62,20 +68,40 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def compute_score(
-    response: str, example: dict, acc_weight: float = 0.9, format_weight: float = 0.1, reward_fn: RewardFn | None = None
-) -> dict[str, float]:
-    """Score one response: {"score": acc_weight * acc + format_weight * format, "acc", "format"}.
+def compute_score(response: str, example: dict, acc_weight: float | None = None, format_weight: float = 0.1,
+                  reward_fn: RewardFn | None = None) -> dict[str, float]:
+    """Score one response: {"score": acc_weight * acc + format_weight * format, "acc", "format", **extras}.
 
     `acc` comes from `reward_fn` when given, else from the function registered for
     `example["data_source"]`; `format` is `format_reward(response)`.
     """
     fn = reward_fn or get_reward_fn(example["data_source"])
-    acc = fn(response, example)
-    if not isinstance(acc, numbers.Real):
-        raise TypeError(f"reward function {getattr(fn, '__name__', fn)!r} returned {acc!r}; expected a float in [0, 1]")
-    acc, fmt = float(acc), format_reward(response)
-    return {"score": acc_weight * acc + format_weight * fmt, "acc": acc, "format": fmt}
+    return combine(fn(response, example), response, acc_weight, format_weight, fn)
+
+
+def combine(value, response: str, acc_weight: float | None, format_weight: float, fn=None) -> dict[str, float]:
+    """A reward function's return value (a float, or a dict with `score` and extra numbers) as the
+    sample's scores; raises on anything else or on a non-finite number (counted as an error by the pool)."""
+    name = getattr(fn, "__name__", fn)
+    extras = {}
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise TypeError(f"reward function {name!r} returned a dict without 'score': {sorted(value)}")
+        extras = {k: v for k, v in value.items() if k != "score"}
+        clash = sorted(set(extras) & set(RESERVED))
+        if clash:
+            raise TypeError(f"reward function {name!r} returned extra numbers named {clash}: reserved names {RESERVED}")
+        value = value["score"]
+    for key, number in {"score": value, **extras}.items():
+        if not isinstance(number, numbers.Real):
+            raise TypeError(f"reward function {name!r} returned {key}={number!r}; expected a float (or a dict of floats "
+                            "with 'score')")
+        if not math.isfinite(number):
+            raise ValueError(f"reward function {name!r} returned a non-finite {key}: {number}")
+    acc, fmt = float(value), format_reward(response)
+    acc_weight = 1.0 - format_weight if acc_weight is None else acc_weight
+    return {"score": acc_weight * acc + format_weight * fmt, "acc": acc, "format": fmt,
+            **{k: float(v) for k, v in extras.items()}}
 
 
 def _unwrap_box(box: str, example: dict) -> str:
@@ -102,13 +128,19 @@ def mathvista_acc(response: str, example: dict) -> float:
     # Imported here so that `python -m sapo_ray.reward.mathvista` does not find the module pre-imported.
     from sapo_ray.reward.mathvista import judge
 
+    extraction = mathvista_extraction(response, example)
+    return float(judge(example, extraction)[1]) if extraction else 0.0
+
+
+def mathvista_extraction(response: str, example: dict) -> str:
+    """The answer `mathvista_acc` judges: the last box, unwrapped (`_unwrap_box`); "" without one. Written
+    as `extraction` in MathVista's result files, so that its scorer reproduces the reward."""
     box = last_boxed(response)
-    if box is None or not box.strip():
-        return 0.0
-    return float(judge(example, _unwrap_box(box, example))[1])
+    return _unwrap_box(box, example) if box is not None and box.strip() else ""
 
 
 @register_reward("geometry3k")
+@register_reward("custom")
 def math_acc(response: str, example: dict) -> float:
     """1.0 iff the last box equals the gold answer as plain strings or by math_verify equivalence."""
     box = last_boxed(response)
@@ -127,5 +159,6 @@ __all__ = [
     "get_reward_fn",
     "last_boxed",
     "load_reward_fn",
+    "mathvista_extraction",
     "register_reward",
 ]

@@ -176,6 +176,20 @@ def score_results(results: dict[str, dict]) -> dict[str, dict]:
     return scores
 
 
+# The problem fields a result file carries (MathVista's `testmini.json` keys, without the image).
+RESULT_KEYS = ("question", "query", "answer", "question_type", "answer_type", "precision", "choices", "unit", "metadata")
+
+
+def result_file(records: list[tuple[dict, str]]) -> dict[str, dict]:
+    """MathVista's output-file layout (pid -> problem with `response` and `extraction`) for
+    `(example, response)` pairs, one per problem; `score_results` scores it as the trainer's reward does."""
+    from sapo_ray.reward import mathvista_extraction
+
+    return {example["pid"]: {**{k: example.get(k) for k in RESULT_KEYS}, "pid": example["pid"], "response": response,
+                             "extraction": mathvista_extraction(response, example)}
+            for example, response in records}
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: print the score breakdown of a MathVista output file as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

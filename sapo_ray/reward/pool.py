@@ -43,8 +43,12 @@ class RewardPool:
     """Scores (response, example) pairs with `compute_score` in `num_workers` processes.
 
     `reward_fn`: None (the function registered for each example's `data_source`), a module-level
-    function, or a `"file.py:function"` spec; it returns the accuracy in [0, 1]. A sample that raises
-    or runs longer than `timeout_s` seconds is scored 0 (score, acc and format) and counted.
+    function, or a `"file.py:function"` spec; it returns the accuracy (a float, or a dict with `score`
+    and extra numbers). A sample that raises, returns something else or a non-finite number, or runs
+    longer than `timeout_s` seconds is scored 0 (score, acc and format) and counted; `last_error` keeps
+    the first error message of the last `score` call. `batch=True`: `reward_fn(responses, examples)`
+    scores the whole batch at once in the caller (no per-sample timeout: such functions usually call a
+    service with its own) and returns one value per sample.
     `num_workers=0` scores inline in the caller, without timeout (for debugging).
     """
 
@@ -53,18 +57,22 @@ class RewardPool:
         num_workers: int,
         timeout_s: float,
         reward_fn: Callable | str | None = None,
-        acc_weight: float = 0.9,
+        acc_weight: float | None = None,
         format_weight: float = 0.1,
+        batch: bool = False,
     ) -> None:
         if num_workers < 0 or timeout_s <= 0:
             raise ValueError(f"RewardPool needs num_workers >= 0 and timeout_s > 0, got {num_workers}, {timeout_s}")
-        self.num_workers, self.timeout_s = num_workers, timeout_s
+        if batch and reward_fn is None:
+            raise ValueError("reward.batch=true needs a batch reward function (reward.custom=file.py:function)")
+        self.num_workers, self.timeout_s, self.batch = (0 if batch else num_workers), timeout_s, batch
+        self.last_error: str | None = None
         # Loading the hook here fails early, with the hook's own error, instead of inside a worker.
         local_fn = reward.load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
         self._inline_args = (acc_weight, format_weight, local_fn)
         self._initargs = (reward_fn, acc_weight, format_weight)
         self._executor: ProcessPoolExecutor | None = None
-        if num_workers > 0:
+        if self.num_workers > 0:
             try:
                 pickle.dumps(reward_fn)
             except Exception as error:
@@ -81,6 +89,9 @@ class RewardPool:
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples")
         examples = [{k: v for k, v in example.items() if k != "images"} for example in examples]
+        self.last_error = None
+        if self.batch:
+            return self._score_batch(responses, examples)
         if self.num_workers == 0:
             return self._score_inline(responses, examples)
 
@@ -109,8 +120,9 @@ class RewardPool:
                     else:
                         crashed.add(i)
                         queue.appendleft(i)
-                except Exception:
+                except Exception as error:
                     results[i], n_errors = dict(FAILED), n_errors + 1
+                    self._note(error)
             now = time.monotonic()
             for future in [f for f, (_, start) in running.items() if now - start >= self.timeout_s]:
                 i, _ = running.pop(future)
@@ -128,10 +140,34 @@ class RewardPool:
         for response, example in zip(responses, examples):
             try:
                 results.append(reward.compute_score(response, example, *self._inline_args))
-            except Exception:
+            except Exception as error:
                 results.append(dict(FAILED))
                 n_errors += 1
+                self._note(error)
         return results, n_errors, 0
+
+    def _score_batch(self, responses: list[str], examples: list[dict]) -> tuple[list[dict], int, int]:
+        acc_weight, format_weight, fn = self._inline_args
+        try:
+            values = list(fn(responses, examples))
+            if len(values) != len(responses):
+                raise ValueError(f"batch reward function returned {len(values)} values for {len(responses)} samples")
+        except Exception as error:
+            self._note(error)
+            return [dict(FAILED) for _ in responses], len(responses), 0
+        results, n_errors = [], 0
+        for value, response in zip(values, responses):
+            try:
+                results.append(reward.combine(value, response, acc_weight, format_weight, fn))
+            except Exception as error:
+                results.append(dict(FAILED))
+                n_errors += 1
+                self._note(error)
+        return results, n_errors, 0
+
+    def _note(self, error: BaseException) -> None:
+        if self.last_error is None:
+            self.last_error = f"{type(error).__name__}: {error}"
 
     def _start(self) -> None:
         if "forkserver" in mp.get_all_start_methods():

@@ -130,3 +130,38 @@ def write_mathvista_fixture(path: str | Path, n: int, split: str = "testmini", s
         for k in cols:
             cols[k].append(values[k])
     return _write(cols, "mathvista", path, split)
+
+
+# Bad rows of every kind `write_custom_jsonl` adds, with the reason each is counted under.
+CUSTOM_BAD_ROWS = {"missing_prompt": 1, "missing_answer": 2, "unreadable_image": 2, "image_rejected": 1,
+                   "unparsable_line": 1, "not_an_object": 1}
+
+
+def write_custom_jsonl(directory: str | Path, n: int, split: str = "train", seed: int = 0) -> Path:
+    """`{split}.jsonl` in a user's layout: synthvista questions as `problem`, their answers as `answer`,
+    the picture in `images/` referenced by a relative path in `images` and a `uid` column of the row's
+    own, then one bad row of each kind counted in `CUSTOM_BAD_ROWS` (in that order, after the good ones)."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(synthvista.generate(n, seed, "train" if split == "train" else "val")):
+        name = f"images/{split}-{i}.png"
+        row["decoded_image"].save(directory / name)
+        lines.append(json.dumps({"problem": row["query"], "answer": row["answer"], "images": [name],
+                                 "uid": f"u{split}{i}"}))
+    (directory / "images" / "corrupt.png").write_bytes(b"\x89PNG not an image")
+    Image.new("RGB", (6000, 28), "white").save(directory / "images" / "strip.png")  # aspect ratio 214 > 200
+    good = json.loads(lines[0])
+    lines += [
+        json.dumps({**good, "problem": None}),
+        json.dumps({**good, "answer": None}),
+        json.dumps({k: v for k, v in good.items() if k != "answer"}),
+        json.dumps({**good, "images": ["images/corrupt.png"]}),
+        json.dumps({**good, "images": ["images/missing.png"]}),
+        json.dumps({**good, "images": ["images/strip.png"]}),
+        '{"problem": "cut short',
+        json.dumps(["a", "list"]),
+    ]
+    path = directory / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -29,3 +29,17 @@ def misbehave(response, example):
     if mode == "has_images":
         return float("images" in example)
     return get_reward_fn(example["data_source"])(response, example)
+
+
+def with_extras(response, example):
+    """The built-in accuracy as `score`, and the response's length in characters as an extra number."""
+    return {"score": get_reward_fn(example["data_source"])(response, example), "chars": len(response)}
+
+
+def not_finite(response, example):
+    return float("nan")
+
+
+def batch_lengths(responses, examples):
+    """Batch form: 1.0 for responses longer than the example's answer, with the length as an extra."""
+    return [{"score": float(len(r) > len(e["answer"])), "chars": len(r)} for r, e in zip(responses, examples)]

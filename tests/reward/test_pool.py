@@ -125,3 +125,18 @@ def test_pool_created_and_used_in_a_thread():
             return pool.score([r"\boxed{9^{9^{9^{9^{9}}}}}", GOOD], [example(), example()])
 
     assert run_in_thread(create_and_score) == ([ZERO, RIGHT], 0, 1)
+
+
+def test_errors_keep_their_first_message_and_batch_functions_score_in_one_call():
+    hooks = Path(__file__).with_name("hooks.py")
+    with RewardPool(num_workers=0, timeout_s=1.0, reward_fn=f"{hooks}:not_finite") as inline:
+        assert inline.score([GOOD, GOOD], [example(), example()]) == ([ZERO, ZERO], 2, 0)
+        assert inline.last_error.startswith("ValueError: reward function 'not_finite' returned a non-finite score")
+        inline.score([], [])
+        assert inline.last_error is None  # per call
+    batch = RewardPool(num_workers=2, timeout_s=1.0, reward_fn=f"{hooks}:batch_lengths", format_weight=0.0, batch=True)
+    results, n_errors, _ = batch.score(["12345", "1"], [example(answer="333"), example(answer="333")])
+    assert n_errors == 0 and [(r["score"], r["chars"]) for r in results] == [(1.0, 5.0), (0.0, 1.0)]
+    short = RewardPool(0, 1.0, reward_fn=lambda rs, es: [1.0], batch=True)
+    assert short.score(["a", "b"], [example(), example()]) == ([ZERO, ZERO], 2, 0)
+    assert "returned 1 values for 2 samples" in short.last_error

@@ -94,7 +94,7 @@ def test_register_reward():
 def test_load_user_hook():
     fn = load_reward_fn(f"{HOOKS}:always_half")
     assert compute_score(GOOD, {}, reward_fn=fn) == {"score": pytest.approx(0.55), "acc": 0.5, "format": 1.0}
-    with pytest.raises(TypeError, match="'not_a_number' returned '1'"):
+    with pytest.raises(TypeError, match="'not_a_number' returned score='1'"):
         compute_score(GOOD, {}, reward_fn=load_reward_fn(f"{HOOKS}:not_a_number"))
 
 
@@ -110,3 +110,19 @@ def test_load_user_hook():
 def test_load_user_hook_errors(spec, error, message):
     with pytest.raises(error, match=message):
         load_reward_fn(spec)
+
+
+def test_a_dict_carries_the_score_and_extra_numbers_and_bad_values_raise():
+    fn = load_reward_fn(f"{HOOKS}:with_extras")
+    assert compute_score(GOOD, mathvista(), reward_fn=fn) == {"score": 1.0, "acc": 1.0, "format": 1.0,
+                                                              "chars": float(len(GOOD))}
+    # format_weight=0: the accuracy alone (acc_weight defaults to 1 - format_weight)
+    assert compute_score(r"\boxed{3}", mathvista(), format_weight=0.0)["score"] == 1.0
+    with pytest.raises(ValueError, match="non-finite score"):
+        compute_score(GOOD, {}, reward_fn=load_reward_fn(f"{HOOKS}:not_finite"))
+    with pytest.raises(TypeError, match="without 'score'"):
+        compute_score(GOOD, {}, reward_fn=lambda r, e: {"acc": 1.0})
+    with pytest.raises(TypeError, match=r"named \['format'\]"):
+        compute_score(GOOD, {}, reward_fn=lambda r, e: {"score": 1.0, "format": 2.0})
+    with pytest.raises(ValueError, match="non-finite bonus"):
+        compute_score(GOOD, {}, reward_fn=lambda r, e: {"score": 1.0, "bonus": float("inf")})

@@ -1,0 +1,66 @@
+"""What a run leaves beside its metrics: generation dumps, MathVista result files, checkpoint retention,
+and the stop on a reward function that keeps failing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sapo_ray.batch import Sample
+from sapo_ray.data import synthvista
+from sapo_ray.reward import compute_score
+from sapo_ray.reward.mathvista import result_file, score_results
+from sapo_ray.tracking import generation_records
+from sapo_ray.trainer import RewardError, Trainer, stale_checkpoints
+
+
+def _sample(text: str, index: int) -> Sample:
+    return Sample(prompt_ids=[1], response_ids=[5, 6, 7], rollout_logp=[0.0] * 3, rollout_entropy=[0.0] * 3,
+                  text=text, finished=True, prompt_index=index)
+
+
+def test_generation_records_carry_the_row_scores_and_own_columns():
+    examples = [{"pid": "a", "query": "Q?", "answer": "3", "uid": "row-7", "columns": ["uid"]}]
+    records = generation_records([_sample("r", 0)], examples, [{"score": 0.5, "acc": 1.0, "format": 0.0, "chars": 1.0}],
+                                 step=4, sampling="greedy")
+    assert records == [{"uid": "row-7", "step": 4, "sampling": "greedy", "pid": "a", "prompt": "Q?", "response": "r",
+                        "answer": "3", "finished": True, "response_length": 3, "score": 0.5, "acc": 1.0,
+                        "format": 0.0, "chars": 1.0}]
+
+
+def test_the_mathvista_result_file_scores_as_the_reward_does():
+    """MathVista's own scorer, run on the written result file, agrees problem by problem with the reward."""
+    examples = [synthvista.to_example(r) for r in synthvista.generate(12, 0, "val")]
+    responses = [rf"<think>x</think> \boxed{{{ex['answer'] if i % 3 else 'zz'}}}" for i, ex in enumerate(examples)]
+    responses[1] = "no box at all"
+    results = result_file(list(zip(examples, responses)))
+    rewarded = [compute_score(r, ex)["acc"] for r, ex in zip(responses, examples)]
+    scored = score_results(results)["average"]
+    assert scored["correct"] == sum(rewarded) == 7 and scored["total"] == 12
+    assert set(results) == {ex["pid"] for ex in examples} and results[examples[1]["pid"]]["extraction"] == ""
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "step_000010.tmp").mkdir()  # an interrupted save is never counted as one
+    assert [p.name for p in stale_checkpoints(tmp_path, 2)] == ["step_000002", "step_000004"]
+    assert stale_checkpoints(tmp_path, 0) == []
+    assert stale_checkpoints(tmp_path, 5) == []
+
+
+def test_a_reward_that_keeps_failing_stops_the_run_on_the_third_step():
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(reward=SimpleNamespace(max_error_rate=0.5))
+    trainer.reward = SimpleNamespace(last_error="KeyError: 'solution'")
+    trainer.failing_steps = 0
+    step = lambda errors, timeouts=0.0: {"reward/samples": 10.0, "reward/errors": errors, "reward/timeouts": timeouts}
+    for metrics in (step(6), step(3, 3), step(5)):  # 5 of 10 is not more than half: the count starts over
+        trainer.check_reward_errors(metrics)
+    assert metrics["reward/error_rate"] == 0.5 and trainer.failing_steps == 0
+    trainer.check_reward_errors(step(10))
+    trainer.check_reward_errors(step(9))
+    with pytest.raises(RewardError, match="last 3 steps.*KeyError: 'solution'"):
+        trainer.check_reward_errors(step(6))
