@@ -254,6 +254,8 @@ class TrainerConfig:
     dump_rollouts: bool = False
     # Keep only the newest this many checkpoints (0 = all).
     max_ckpt_to_keep: int = 0
+    # Stop when more than this many optimizer steps in a row are skipped for a non-finite gradient (0 = never).
+    max_skipped_steps: int = 5
 
 
 @dataclass

@@ -100,14 +100,14 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from sapo_ray.trainer import RewardError
+    from sapo_ray.trainer import StopRun
 
     try:
         result = run(cfg)
     except ConfigError as err:
         log.error("configuration error: %s", err)
         sys.exit(2)
-    except RewardError as err:
+    except StopRun as err:
         log.error("%s", err)
         sys.exit(1)
     log.info("final validation: %s", {k: round(v, 4) for k, v in result.items() if k.startswith("val/accuracy")})

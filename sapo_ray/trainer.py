@@ -39,7 +39,8 @@ from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.sync import WeightSync
 from sapo_ray.reward.mathvista import result_file
 from sapo_ray.tracking import Tracker, generation_records, write_jsonl
-from sapo_ray.utils import actor_env, derive_seed, rng_state, seed_everything, set_rng_state, timer
+from sapo_ray.utils import (actor_env, derive_seed, fsync_tree, rng_state, seed_everything, set_rng_state, timer,
+                            write_atomic)
 
 log = logging.getLogger(__name__)
 # A checkpoint's in-flight rollout (`rollout.max_staleness`): the next step's samples, already drawn.
@@ -291,9 +292,20 @@ class Trainer:
         metrics["reward/error_rate"] = rate
         self.failing_steps = self.failing_steps + 1 if rate > self.cfg.reward.max_error_rate else 0
         if self.failing_steps >= 3:
-            raise RewardError(f"reward: {rate:.0%} of the samples failed to score in each of the last 3 steps "
+            raise StopRun(f"reward: {rate:.0%} of the samples failed to score in each of the last 3 steps "
                               f"(reward.max_error_rate={self.cfg.reward.max_error_rate}); stopping instead of "
                               f"training on zeros. The last error: {self.reward.last_error or 'a timeout'}")
+
+    def check_skipped_steps(self, metrics: dict) -> None:
+        """Stop when more than `trainer.max_skipped_steps` optimizer steps in a row were skipped for a
+        non-finite gradient: the run would spin without learning."""
+        limit = self.cfg.trainer.max_skipped_steps
+        for role in ("actor", "critic"):
+            in_a_row = metrics.get(f"{role}/skipped_in_a_row", 0.0)
+            if limit and in_a_row > limit:
+                raise StopRun(f"{role}: the last {in_a_row:.0f} optimizer steps were all skipped for a non-finite "
+                              f"gradient norm (trainer.max_skipped_steps={limit}); the losses or advantages are not "
+                              f"finite: check the rewards (reward/errors, critic/score/mean) and the learning rate")
 
     def submit_rollout(self, step: int, draw: int) -> "Rollout":
         """Start draw `draw` of training step `step` (0-based): the next prompts of the loader."""
@@ -326,6 +338,7 @@ class Trainer:
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
         with self.learners_on_device():
             batch = self.learn(batch, metrics, timing)
+        self.check_skipped_steps(metrics)
         timing["step"] = time.perf_counter() - t0
         metrics.update(bookkeeping.batch_metrics(batch, cfg.actor.recompute_old_logp))
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
@@ -442,23 +455,52 @@ class Trainer:
             # The next step's first draw, sampled on weights this checkpoint no longer holds: saved as it
             # came out, so a resumed run trains on exactly what the uninterrupted one does.
             torch.save(self.in_flight.state(), tmp / IN_FLIGHT)
+        self._check_shards(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)  # a checkpoint directory exists only once it is complete
-        (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        write_atomic(self.run_dir / "checkpoints" / "latest", path.name)
         for old in stale_checkpoints(path.parent, self.cfg.trainer.max_ckpt_to_keep):
             shutil.rmtree(old)
         return path
+
+    def _check_shards(self, checkpoint: Path) -> None:
+        """Every learner rank's shards must be where the driver sees them: ranks on other nodes write to
+        their own disks unless the run directory is shared storage."""
+        for role, group in (("actor", self.actor), ("critic", self.critic)):
+            if group is None:
+                continue
+            missing = [r for r in range(len(group.workers)) if not any((checkpoint / role).glob(f"__{r}_*.distcp"))]
+            if missing:
+                raise StopRun(f"checkpoint {checkpoint}: the {role} shards of ranks {missing} are not in {checkpoint / role} "
+                              "as the driver sees it; ranks on other nodes need trainer.run_dir on storage every node "
+                              "shares (NFS, a parallel file system)")
+
+    def _latest_checkpoint(self) -> Path | None:
+        """The checkpoint `checkpoints/latest` names, else (a save cut short) the newest complete one.
+        Temporaries of an interrupted save are removed."""
+        directory = self.run_dir / "checkpoints"
+        for tmp in list(directory.glob("*.tmp")):
+            log.warning("removing %s, left by an interrupted save", tmp)
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        latest = directory / "latest"
+        named = directory / latest.read_text().strip() if latest.exists() and latest.read_text().strip() else None
+        if named is not None and (named / "trainer_state.json").exists():
+            return named
+        complete = [p for p in sorted(directory.glob("step_*")) if (p / "trainer_state.json").exists()]
+        if complete:
+            log.warning("%s does not name a complete checkpoint: continuing from the newest one, %s", latest, complete[-1])
+        return complete[-1] if complete else None
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.trainer.resume
         if resume == "never":
             return
         if resume == "auto":
-            latest = self.run_dir / "checkpoints" / "latest"
-            if not latest.exists():
+            path = self._latest_checkpoint()
+            if path is None:
                 log.info("no checkpoint in %s: starting a fresh run", self.run_dir)
                 return
-            path = latest.parent / latest.read_text().strip()
         else:
             path = Path(resume)
             if not (path / "trainer_state.json").exists():
@@ -530,8 +572,9 @@ def stale_checkpoints(directory: Path, keep: int) -> list[Path]:
     return done[:-keep] if keep > 0 else []
 
 
-class RewardError(RuntimeError):
-    """The reward function failed for most samples, step after step (`reward.max_error_rate`)."""
+class StopRun(RuntimeError):
+    """The run cannot usefully go on: the reward fails for most samples step after step
+    (`reward.max_error_rate`), or every optimizer step is skipped (`trainer.max_skipped_steps`)."""
 
 
 def _mean_dicts(parts: list[dict]) -> dict:

@@ -13,7 +13,7 @@ from sapo_ray.data import synthvista
 from sapo_ray.reward import compute_score
 from sapo_ray.reward.mathvista import result_file, score_results
 from sapo_ray.tracking import generation_records
-from sapo_ray.trainer import RewardError, Trainer, stale_checkpoints
+from sapo_ray.trainer import StopRun, Trainer, stale_checkpoints
 
 
 def _sample(text: str, index: int) -> Sample:
@@ -62,5 +62,52 @@ def test_a_reward_that_keeps_failing_stops_the_run_on_the_third_step():
     assert metrics["reward/error_rate"] == 0.5 and trainer.failing_steps == 0
     trainer.check_reward_errors(step(10))
     trainer.check_reward_errors(step(9))
-    with pytest.raises(RewardError, match="last 3 steps.*KeyError: 'solution'"):
+    with pytest.raises(StopRun, match="last 3 steps.*KeyError: 'solution'"):
         trainer.check_reward_errors(step(6))
+
+
+def _trainer_at(run_dir: Path) -> Trainer:
+    trainer = Trainer.__new__(Trainer)
+    trainer.run_dir = run_dir
+    return trainer
+
+
+def test_a_save_cut_short_never_breaks_resume(tmp_path):
+    """`latest` emptied by a kill, a temporary left by another: the newest complete checkpoint is taken
+    and the temporary removed; a step directory without its trainer state is not a checkpoint."""
+    from sapo_ray.utils import write_atomic
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (ckpt / f"step_{step:06d}").mkdir(parents=True)
+        (ckpt / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
+    (ckpt / "step_000006").mkdir()  # no trainer_state.json
+    (ckpt / "step_000008.tmp" / "actor").mkdir(parents=True)
+    (ckpt / "latest").write_text("")
+    assert _trainer_at(tmp_path)._latest_checkpoint() == ckpt / "step_000004"
+    assert not (ckpt / "step_000008.tmp").exists()
+    write_atomic(ckpt / "latest", "step_000002")
+    assert _trainer_at(tmp_path)._latest_checkpoint() == ckpt / "step_000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002", "step_000004", "step_000006"]
+    assert _trainer_at(tmp_path / "fresh")._latest_checkpoint() is None
+
+
+def test_shards_the_driver_cannot_see_stop_the_first_save(tmp_path):
+    trainer = _trainer_at(tmp_path)
+    trainer.actor, trainer.critic = SimpleNamespace(workers=[0, 1]), None
+    (tmp_path / "actor").mkdir()
+    (tmp_path / "actor" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(StopRun, match=r"actor shards of ranks \[1\].*shares"):
+        trainer._check_shards(tmp_path)
+    (tmp_path / "actor" / "__1_0.distcp").write_bytes(b"")
+    trainer._check_shards(tmp_path)
+
+
+def test_optimizer_steps_skipped_in_a_row_stop_the_run():
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(trainer=SimpleNamespace(max_skipped_steps=5))
+    trainer.check_skipped_steps({"actor/skipped_in_a_row": 5.0, "critic/skipped_in_a_row": 0.0})
+    with pytest.raises(StopRun, match="critic: the last 6 optimizer steps"):
+        trainer.check_skipped_steps({"actor/skipped_in_a_row": 0.0, "critic/skipped_in_a_row": 6.0})
+    trainer.cfg.trainer.max_skipped_steps = 0  # never
+    trainer.check_skipped_steps({"actor/skipped_in_a_row": 60.0})

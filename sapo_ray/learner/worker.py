@@ -73,6 +73,7 @@ class FSDPWorker:
         self.model = None
         self.optimizer = None
         self.scheduler = None
+        self.skipped_in_a_row = 0  # optimizer steps skipped one after another (non-finite gradients)
 
     # -- process group ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -218,6 +219,7 @@ class FSDPWorker:
             norm = norm.full_tensor()
         norm = float(norm)
         ok = math.isfinite(norm)
+        self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
         if ok:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,6 +373,7 @@ class PolicyWorker(FSDPWorker):
         out = {k: _mean(v) for k, v in stats.items()}
         out["actor/pg_loss"] = out.pop("actor/pg_loss_sum")
         out["actor/skipped_steps"] = float(sum(stats["actor/skipped_steps"]))
+        out["actor/skipped_in_a_row"] = float(self.skipped_in_a_row)
         out["actor/grad_norm_max"] = max(stats["actor/grad_norm"])
         out["actor/lr"] = self.lr()
         return out
@@ -501,5 +504,6 @@ class CriticWorker(FSDPWorker):
             stats.setdefault("critic/skipped_steps", []).append(0.0 if ok else 1.0)
         out = {k: _mean(v) for k, v in stats.items()}
         out["critic/skipped_steps"] = float(sum(stats["critic/skipped_steps"]))
+        out["critic/skipped_in_a_row"] = float(self.skipped_in_a_row)
         out["critic/lr"] = self.lr()
         return out

@@ -130,3 +130,34 @@ def set_rng_state(state: dict) -> None:
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def fsync_tree(root) -> None:
+    """Flush every file under `root`, and the directories themselves, to the disk (before a rename makes
+    them a checkpoint: a crash right after must not leave a complete-looking directory of empty files)."""
+    from pathlib import Path
+
+    for path in sorted(Path(root).rglob("*")) + [Path(root)]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a crash) sees the old file or the new, never a part."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

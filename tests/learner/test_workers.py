@@ -255,3 +255,23 @@ def test_token_budget_over_two_ranks_keeps_row_order_and_counts(ray_cluster, ran
     torch.testing.assert_close(scored1, scored0, rtol=0, atol=1e-5)
     for key in ("actor/pg_loss", "actor/grad_norm"):
         assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key
+
+
+def test_non_finite_advantages_skip_the_optimizer_steps_and_count_them_in_a_row(random_tiny_models):
+    """A NaN advantage (a reward gone wrong) makes every gradient non-finite: each optimizer step is
+    skipped, the weights stay as they were, and `actor/skipped_in_a_row` grows across updates until a
+    finite one resets it (the trainer stops past `trainer.max_skipped_steps`)."""
+    from helpers import local_process_group
+
+    path = random_tiny_models["vlm"]
+    batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
+    bad = batch.with_data(advantages=batch.data["advantages"].masked_fill(batch.response_mask.bool(), float("nan")))
+    with local_process_group():
+        worker = PolicyWorker(0, 1, learner_cfg(path, mini_batch_size=4))
+        worker.setup()
+        before = {n: p.full_tensor().clone() for n, p in worker.model.named_parameters()}
+        first, second = worker.update(bad), worker.update(bad)
+        assert (first["actor/skipped_steps"], first["actor/skipped_in_a_row"]) == (2.0, 2.0)  # 8 rows / 4
+        assert second["actor/skipped_in_a_row"] == 4.0
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in worker.model.named_parameters())
+        assert worker.update(batch)["actor/skipped_in_a_row"] == 0.0
