@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The Hydra configs as a package (the repository's conf/, shipped in the wheel), so an installed copy
+# composes the same config from any working directory.
+CONF_MODULE = "sapo_ray.conf"
 BUNDLED = "bundled:"
 
 
@@ -312,10 +314,10 @@ def register_configs() -> None:
 def compose_config(*overrides: str):
     """The config `python -m sapo_ray.main OVERRIDES...` would run, composed without Hydra's app (for tools
     and tests): `conf/config.yaml` with the overrides, validated against the schema but not `validate`d."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+    with initialize_config_module(config_module=CONF_MODULE, version_base=None):
         return compose("config", overrides=list(overrides))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sapo_ray.config import ConfigError, register_configs, resolve_model_path, validate
+from sapo_ray.config import CONF_MODULE, ConfigError, register_configs, resolve_model_path, validate
 
 register_configs()
 log = logging.getLogger("sapo_ray")
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
             ray.shutdown()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=f"pkg://{CONF_MODULE}", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sapo_ray.trainer import StopRun

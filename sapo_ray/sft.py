@@ -41,7 +41,7 @@ import torch
 
 from sapo_ray.algo.losses import masked_mean
 from sapo_ray.batch import Batch, Sample, SamplingParams
-from sapo_ray.config import ModelConfig, RewardConfig, resolve_model_path
+from sapo_ray.config import CONF_MODULE, ModelConfig, RewardConfig, resolve_model_path
 from sapo_ray.learner.forward import policy_forward
 from sapo_ray.models.loading import is_vision_config, load_policy
 from sapo_ray.models.processor import load_processor
@@ -316,7 +316,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the log
     register_configs()
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="sft")
+    @hydra.main(version_base=None, config_path=f"pkg://{CONF_MODULE}", config_name="sft")
     def _main(conf) -> None:
         run(OmegaConf.to_object(conf))
 

@@ -7,6 +7,7 @@ import torch
 
 from sapo_ray.algo.losses import masked_mean
 from sapo_ray.batch import Batch, Sample, SamplingParams
+from sapo_ray.config import CONF_MODULE
 from sapo_ray.learner.forward import policy_forward
 from sapo_ray.models import load_policy, load_processor, tiny
 from sapo_ray.models.tokens import TokenIds
@@ -123,12 +124,12 @@ def test_run_writes_a_loadable_text_only_checkpoint_and_report(tmp_path):
 
 
 def test_hydra_config_composes_with_the_model_group():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+    with initialize_config_module(config_module=CONF_MODULE, version_base=None):
         cfg = OmegaConf.to_object(compose("sft", overrides=["model=tiny_lm", "steps=7"]))
         assert isinstance(cfg, SFTConfig) and cfg.model.path == "bundled:tiny-lm" and cfg.steps == 7
         assert cfg.instructions[0] == "none"
