@@ -234,7 +234,7 @@ class TrainerConfig:
     # Validate every this many steps (and before the first and after the last); 0 = only those.
     val_every: int = 5
     # Save a checkpoint every this many steps; 0 = only at the end.
-    save_every: int = 0
+    save_every: int = 10
     # auto: continue the latest checkpoint in run_dir; never: start fresh; or a checkpoint path.
     resume: str = "auto"
     # Where metrics, TensorBoard logs and checkpoints go (Hydra's job directory by default).
@@ -258,6 +258,12 @@ class TrainerConfig:
     max_ckpt_to_keep: int = 0
     # Stop when more than this many optimizer steps in a row are skipped for a non-finite gradient (0 = never).
     max_skipped_steps: int = 5
+    # Bound on every wait for an actor (a generation, an update, a save) and on the learners' collectives;
+    # an actor past it is treated as dead.
+    rpc_timeout_s: float = 3600.0
+    # Actors replaced in a run after dying or going silent: a rollout worker is restarted with the current
+    # weights and its part of the generation redone; dead learners are rebuilt from the last checkpoint.
+    max_actor_restarts: int = 3
 
 
 @dataclass
@@ -479,6 +485,7 @@ def validate(cfg) -> None:
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
+    _check(cfg.trainer.rpc_timeout_s > 0, f"trainer.rpc_timeout_s={cfg.trainer.rpc_timeout_s} must be > 0")
     _check(cfg.trainer.max_ckpt_to_keep >= 0, f"trainer.max_ckpt_to_keep={cfg.trainer.max_ckpt_to_keep} must be >= 0 (0 = all)")
     _check(0 <= cfg.reward.max_error_rate <= 1, f"reward.max_error_rate={cfg.reward.max_error_rate} must be in [0, 1]")
     _check(not cfg.reward.batch or cfg.reward.custom, "reward.batch=true needs reward.custom=path/to/file.py:function")

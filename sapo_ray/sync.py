@@ -155,34 +155,39 @@ class WeightSync:
     are agreed; each sync then broadcasts the buckets while the workers receive them.
     """
 
-    def __init__(self, actor, rollout: list, method: str, bucket_bytes: int, ranks_per_engine: int = 1):
+    def __init__(self, actor, rollout: list, method: str, bucket_bytes: int, ranks_per_engine: int = 1, wait=None):
+        """`rollout`: the workers (a list the trainer updates in place when it replaces one); `wait(refs,
+        workers)`: how results of the workers' calls are awaited (the trainer's bounded wait)."""
         import ray
 
         if method not in SYNC_METHODS:
             raise ValueError(f"weight sync method {method!r}: choose one of {SYNC_METHODS}")
         self.actor, self.rollout, self.method, self.bucket_bytes = actor, rollout, method, bucket_bytes
+        self.wait = wait or (lambda refs, workers=None: ray.get(refs))
         if method == "broadcast":
-            host, port = ray.get(actor.workers[0].address.remote())
+            host, port = actor.wait([actor.workers[0].address.remote()])[0]
             world_size = 1 + ranks_per_engine * len(rollout)
             refs = [w.init_weight_group.remote(host, port, 1 + i * ranks_per_engine, world_size)
                     for i, w in enumerate(rollout)]
-            ray.get(refs + [actor.workers[0].init_weight_group.remote(host, port, world_size)])
+            rank0 = actor.workers[0].init_weight_group.remote(host, port, world_size)
+            self.wait(refs)
+            actor.wait([rank0])
             self.specs = actor.call("weight_bucket_specs", bucket_bytes)[0]
 
-    def __call__(self) -> dict:
-        """One sync; returns `sync/bytes`, `sync/gb_per_s` and `sync/buckets`."""
-        import ray
-
+    def __call__(self, only: list[int] | None = None) -> dict:
+        """One sync into every worker, or the workers `only` lists (object_store); returns `sync/bytes`,
+        `sync/gb_per_s` and `sync/buckets`."""
         start = time.perf_counter()
+        workers = list(range(len(self.rollout))) if only is None else only
         if self.method == "broadcast":
-            refs = [w.receive_weights.remote(self.specs) for w in self.rollout]  # in flight before the send
+            refs = [self.rollout[i].receive_weights.remote(self.specs) for i in workers]  # in flight before the send
             self.actor.call("broadcast_weights", self.bucket_bytes)
             n_buckets = len(self.specs)
         else:
             buckets = [b for part in self.actor.call("weight_buckets", self.bucket_bytes) for b in part]
-            refs = [w.update_weights.remote(buckets) for w in self.rollout]
+            refs = [self.rollout[i].update_weights.remote(buckets) for i in workers]
             n_buckets = len(buckets)
-        nbytes = ray.get(refs)[0][0]
+        nbytes = self.wait(refs, workers)[0][0]
         seconds = time.perf_counter() - start
         return {"sync/bytes": float(nbytes), "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
                 "sync/buckets": float(n_buckets)}

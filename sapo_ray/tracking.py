@@ -68,13 +68,7 @@ class Tracker:
     def start(self, total_steps: int, done: int) -> None:
         """Drop logged rows past `done` (a fresh run, or steps after the checkpoint a run resumes
         from, would otherwise appear twice) and show a progress bar (console logger only)."""
-        if self.jsonl is not None:
-            path = self.run_dir / "metrics.jsonl"
-            self.jsonl.close()
-            lines = path.read_text().splitlines() if done else []
-            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
-            path.write_text("".join(l + "\n" for l in kept))
-            self.jsonl = open(path, "a")
+        self.rewind(done)
         if "console" not in self.loggers:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -83,6 +77,16 @@ class Tracker:
                                  TimeRemainingColumn(), TextColumn("{task.description}"))
         self.task = self.progress.add_task("", total=total_steps, completed=done)
         self.progress.start()
+
+    def rewind(self, done: int) -> None:
+        """Drop the rows of `metrics.jsonl` past step `done` (they will be logged again)."""
+        if self.jsonl is not None:
+            path = self.run_dir / "metrics.jsonl"
+            self.jsonl.close()
+            lines = path.read_text().splitlines() if done else []
+            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
+            path.write_text("".join(l + "\n" for l in kept))
+            self.jsonl = open(path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

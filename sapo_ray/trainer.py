@@ -33,6 +33,7 @@ from sapo_ray.data.report import DataReport
 from sapo_ray.learner.group import WorkerGroup
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.models.tokens import TokenIds
+from sapo_ray.remote import ActorFailure, wait_all
 from sapo_ray.reward.pool import RewardPool
 from sapo_ray.rollout.engine import encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
@@ -61,6 +62,7 @@ class Trainer:
         self.spec = algorithm_spec(cfg)
         self.policy_version = 0  # policy updates so far; a rollout's staleness is how many it missed
         self.failing_steps = 0  # steps running whose reward error rate exceeded reward.max_error_rate
+        self.restarts = 0  # actors replaced after dying or going silent (trainer.max_actor_restarts)
         self.reward_errors_seen: set[str] = set()  # reward error messages already logged
         self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
 
@@ -85,32 +87,82 @@ class Trainer:
         elif any(b.get("GPU") for b in plan.bundles):
             self._check_memory()
         self.placement = placement.PlacementGroup.create(plan, cfg.cluster.placement_timeout_s)
-        hide = cfg.cluster.simulate_gpus > 0
         r = cfg.rollout
-        rollout_actor = ray.remote(RolloutWorker)
-        self.rollout = [
-            rollout_actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources) or None,
-                                  runtime_env={"env_vars": actor_env(r.num_threads, hide)},
-                                  **self.placement.options("rollout", i))
-            .remote(rollout_worker_config(cfg, i))
-            for i in range(r.num_workers)
-        ]
+        self.rollout = [self._start_rollout_worker(i) for i in range(r.num_workers)]
         # Engines first: vLLM sizes its KV cache from the free GPU memory it finds, which colocated learners
         # would otherwise already hold.
-        ray.get([w.ready.remote() for w in self.rollout])
+        self.wait_rollout([w.ready.remote() for w in self.rollout])
         if r.enable_sleep_mode:
-            ray.get([w.sleep.remote() for w in self.rollout])
-        self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"), self.placement, hide)
-        self.critic = (WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic"), self.placement, hide)
-                       if self.spec.needs_critic else None)
-        ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
-        self.weight_sync = WeightSync(self.actor, self.rollout, r.weight_sync, r.sync_bucket_mb * 2**20, ranks_per_engine)
+            self.wait_rollout([w.sleep.remote() for w in self.rollout])
+        self._start_learners()
         self.tracker = Tracker(str(self.run_dir), list(cfg.trainer.loggers), cfg.trainer.project,
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
         self._warn_config_changes()
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self._maybe_resume()
         self._learners("offload")  # the first validation generates before any learner phase
+
+    def _start_rollout_worker(self, i: int):
+        r = self.cfg.rollout
+        return (ray.remote(RolloutWorker)
+                .options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources) or None,
+                         runtime_env={"env_vars": actor_env(r.num_threads, self.cfg.cluster.simulate_gpus > 0)},
+                         **self.placement.options("rollout", i))
+                .remote(rollout_worker_config(self.cfg, i)))
+
+    def _start_learners(self) -> None:
+        """The actor (and critic) groups and the weight sync from the actor into the engines."""
+        cfg, r = self.cfg, self.cfg.rollout
+        hide, timeout = cfg.cluster.simulate_gpus > 0, cfg.trainer.rpc_timeout_s
+        self.actor = WorkerGroup(PolicyWorker, learner_worker_config(cfg, "actor"), self.placement, hide, timeout)
+        self.critic = (WorkerGroup(CriticWorker, learner_worker_config(cfg, "critic"), self.placement, hide, timeout)
+                       if self.spec.needs_critic else None)
+        ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
+        self.weight_sync = WeightSync(self.actor, self.rollout, r.weight_sync, r.sync_bucket_mb * 2**20, ranks_per_engine,
+                                      wait=self.wait_rollout)
+
+    def wait_rollout(self, refs: list, workers: list[int] | None = None) -> list:
+        """Results of one call per rollout worker (`workers`, default all, in order), bounded by
+        `trainer.rpc_timeout_s`; a dead or silent worker raises `ActorFailure` naming it."""
+        workers = range(len(self.rollout)) if workers is None else workers
+        return wait_all(refs, [f"rollout worker {i}" for i in workers], self.cfg.trainer.rpc_timeout_s)
+
+    # -- faults --------------------------------------------------------------------------------------
+    def _count_restart(self, failure: ActorFailure) -> None:
+        self.restarts += 1
+        limit = self.cfg.trainer.max_actor_restarts
+        if self.restarts > limit:
+            raise StopRun(f"{failure}; trainer.max_actor_restarts={limit} restarts are used up") from failure
+        log.warning("%s; restarting it (restart %d of trainer.max_actor_restarts=%d)", failure, self.restarts, limit)
+
+    def restart_rollout_worker(self, i: int, failure: ActorFailure) -> None:
+        """Replace a dead or silent rollout worker by a new one holding the current policy."""
+        self._count_restart(failure)
+        if self.cfg.rollout.weight_sync == "broadcast":
+            raise StopRun(f"{failure}: an engine of a weight-broadcast group cannot be replaced alone "
+                          "(rollout.weight_sync=object_store can); resume the run from its last checkpoint") from failure
+        ray.kill(self.rollout[i], no_restart=True)
+        self.rollout[i] = self._start_rollout_worker(i)
+        self.wait_rollout([self.rollout[i].ready.remote()], [i])
+        with self.learners_on_device():  # the new engine loaded model.path: give it the policy of now
+            self.weight_sync(only=[i])
+
+    def recover_learners(self, failure: ActorFailure) -> None:
+        """A learner rank died or went silent: new learner groups continue from the last checkpoint
+        (the steps since are trained again, exactly as before on the CPU)."""
+        self._count_restart(failure)
+        path = self._latest_checkpoint()
+        if path is None:
+            raise StopRun(f"{failure}: no checkpoint to recover from yet (trainer.save_every="
+                          f"{self.cfg.trainer.save_every})") from failure
+        for group in (self.actor, self.critic):
+            if group is not None:
+                group.shutdown()
+        self.in_flight = None  # the checkpoint holds the draw in flight at its step
+        self._start_learners()
+        self.load_checkpoint(path)
+        self._learners("offload")
+        self.tracker.rewind(self.step)
 
     def _check_memory(self) -> None:
         """The memory plan (`python -m sapo_ray.plan`) before any actor exists: stop if a GPU is over budget."""
@@ -209,10 +261,16 @@ class Trainer:
                 prompts.append(p)
                 kept.append(ex)
         per = math.ceil(len(prompts) / len(self.rollout)) if prompts else 0
-        refs = [w.generate.remote(prompts[i * per:(i + 1) * per],
-                                  replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per)
-                for i, w in enumerate(self.rollout) if prompts[i * per:(i + 1) * per]]
-        return Rollout(refs, kept, len(examples) - len(kept), self.policy_version)
+        parts = [(i, (prompts[i * per:(i + 1) * per], replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per))
+                 for i in range(len(self.rollout)) if prompts[i * per:(i + 1) * per]]
+        return Rollout([(i, args, self.rollout[i].generate.remote(*args)) for i, args in parts], kept,
+                       len(examples) - len(kept), self.policy_version, resubmit=self.resubmit,
+                       timeout_s=self.cfg.trainer.rpc_timeout_s)
+
+    def resubmit(self, i: int, args: tuple, failure: ActorFailure):
+        """Generate rollout worker `i`'s part again on a new worker (same prompts and seed)."""
+        self.restart_rollout_worker(i, failure)
+        return self.rollout[i].generate.remote(*args)
 
     def generate(self, examples: list[dict], params: SamplingParams,
                  stream: tuple) -> tuple[list[Sample], list[dict], int]:
@@ -317,8 +375,15 @@ class Trainer:
                 for row, m in zip(batch.response_ids, batch.response_mask)]
 
     def sync_weights(self) -> dict:
-        """Bucketed full weights from learner rank 0 into every rollout engine, in place (`sapo_ray.sync`)."""
-        return self.weight_sync()
+        """Bucketed full weights from learner rank 0 into every rollout engine, in place (`sapo_ray.sync`);
+        a rollout worker that dies meanwhile is replaced (and given the weights)."""
+        try:
+            return self.weight_sync()
+        except ActorFailure as failure:
+            if not failure.actor.startswith("rollout worker"):
+                raise
+            self.restart_rollout_worker(int(failure.actor.rsplit(" ", 1)[1]), failure)
+            return self.weight_sync()
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -332,7 +397,7 @@ class Trainer:
             # never stopped.
             self.in_flight = self.submit_rollout(self.step + 1, 0)
         if cfg.rollout.enable_sleep_mode:  # the learners get the GPU memory until the next sync
-            ray.get([w.sleep.remote() for w in self.rollout])
+            self.wait_rollout([w.sleep.remote() for w in self.rollout])
         if batch is None:
             timing["step"] = time.perf_counter() - t0
             return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
@@ -381,7 +446,7 @@ class Trainer:
             with timer("update_weights", timing):
                 metrics.update(self.sync_weights())
         else:
-            metrics["actor/lr"] = ray.get(self.actor.workers[0].lr.remote())
+            metrics["actor/lr"] = self.actor.wait([self.actor.workers[0].lr.remote()])[0]
         return batch
 
     @contextmanager
@@ -395,15 +460,17 @@ class Trainer:
             self._learners("offload")
 
     def _learners(self, method: str) -> None:
-        ray.get([getattr(w, method).remote() for g in (self.actor, self.critic) if g for w in g.workers])
+        for group in (self.actor, self.critic):
+            if group is not None:
+                group.call(method)
 
     def _memory_metrics(self) -> dict:
         """Peak resident memory (MB) of the largest actor of each role."""
-        refs = {"rollout": [w.peak_memory_mb.remote() for w in self.rollout],
-                "actor": [w.peak_memory_mb.remote() for w in self.actor.workers]}
+        peaks = {"rollout": self.wait_rollout([w.peak_memory_mb.remote() for w in self.rollout]),
+                 "actor": self.actor.call("peak_memory_mb")}
         if self.critic:
-            refs["critic"] = [w.peak_memory_mb.remote() for w in self.critic.workers]
-        return {f"perf/peak_mem_mb/{role}": max(ray.get(r)) for role, r in refs.items()}
+            peaks["critic"] = self.critic.call("peak_memory_mb")
+        return {f"perf/peak_mem_mb/{role}": max(p) for role, p in peaks.items()}
 
     # -- validation ----------------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -505,6 +572,16 @@ class Trainer:
             path = Path(resume)
             if not (path / "trainer_state.json").exists():
                 raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint there (trainer_state.json missing)")
+        self.load_checkpoint(path)
+        log.info("continuing from checkpoint %s (step %d of %d)", path, self.step, self.cfg.trainer.steps)
+        if self.step >= self.cfg.trainer.steps:
+            log.warning("%s already holds a finished run (step %d of trainer.steps=%d): nothing to train; "
+                        "trainer.resume=never or another trainer.experiment starts a new run",
+                        self.run_dir, self.step, self.cfg.trainer.steps)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """The learners', the loader's, the random streams' and the step's state of checkpoint `path`, and
+        its policy in the engines."""
         state = json.loads((path / "trainer_state.json").read_text())
         self.actor.call("load_checkpoint", str(path / "actor"))
         if self.critic:
@@ -516,11 +593,6 @@ class Trainer:
         if (path / IN_FLIGHT).exists():
             self.in_flight = Rollout.from_state(torch.load(path / IN_FLIGHT, weights_only=False))
         self.sync_weights()
-        log.info("continuing from checkpoint %s (step %d of %d)", path, self.step, self.cfg.trainer.steps)
-        if self.step >= self.cfg.trainer.steps:
-            log.warning("%s already holds a finished run (step %d of trainer.steps=%d): nothing to train; "
-                        "trainer.resume=never or another trainer.experiment starts a new run",
-                        self.run_dir, self.step, self.cfg.trainer.steps)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -535,26 +607,36 @@ class Trainer:
             last_val = self.validate()
             self.tracker.log(last_val, step=0)
         while self.step < cfg.steps:
-            metrics = self.train_step()
-            self.step += 1
-            if (cfg.val_every > 0 and self.step % cfg.val_every == 0) or self.step == cfg.steps:
-                with timer("val", t := {}):
-                    last_val = self.validate()
-                metrics.update(last_val)
-                metrics["timing_s/val"] = t["val"]
-            self.tracker.log(metrics, step=self.step)
-            if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps:
-                with self.learners_on_device():
-                    self.save_checkpoint()
+            try:
+                last_val = self.run_step() or last_val
+            except ActorFailure as failure:  # a learner rank (rollout workers are replaced where they fail)
+                self.recover_learners(failure)
         if cfg.export_hf:
             with self.learners_on_device():
                 self.actor.call("export_hf", str(self.run_dir / "hf_policy"))
         return last_val
 
+    def run_step(self) -> dict:
+        """One training step, its validation and checkpoint when due; returns the validation metrics, if any."""
+        cfg = self.cfg.trainer
+        metrics, val = self.train_step(), {}
+        metrics["faults/restarts"] = float(self.restarts)
+        self.step += 1
+        if (cfg.val_every > 0 and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+            with timer("val", t := {}):
+                val = self.validate()
+            metrics.update(val)
+            metrics["timing_s/val"] = t["val"]
+        self.tracker.log(metrics, step=self.step)
+        if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+            with self.learners_on_device():
+                self.save_checkpoint()
+        return val
+
     def close(self) -> None:
         """Release the actors, the reward processes and the loggers (the cluster may be shared)."""
         for w in getattr(self, "rollout", []):
-            ray.kill(w)
+            ray.kill(w, no_restart=True)
         for group in (getattr(self, "actor", None), getattr(self, "critic", None)):
             if group is not None:
                 group.shutdown()
@@ -595,17 +677,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 class Rollout:
     """Sampling in flight on the rollout workers (or finished, from a checkpoint): the kept examples, how
-    many were too long, and the policy version whose weights sampled them."""
+    many were too long, and the policy version whose weights sampled them. `parts` are `(worker, generate
+    arguments, result)`; a part whose worker dies or goes silent is generated again by `resubmit`."""
 
-    def __init__(self, refs: list, examples: list[dict], too_long: int, policy_version: int,
-                 samples: list[Sample] | None = None):
-        self.refs, self.examples, self.too_long, self.policy_version = refs, examples, too_long, policy_version
-        self._samples = samples
+    def __init__(self, parts: list, examples: list[dict], too_long: int, policy_version: int,
+                 samples: list[Sample] | None = None, resubmit=None, timeout_s: float = 3600.0):
+        self.parts, self.examples, self.too_long, self.policy_version = parts, examples, too_long, policy_version
+        self._samples, self.resubmit, self.timeout_s = samples, resubmit, timeout_s
 
     def samples(self) -> list[Sample]:
         if self._samples is None:
-            self._samples = [s for part in ray.get(self.refs) for s in part]
-            self.refs = []
+            self._samples = []
+            for i, args, ref in self.parts:
+                while True:
+                    try:
+                        self._samples += wait_all([ref], [f"rollout worker {i}"], self.timeout_s)[0]
+                        break
+                    except ActorFailure as failure:
+                        ref = self.resubmit(i, args, failure)
+            self.parts = []
         return self._samples
 
     def state(self) -> dict:

@@ -87,10 +87,14 @@ class FSDPWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def init_group(self, host: str, port: int) -> None:
+    def init_group(self, host: str, port: int, timeout_s: float = 3600.0) -> None:
+        """Join the group; a collective that waits longer than `timeout_s` (a rank died) raises."""
+        from datetime import timedelta
+
         # CUDA tensors over NCCL; any CPU tensor a collective meets (counts, DCP metadata) over gloo.
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=timeout_s))
 
     def _build(self, load, build_empty) -> torch.nn.Module:
         """This rank's model before sharding: the checkpoint (`load()`) on rank 0; elsewhere, when the
