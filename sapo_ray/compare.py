@@ -1,18 +1,25 @@
 """Compare training runs: a table of one metric per algorithm over seeds, and a PNG of the curves.
 
-    python -m sapo_ray.compare RUN_DIR [RUN_DIR ...] [--metric val/accuracy] [--out curves.png]
+    python -m sapo_ray.compare RUN_DIR [RUN_DIR ...] [--metric val/accuracy] [--out PATH]
 
 A RUN_DIR is a directory with `metrics.jsonl` (a run's `trainer.run_dir`) or any directory above
 such runs (a Hydra multirun sweep dir); every run found under it is included. A run's algorithm and
 seed come from its `.hydra/config.yaml` (`algorithm.name`, `seed`) when present, else from a
 directory name ending in `<algorithm>-seed<N>` (the default `trainer.experiment`), else the whole
-directory name is the algorithm.
+directory name is the algorithm. Any metric in `metrics.jsonl` can be compared (`--metric`).
 
 For each run the metric's series gives three numbers: `first` (value at the first logged step),
 `last` (at the last) and `best` (max over steps; min with --lower-is-better). The table reports
 each as mean ± std over the algorithm's runs, std being the sample standard deviation (n - 1; shown
-only for n >= 2). The PNG draws the metric against the step: one colour per algorithm, one line
-per run.
+only for n >= 2).
+
+The PNG (960 x 600) draws, per algorithm in one colour, the mean of the metric over its runs at each
+step with a band of ± one sample std; the legend gives each algorithm's number of runs (seeds). At a
+step that only some of an algorithm's runs logged (a run that stopped early, validation at other
+steps) mean and std are over the runs that did; where one run did, there is no band. It is written
+to `--out`, by default to `<metric with / replaced by _>.png` (`val_accuracy.png`) in the deepest
+directory that holds all the compared runs: the sweep dir, the common parent of the RUN_DIRs, or the
+run itself when there is one; `--out ''` draws nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -28,9 +36,6 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 # `<anything>-<algorithm>-seed<N>`: Hydra's sweep subdir `0-sapo-seed1`, run dir `12-00-00-grpo-seed0`.
 DIR_NAME = re.compile(r"(?:^|-)(?P<algorithm>[^-]+)-seed(?P<seed>\d+)$")
-# Tableau-10: distinguishable on white, the usual plotting default.
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf"]
 
 
 class CompareError(ValueError):
@@ -194,72 +199,63 @@ def format_table(summaries: list[Summary], metric: str, lower_is_better: bool = 
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-# -- plotting (Pillow only: matplotlib is not a dependency) ---------------------------------------
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values covering [lo, hi]."""
-    span = hi - lo
-    raw = span / max(1, count)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+# -- plotting --------------------------------------------------------------------------------------
+def curve(runs: list[Run], metric: str) -> tuple[list[int], list[float], list[float | None]]:
+    """`metric` over the steps any of `runs` logged it: (steps, mean, std), the mean and sample std
+    (n - 1) at each step over the runs that logged it there (std None where fewer than two did)."""
+    by_step: dict[int, list[float]] = {}
+    for r in runs:
+        for step, value in r.series.get(metric, []):
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    stats = [mean_std(by_step[s]) for s in steps]
+    return steps, [m for m, _ in stats], [sd for _, sd in stats]
 
 
-def _tick_labels(ticks: list[float]) -> list[str]:
-    """Tick values with as many decimals as their spacing needs (0.25 -> 2, 5 -> 0)."""
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    decimals = min(6, len(f"{step:.6f}".rstrip("0").split(".")[1]))
-    return [f"{t:.{decimals}f}" for t in ticks]
+def draw_curves(summaries: list[Summary], metric: str, size: tuple[int, int] = (960, 600)):
+    """A matplotlib Figure of `size` pixels: per algorithm (one colour each) the mean of `metric` over its
+    runs at each step and a band of +-1 sample std where at least two runs logged that step (`curve`)."""
+    # A Figure on the Agg canvas directly, not pyplot: no display needed, and the backend of a program
+    # that imports this module is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, s in enumerate(summaries):
+        steps, mean, std = curve(s.runs, metric)
+        colour = f"C{i % 10}"
+        n = len(s.runs)
+        # Markers on sparse series (validation every N steps): a step logged alone would draw nothing.
+        ax.plot(steps, mean, color=colour, marker="o" if len(steps) <= 30 else None, markersize=3,
+                label=f"{s.algorithm} ({n} seed{'s' if n != 1 else ''})")
+        if any(sd is not None for sd in std):
+            lo = [m - sd if sd is not None else math.nan for m, sd in zip(mean, std)]
+            hi = [m + sd if sd is not None else math.nan for m, sd in zip(mean, std)]
+            ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def plot_curves(summaries: list[Summary], metric: str, out: str | Path, size: tuple[int, int] = (960, 600)) -> Path:
-    """Save a PNG of `metric` vs step: one colour per algorithm, one line (and dots) per run."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = size
-    left, right, top, bottom = 80, 190, 50, 60
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    points = [p for s in summaries for r in s.runs for p in r.series[metric]]
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi) * 0.1, 0.05)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    plot_w, plot_h = width - left - right, height - top - bottom
-    to_px = lambda x, y: (left + (x - x_lo) / (x_hi - x_lo) * plot_w, top + (y_hi - y) / (y_hi - y_lo) * plot_h)
-
-    y_ticks = _ticks(y_lo, y_hi)
-    for y, label in zip(y_ticks, _tick_labels(y_ticks)):
-        _, py = to_px(x_lo, y)
-        draw.line([(left, py), (left + plot_w, py)], fill="#e6e6e6")
-        draw.text((left - 8, py), label, fill="black", font=font, anchor="rm")
-    x_ticks = _ticks(x_lo, x_hi)
-    for x, label in zip(x_ticks, _tick_labels(x_ticks)):
-        px, _ = to_px(x, y_lo)
-        draw.line([(px, top + plot_h), (px, top + plot_h + 5)], fill="black")
-        draw.text((px, top + plot_h + 8), label, fill="black", font=font, anchor="mt")
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    draw.text((left + plot_w / 2, top + plot_h + 30), "step", fill="black", font=font, anchor="mt")
-    draw.text((left + plot_w / 2, top / 2), metric, fill="black", font=font, anchor="mm")
-
-    for i, s in enumerate(summaries):
-        colour = PALETTE[i % len(PALETTE)]
-        for r in s.runs:
-            xy = [to_px(x, y) for x, y in r.series[metric]]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2, joint="curve")
-            for px, py in xy:
-                draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=colour)
-        ly = top + 10 + 20 * i
-        draw.line([(left + plot_w + 15, ly), (left + plot_w + 40, ly)], fill=colour, width=3)
-        draw.text((left + plot_w + 48, ly), f"{s.algorithm} (n={len(s.runs)})", fill="black", font=font, anchor="lm")
+    """Save `draw_curves` as a PNG of `size` pixels at `out` (parent directories created)."""
+    fig = draw_curves(summaries, metric, size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG")
+    fig.savefig(out, format="png", dpi=fig.dpi)
     return out
+
+
+def default_out(runs: list[Run], metric: str) -> Path:
+    """`<metric, / as _>.png` in the deepest directory holding every run (a sweep dir; for one run, its own)."""
+    common = Path(os.path.commonpath([str(r.path.absolute()) for r in runs]))
+    return common / f"{metric.replace('/', '_')}.png"
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -269,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories (with metrics.jsonl) or sweep directories")
     parser.add_argument("--metric", default="val/accuracy",
                         help="metric name as logged in metrics.jsonl (default: %(default)s)")
-    parser.add_argument("--out", default="curves.png", help="PNG of the curves (default: %(default)s); '' = no plot")
+    parser.add_argument("--out", default=None,
+                        help="PNG of the curves (default: <metric, / as _>.png in the directory holding the runs); "
+                             "'' = no plot")
     parser.add_argument("--lower-is-better", action="store_true", help="best = min over steps (losses, lengths)")
     args = parser.parse_args(argv)
     try:
@@ -279,8 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(summaries, args.metric, args.lower_is_better))
-    if args.out:
-        print(f"curves: {plot_curves(summaries, args.metric, args.out)}")
+    if args.out == "":
+        return 0
+    out = Path(args.out) if args.out is not None else default_out(runs, args.metric)
+    try:
+        print(f"curves: {plot_curves(summaries, args.metric, out)}")
+    except OSError as err:
+        print(f"error: cannot write the curves to {out} ({err}); pass --out PATH elsewhere, or --out '' for none",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -518,6 +518,9 @@ class Trainer:
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
                  "policy_version": self.policy_version}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        # The config these weights were trained with (the run dir's is rewritten at every start), where
+        # `python -m sapo_ray.export` finds the model's architecture and dtype.
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         if self.in_flight is not None:
             # The next step's first draw, sampled on weights this checkpoint no longer holds: saved as it
             # came out, so a resumed run trains on exactly what the uninterrupted one does.

@@ -1,4 +1,5 @@
-"""`python -m sapo_ray.compare`: run discovery, identity, the table's numbers (worked by hand), the PNG."""
+"""`python -m sapo_ray.compare`: run discovery, identity, the table's and the curves' numbers (worked by hand),
+the PNG and where it goes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from sapo_ray import compare
@@ -101,18 +104,83 @@ def test_summary_values_and_lower_is_better(sweep):
     assert only.algorithm == "sapo" and only.best == [0.5, 0.4] and only.first == [0.9, 0.4]
 
 
+def test_curve_is_the_mean_and_std_over_the_runs_that_logged_each_step():
+    """Three runs, partly on different steps: each step averages the runs that logged it there.
+
+    step 0: 1, 3, 2 -> mean 2, std sqrt((1 + 1 + 0) / 2) = 1
+    step 10: 2, 4, 6 -> mean 4, std sqrt((4 + 0 + 4) / 2) = 2
+    step 20: 4 (run 1 only), step 30: 5 (run 3 only) -> no std
+    """
+    run = lambda *points: compare.Run(Path("r"), "sapo", 0, {"m": list(points), "other": [(99, 7.0)]})
+    runs = [run((0, 1.0), (10, 2.0), (20, 4.0)), run((0, 3.0), (10, 4.0)), run((0, 2.0), (10, 6.0), (30, 5.0))]
+    steps, mean, std = compare.curve(runs, "m")
+    assert steps == [0, 10, 20, 30]
+    assert mean == pytest.approx([2.0, 4.0, 4.0, 5.0])
+    assert std[:2] == pytest.approx([1.0, 2.0]) and std[2:] == [None, None]
+    # One run: its own values, no std anywhere.
+    assert compare.curve(runs[1:2], "m") == ([0, 10], [3.0, 4.0], [None, None])
+
+
+def test_figure_draws_mean_curves_and_std_bands(sweep):
+    """What the PNG shows: sapo's mean over its two seeds with a +-std band, grpo's single run without one."""
+    summaries = compare.summarize(compare.load_runs([sweep]), "val/accuracy")
+    fig = compare.draw_curves(summaries, "val/accuracy", size=(800, 500))
+    assert tuple(fig.get_size_inches() * fig.dpi) == (800, 500)
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "val/accuracy")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["grpo (1 seed)", "sapo (2 seeds)"]
+    grpo, sapo = ax.lines
+    assert grpo.get_xydata().tolist() == [[0, 0.0], [5, 0.25]]
+    # sapo seeds: (0.1, 0.2), (0.5, 0.3), (0.4, 0.6) at steps 0, 10, 20; std of two values = |a - b| / sqrt(2).
+    mean, std = [0.15, 0.4, 0.5], [0.1 / math.sqrt(2), 0.2 / math.sqrt(2), 0.2 / math.sqrt(2)]
+    np.testing.assert_allclose(sapo.get_xydata(), [[0, 0.15], [10, 0.4], [20, 0.5]])
+    assert grpo.get_color() != sapo.get_color()
+    (band,) = ax.collections  # grpo has one run: no band
+    np.testing.assert_allclose(band.get_facecolor()[0][:3], to_rgb(sapo.get_color()))
+    vertices = band.get_paths()[0].vertices
+    for step, m, sd in zip([0, 10, 20], mean, std):
+        ys = vertices[vertices[:, 0] == step][:, 1]
+        assert (ys.min(), ys.max()) == pytest.approx((m - sd, m + sd))
+
+
+def _has_colour(image, colour: str, tolerance: int = 40) -> bool:
+    target = np.array(to_rgb(colour)) * 255
+    pixels = np.asarray(image.convert("RGB"), dtype=float).reshape(-1, 3)
+    return bool((np.abs(pixels - target).max(axis=1) < tolerance).any())
+
+
 def test_png_is_a_valid_image_of_the_curves(sweep, tmp_path, capsys):
     out = tmp_path / "plots" / "curves.png"
     assert compare.main([str(sweep), "--out", str(out)]) == 0
     assert f"curves: {out}" in capsys.readouterr().out
-    assert out.stat().st_size > 0
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (960, 600)
-        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20)}
-    # One colour per algorithm, in sorted order: grpo first, sapo second.
-    rgb = lambda h: tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
-    assert rgb(compare.PALETTE[0]) in colours and rgb(compare.PALETTE[1]) in colours
-    assert rgb(compare.PALETTE[2]) not in colours
+        image.load()
+        # One colour per algorithm in sorted order (grpo C0, sapo C1), and no third.
+        assert _has_colour(image, "C0") and _has_colour(image, "C1") and not _has_colour(image, "C2")
+
+
+def test_png_goes_next_to_the_runs_by_default(sweep, tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert compare.main([str(sweep)]) == 0
+    assert (sweep / "val_accuracy.png").is_file()
+    # Two runs named directly: their common parent; one run: the run itself.
+    assert compare.main([str(sweep / "a"), str(sweep / "b"), "--metric", "actor/pg_loss"]) == 0
+    assert (sweep / "actor_pg_loss.png").is_file()
+    assert compare.main([str(sweep / "a"), "--metric", "critic/score/mean"]) == 0
+    assert (sweep / "a" / "critic_score_mean.png").is_file()
+    assert not list(elsewhere.iterdir())
+    # --out '' draws nothing.
+    assert compare.main([str(sweep), "--metric", "val/accuracy", "--out", ""]) == 0
+    assert sorted(p.name for p in sweep.rglob("*.png")) == ["actor_pg_loss.png", "critic_score_mean.png",
+                                                           "val_accuracy.png"]
+    capsys.readouterr()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert compare.main([str(sweep), "--out", str(blocked / "x.png")]) == 2
+    assert f"cannot write the curves to {blocked / 'x.png'}" in capsys.readouterr().err
 
 
 def test_clear_errors(sweep, tmp_path, capsys):
