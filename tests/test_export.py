@@ -31,6 +31,7 @@ class InProcessGroup:
 
     def __init__(self, worker):
         self.worker = worker
+        self.workers = [worker]
 
     def call(self, method: str, *args):
         return [getattr(self.worker, method)(*args)]
