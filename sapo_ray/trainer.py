@@ -508,8 +508,20 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Save the step's checkpoint; a save that fails (a full disk) removes what it wrote and stops the
+        run, the last complete checkpoint untouched."""
         path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         tmp = path.with_name(path.name + ".tmp")
+        try:
+            return self._save(path, tmp)
+        except (OSError, ray.exceptions.RayTaskError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self._latest_checkpoint()
+            raise StopRun(f"saving {path} failed ({type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}); "
+                          f"the last complete checkpoint is {last or 'none'}: free space and run the same command "
+                          "again to continue from it") from err
+
+    def _save(self, path: Path, tmp: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.actor.call("save_checkpoint", str(tmp / "actor"))
