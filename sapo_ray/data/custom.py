@@ -61,7 +61,7 @@ def load_custom(path: str, split: str, key: str, report: DataReport, prompt_key:
 def to_example(row: dict, index: int, file: str, prompt_key: str, answer_key: str, image_key: str,
                template=None, image_check: Callable | None = None) -> dict:
     """One row as an Example; raises `SkipRow` with the reason it cannot be used."""
-    from sapo_ray.data.datasets import UnreadableImageError, decode_image, infer_answer_type
+    from sapo_ray.data.datasets import UnreadableImageError, decode_image, free_form_example
 
     if not isinstance(row, dict):
         raise SkipRow("not_an_object", f"a {type(row).__name__}, not a JSON object")
@@ -88,25 +88,10 @@ def to_example(row: dict, index: int, file: str, prompt_key: str, answer_key: st
                 raise SkipRow("image_rejected", f"{type(err).__name__}: {err}") from None
     columns = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, image_key) and k not in EXAMPLE_KEYS}
     query = template.render(content=prompt, **row) if template is not None else prompt
-    answer_type, precision = infer_answer_type(answer)
     pid = row.get("pid", row.get("id"))
-    return {
-        **columns,
-        "pid": str(pid) if pid is not None else f"{Path(file).stem}-{index}",
-        "data_source": "custom",
-        "question": prompt.replace("<image>", "").strip(),
-        "query": query,
-        "images": images,
-        "answer": answer,
-        "question_type": "free_form",
-        "answer_type": answer_type,
-        "precision": precision,
-        "choices": None,
-        "unit": None,
-        "metadata": {"source": str(file), "row": index},
-        "solution": None,
-        "columns": sorted(columns),
-    }
+    pid = str(pid) if pid is not None else f"{Path(file).stem}-{index}"
+    example = free_form_example(pid, "custom", prompt, query, images, answer, {"source": str(file), "row": index})
+    return {**columns, **example, "columns": sorted(columns)}
 
 
 def _show(value) -> str:

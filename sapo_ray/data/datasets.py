@@ -120,29 +120,25 @@ def geometry3k_to_example(row: dict, split: str = "train", index: int = 0, base_
     question drops them. Free-form; the answer type is inferred from the answer text.
     """
     images = [decode_image(img, base_dir) for img in row.get("images") or []]
-    answer = str(row["answer"]).strip()
-    answer_type, precision = infer_answer_type(answer)
     problem = row["problem"]
     width, height = (images[0].size if images else (None, None))
+    return free_form_example(f"geometry3k-{split}-{row.get('id', index)}", "geometry3k", problem, problem, images,
+                             str(row["answer"]).strip(), {
+                                 "split": split, "language": "english", "img_width": width, "img_height": height,
+                                 "source": "geometry3k", "category": "math-targeted-vqa",
+                                 "task": "geometry problem solving", "context": "geometry diagram",
+                                 "grade": "high school", "skills": ["geometry reasoning", "algebraic reasoning"]})
+
+
+def free_form_example(pid: str, data_source: str, problem: str, query: str, images: list, answer: str,
+                      metadata: dict) -> dict:
+    """An Example of a free-form question: `problem` with `<image>` placeholders (kept in the query,
+    dropped from the question), the answer's type inferred from its text."""
+    answer_type, precision = infer_answer_type(answer)
     return {
-        "pid": f"geometry3k-{split}-{row.get('id', index)}",
-        "data_source": "geometry3k",
-        "question": problem.replace("<image>", "").strip(),
-        "query": problem,
-        "images": images,
-        "answer": answer,
-        "question_type": "free_form",
-        "answer_type": answer_type,
-        "precision": precision,
-        "choices": None,
-        "unit": None,
-        "metadata": {
-            "split": split, "language": "english", "img_width": width, "img_height": height,
-            "source": "geometry3k", "category": "math-targeted-vqa", "task": "geometry problem solving",
-            "context": "geometry diagram", "grade": "high school",
-            "skills": ["geometry reasoning", "algebraic reasoning"],
-        },
-        "solution": None,
+        "pid": pid, "data_source": data_source, "question": problem.replace("<image>", "").strip(), "query": query,
+        "images": images, "answer": answer, "question_type": "free_form", "answer_type": answer_type,
+        "precision": precision, "choices": None, "unit": None, "metadata": metadata, "solution": None,
     }
 
 
