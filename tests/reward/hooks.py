@@ -15,17 +15,26 @@ def not_a_number(response, example):
 
 
 def misbehave(response, example):
-    """Behaviour chosen by `example["mode"]`: hang, raise, crash the process, report; else the built-in."""
+    """Behaviour chosen by `example["mode"]`: hang, raise, crash the process, report; else the built-in.
+
+    "hang": append this process's id to `example["pid_file"]` (one line per start), then sleep for ever.
+    "slow": append this process's id to `example["log_file"]` (one line per start), sleep
+    `example["sleep_s"]`, then score with the built-in.
+    """
     mode = example.get("mode")
     if mode == "hang":
-        with open(example["pid_file"], "w") as f:
-            f.write(str(os.getpid()))
+        with open(example["pid_file"], "a") as f:
+            f.write(f"{os.getpid()}\n")
         while True:
             time.sleep(1)
     if mode == "raise":
         raise RuntimeError("reward function failed")
     if mode == "crash":
         os._exit(3)
+    if mode == "slow":
+        with open(example["log_file"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(example["sleep_s"])
     if mode == "has_images":
         return float("images" in example)
     return get_reward_fn(example["data_source"])(response, example)

@@ -1,4 +1,8 @@
+import gc
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +36,13 @@ def is_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def all_dead(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while any(map(is_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(map(is_alive, pids))
 
 
 def test_scores_a_batch_in_order(pool):
@@ -140,3 +151,105 @@ def test_errors_keep_their_first_message_and_batch_functions_score_in_one_call()
     short = RewardPool(0, 1.0, reward_fn=lambda rs, es: [1.0], batch=True)
     assert short.score(["a", "b"], [example(), example()]) == ([ZERO, ZERO], 2, 0)
     assert "returned 1 values for 2 samples" in short.last_error
+
+
+def test_a_timeout_leaves_the_samples_in_flight_on_other_workers_alone(pool, tmp_path):
+    # Worker A hangs from t=0 (deadline 1.5 s); worker B scores the first slow sample over 0-1 s and the
+    # second over 1-2 s, so the second is running when A is killed and must not be started again.
+    hang = example(mode="hang", pid_file=str(tmp_path / "hung.pid"))
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    slow = [example(mode="slow", sleep_s=1.0, log_file=str(log)) for log in logs]
+    results, n_errors, n_timeouts = pool.score([GOOD] * 3, [hang, *slow])
+    assert results == [ZERO, RIGHT, RIGHT] and (n_errors, n_timeouts) == (0, 1)
+    runs = [log.read_text().split() for log in logs]
+    assert [len(pids) for pids in runs] == [1, 1]
+    assert runs[0] == runs[1]  # the same worker scored both: it was not restarted
+
+
+def test_a_storm_of_hung_samples_costs_each_one_worker_one_timeout(tmp_path):
+    timeout_s, num_workers = 1.0, 4
+    hung_log = tmp_path / "hung.pids"
+    hang = example(mode="hang", pid_file=str(hung_log))
+    # Answers checked as plain strings: a first sympy check in a fresh worker can take a second of a busy CPU.
+    right = (GOOD, example(), RIGHT)
+    unformatted = (r"\boxed{3}", example(), {"score": 0.9, "acc": 1.0, "format": 0.0})
+    # 50 samples that never finish, spread through the batch
+    batch = [(GOOD, hang, ZERO) if i % 5 == 2 and i < 250 else right if i % 2 else unformatted for i in range(256)]
+    responses, examples, expected = map(list, zip(*batch))
+    assert expected.count(ZERO) == 50
+    with RewardPool(num_workers=num_workers, timeout_s=timeout_s, reward_fn=MISBEHAVE) as storm:
+        start = time.monotonic()
+        results, n_errors, n_timeouts = storm.score(responses, examples)
+        elapsed = time.monotonic() - start
+    assert results == expected and (n_errors, n_timeouts) == (0, 50)
+    # Each hung sample was started once, on a worker of its own that was then killed; restarting the
+    # whole pool at each timeout starts again the hung samples that were running on the other workers.
+    pids = [int(pid) for pid in hung_log.read_text().split()]
+    assert len(pids) == len(set(pids)) == 50 and not any(map(is_alive, pids))
+    # Each hung sample holds one worker for timeout_s: 50 / 4 * 1 s = 12.5 s, plus a worker start-up per
+    # timeout and the good samples. Killing the whole pool at each timeout (a ProcessPoolExecutor cannot
+    # kill one worker) and starting again what ran on the other workers takes about twice that.
+    assert elapsed < 50 / num_workers * timeout_s + 10
+
+
+def test_close_and_garbage_collection_kill_the_workers(tmp_path):
+    def worker_pids(pool, name):
+        log = tmp_path / name
+        slow = example(mode="slow", sleep_s=0.3, log_file=str(log))
+        assert pool.score([GOOD, GOOD], [slow, slow]) == ([RIGHT, RIGHT], 0, 0)
+        return [int(pid) for pid in log.read_text().split()]
+
+    closed = RewardPool(num_workers=2, timeout_s=TIMEOUT_S, reward_fn=MISBEHAVE)
+    pids = worker_pids(closed, "closed.log")
+    assert len(set(pids)) == 2 and all(map(is_alive, pids))
+    closed.close()
+    assert all_dead(pids, within_s=5)
+    with pytest.raises(RuntimeError, match="after close"):
+        closed.score([GOOD], [example()])
+
+    dropped = RewardPool(num_workers=2, timeout_s=TIMEOUT_S, reward_fn=MISBEHAVE)
+    pids = worker_pids(dropped, "dropped.log")
+    del dropped
+    gc.collect()
+    assert all_dead(pids, within_s=5)
+
+
+OWNER = """
+import sys
+from sapo_ray.reward import RewardPool
+
+hooks, tmp, how = sys.argv[1:]
+base = {"data_source": "geometry3k", "answer": "3"}
+slow = {**base, "mode": "slow", "sleep_s": 0.0, "log_file": tmp + "/idle.log"}
+hang = {**base, "mode": "hang", "pid_file": tmp + "/hung.pid"}
+pool = RewardPool(2, 120.0, reward_fn=hooks + ":misbehave")
+if how == "exit":  # leave without close(), the workers idle
+    pool.score(["x", "x"], [slow, slow])
+else:  # hangs here until killed
+    pool.score(["x", "x"], [hang, slow])
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_workers_end_with_the_process_that_owns_the_pool(tmp_path, how):
+    hooks = Path(__file__).with_name("hooks.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(hooks), str(tmp_path), how], env=env)
+    pids = []
+    try:
+        if how == "exit":
+            assert owner.wait(timeout=60) == 0
+            pids = [int(pid) for pid in (tmp_path / "idle.log").read_text().split()]
+        else:
+            files = [tmp_path / "hung.pid", tmp_path / "idle.log"]
+            deadline = time.monotonic() + 60
+            while not all(f.exists() and f.read_text() for f in files) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids = [int(f.read_text().split()[0]) for f in files]
+            owner.kill()  # no exit handlers run
+            owner.wait(timeout=10)
+        assert pids and all_dead(pids, within_s=10)
+    finally:
+        owner.kill()
+        for pid in filter(is_alive, pids):
+            os.kill(pid, signal.SIGKILL)
