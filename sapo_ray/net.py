@@ -2,7 +2,9 @@
 
 A local run (no `ray.address`, no RAY_ADDRESS) starts Ray with token authentication off, and neither
 torch's TCP store nor gloo authenticates anyone: whoever reaches a port can run code or inject
-tensors. So a local run listens on 127.0.0.1 only (`loopback_only` around `ray.init`).
+tensors. So a local run listens on 127.0.0.1 only (`loopback_only` around `ray.init`), and every
+torch.distributed store of the run serves a socket bound to the address its clients are given
+(`listen` + `tcp_store`), which is 127.0.0.1 there and the node's address on a cluster.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from datetime import timedelta
+
+import torch.distributed as dist
 
 LOOPBACK = "127.0.0.1"
 # Collective libraries pick their listening interface from these; without them gloo follows the
@@ -60,3 +65,29 @@ def loopback_only():
             else:
                 os.environ[k] = v
 
+
+def listen(host: str) -> socket.socket:
+    """A TCP socket listening on `host` only, on a free port, for `tcp_store` to serve."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def tcp_store(host: str, port: int, world_size: int, listener: socket.socket | None = None,
+              timeout: timedelta = timedelta(minutes=30)) -> dist.TCPStore:
+    """The rendezvous store of a group: its server on the member holding `listener` (from `listen(host)`),
+    a client of `host:port` on the others.
+
+    torch's store server binds every interface whatever host it is given (both its backends, torch
+    2.13); handed a listening socket it serves that one instead, and owns its descriptor from then on.
+    """
+    if listener is None:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    assert listener.getsockname()[1] == port, (listener.getsockname(), port)
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listener.detach())

@@ -31,7 +31,7 @@ class WorkerGroup:
             ).remote(rank, g.world_size, cfg)
             for rank in range(g.world_size)
         ]
-        host, port = ray.get(self.workers[0].address.remote())
+        host, port = ray.get(self.workers[0].address.remote("learners"))
         ray.get([w.init_group.remote(host, port) for w in self.workers])
         self.call("setup")
 
