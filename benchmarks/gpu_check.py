@@ -100,14 +100,6 @@ def _cut_model_dir(config_path: str, layers: int, out: Path) -> Path:
     return out
 
 
-def worker_address() -> tuple[str, int]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return "127.0.0.1", sock.getsockname()[1]
-
-
 def learner_throughput(config_path: str, layers: int, rows: int, seq: int, checkpointing: bool,
                        repeats: int = 3) -> dict:
     """One `PolicyWorker` rank (FSDP2 over world size 1) on the GPU, or the CPU without CUDA."""
@@ -118,6 +110,7 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
     from sapo_ray.batch import Batch, Sample
     from sapo_ray.config import LearnerConfig, LearnerWorkerConfig, ModelConfig, OptimConfig, RolloutConfig
     from sapo_ray.learner.worker import PolicyWorker
+    from sapo_ray.net import LOOPBACK, listen, tcp_store
     from sapo_ray.plan import GiB, learner_memory, model_shape
 
     on_gpu = torch.cuda.is_available()
@@ -131,9 +124,9 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
                                   rollout=RolloutConfig(temperature=1.0, max_new_tokens=half), seed=0,
                                   optimizer_steps=repeats + 1)
         if not dist.is_initialized():
-            host, port = worker_address()
-            dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://{host}:{port}", rank=0,
-                                    world_size=1)
+            listener = listen(LOOPBACK)
+            store = tcp_store(LOOPBACK, listener.getsockname()[1], 1, listener)
+            dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=0, world_size=1)
         worker = PolicyWorker(0, 1, cfg)
         worker.setup()
         gen = torch.Generator().manual_seed(0)

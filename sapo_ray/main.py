@@ -61,20 +61,31 @@ def check_environment(cfg: DictConfig) -> None:
 
 
 def init_ray(cfg: DictConfig) -> bool:
-    """Join `ray.address` / RAY_ADDRESS, or start a local cluster; True if this call started Ray."""
+    """Join `ray.address` / RAY_ADDRESS, or start a local cluster; True if this call started Ray.
+
+    A local cluster runs without token authentication, so it listens on loopback only (`sapo_ray.net`),
+    whatever RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER says, and has no dashboard (no Jobs API to open).
+    """
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from sapo_ray.net import LOOPBACK, loopback_only
+
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        num_gpus = cfg.cluster.simulate_gpus or cfg.ray.num_gpus  # logical GPUs: the actors run on the CPU
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    num_gpus = cfg.cluster.simulate_gpus or cfg.ray.num_gpus  # logical GPUs: the actors run on the CPU
+    with loopback_only():
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 log_to_driver=True, _node_ip_address="127.0.0.1")
+                 log_to_driver=True, _node_ip_address=LOOPBACK)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # a Ray whose node address no longer follows `loopback_only`
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster took the node address {node_ip}, not {LOOPBACK}: its servers "
+                           "would listen beyond loopback with authentication off; stopped it")
     return True
 
 

@@ -15,12 +15,15 @@ from the gathered state dict and handed to the receivers, who allocate and recei
 
 from __future__ import annotations
 
+import socket
 import time
 import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from sapo_ray.net import tcp_store
 
 BucketSpec = list[tuple[str, str, list[int]]]  # (name, dtype name, shape) of each tensor of one bucket
 # The values of `rollout.weight_sync` (see `WeightSync`).
@@ -109,13 +112,15 @@ class WeightGroup:
     """One process's membership in the weight-broadcast group (rank 0 sends, the others receive).
 
     Every member must construct it at the same time (it is a rendezvous on `host:port`, whose store
-    rank 0 serves) and then take part in every `send` / `receive` in the same order.
+    rank 0 serves on `listener`, from `sapo_ray.net.listen(host)`) and then take part in every `send` /
+    `receive` in the same order.
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device,
-                 timeout_s: float = 1800.0):
+                 listener: socket.socket | None = None, timeout_s: float = 1800.0):
+        assert (listener is not None) == (rank == 0), "rank 0, and only rank 0, serves the group's store"
         timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        store = tcp_store(host, port, world_size, listener, timeout)
         self.device = torch.device(device)
         if self.device.type == "cuda":
             self.group = dist.ProcessGroupNCCL(store, rank, world_size)
@@ -165,7 +170,7 @@ class WeightSync:
         self.actor, self.rollout, self.method, self.bucket_bytes = actor, rollout, method, bucket_bytes
         self.wait = wait or (lambda refs, workers=None: ray.get(refs))
         if method == "broadcast":
-            host, port = actor.wait([actor.workers[0].address.remote()])[0]
+            host, port = actor.wait([actor.workers[0].address.remote("weights")])[0]
             world_size = 1 + ranks_per_engine * len(rollout)
             refs = [w.init_weight_group.remote(host, port, 1 + i * ranks_per_engine, world_size)
                     for i, w in enumerate(rollout)]

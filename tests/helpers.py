@@ -90,7 +90,11 @@ def local_process_group():
     """A one-rank gloo group in this process, for running a learner rank without Ray."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_ports(1)[0]}", rank=0, world_size=1)
+    from sapo_ray.net import LOOPBACK, listen, tcp_store
+
+    listener = listen(LOOPBACK)
+    store = tcp_store(LOOPBACK, listener.getsockname()[1], 1, listener)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         yield
     finally:

@@ -36,7 +36,7 @@ class WorkerGroup:
             for rank in range(g.world_size)
         ]
         self.names = [f"{self.name} rank {r}" for r in range(g.world_size)]
-        host, port = self.wait([self.workers[0].address.remote()])[0]
+        host, port = self.wait([self.workers[0].address.remote("learners")])[0]
         self.wait([w.init_group.remote(host, port, timeout_s) for w in self.workers])
         self.call("setup")
 

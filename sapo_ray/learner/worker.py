@@ -28,6 +28,7 @@ from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
+from sapo_ray.net import listen, tcp_store
 from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,27 +75,29 @@ class FSDPWorker:
         self.optimizer = None
         self.scheduler = None
         self.skipped_in_a_row = 0  # optimizer steps skipped one after another (non-finite gradients)
+        self._listeners = {}  # group name -> the socket its store will serve (`address`)
 
-    # -- process group ---------------------------------------------------------------------------
-    def address(self) -> tuple[str, int]:
-        """An address and free port on this node for the group's TCP rendezvous (asked of rank 0)."""
-        import socket
-
+    # -- process groups ---------------------------------------------------------------------------
+    def address(self, group: str) -> tuple[str, int]:
+        """This node's address and a port listening on it, which the store of `group` ("learners":
+        `init_group`, "weights": `init_weight_group`) will serve on this rank (asked of rank 0)."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        host = ray.util.get_node_ip_address()  # 127.0.0.1 in a local run (sapo_ray.net.loopback_only)
+        self._listeners[group] = listen(host)
+        return host, self._listeners[group].getsockname()[1]
 
     def init_group(self, host: str, port: int, timeout_s: float = 3600.0) -> None:
         """Join the group; a collective that waits longer than `timeout_s` (a rank died) raises."""
         from datetime import timedelta
 
+        listener = self._listeners.pop("learners", None)
+        assert (listener is not None) == (self.rank == 0), "rank 0 serves the group's store: ask it for `address`"
+        timeout = timedelta(seconds=timeout_s)
+        store = tcp_store(host, port, self.world_size, listener, timeout)
         # CUDA tensors over NCCL; any CPU tensor a collective meets (counts, DCP metadata) over gloo.
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
 
     def _build(self, load, build_empty) -> torch.nn.Module:
         """This rank's model before sharding: the checkpoint (`load()`) on rank 0; elsewhere, when the
@@ -436,7 +439,7 @@ class PolicyWorker(FSDPWorker):
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
         from sapo_ray.sync import WeightGroup
 
-        self.weight_group = WeightGroup(host, port, 0, world_size, self.device)
+        self.weight_group = WeightGroup(host, port, 0, world_size, self.device, self._listeners.pop("weights"))
 
     def weight_bucket_specs(self, bucket_bytes: int) -> list | None:
         """The buckets `broadcast_weights` sends, as `(name, dtype, shape)` lists (rank 0; a collective)."""
