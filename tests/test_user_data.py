@@ -22,6 +22,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_custom_jsonl_and_dict_reward_train_then_evaluate_the_checkpoint(ray_cluster, tmp_path):
     from sapo_ray.main import run

@@ -17,6 +17,8 @@ import pytest
 
 from helpers import tiny_cfg
 
+pytestmark = pytest.mark.slow
+
 # Metrics that differ between two identical runs: wall-clock times, speeds, memory, the fault count.
 NOT_DETERMINISTIC = ("timing_s/", "perf/", "sync/gb_per_s", "faults/")
 
