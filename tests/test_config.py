@@ -129,7 +129,8 @@ def test_each_role_schedules_over_its_own_optimizer_steps():
     from sapo_ray.config import optimizer_steps
     from sapo_ray.learner.worker import lr_lambda
 
-    cfg = compose_cfg("actor.optim.schedule=cosine", "critic.optim.schedule=cosine", "algorithm.critic_warmup=0")
+    cfg = compose_cfg("actor.optim.schedule=cosine", "critic.optim.schedule=cosine", "algorithm.critic_warmup=0",
+                      "trainer.steps=40")
     assert (cfg.trainer.steps, cfg.data.prompts_per_step * cfg.rollout.n) == (40, 64)
     assert (cfg.actor.mini_batch_size, cfg.critic.mini_batch_size) == (64, 32)
     assert optimizer_steps(cfg, "actor") == 40 and optimizer_steps(cfg, "critic") == 80
@@ -138,9 +139,10 @@ def test_each_role_schedules_over_its_own_optimizer_steps():
         assert critic(2 * (step + 1)) == pytest.approx(actor(step + 1), abs=1e-12)
     assert actor(20) == pytest.approx(0.5) and critic(40) == pytest.approx(0.5)  # halfway: half the lr, not 0
     # With a warm-up the actor updates only after it: 35 steps; the critic still updates at every step.
-    cfg = compose_cfg("algorithm.critic_warmup=5")
+    cfg = compose_cfg("algorithm.critic_warmup=5", "trainer.steps=40")
     assert optimizer_steps(cfg, "actor") == 35 and optimizer_steps(cfg, "critic") == 80
-    assert optimizer_steps(compose_cfg("algorithm=grpo", "algorithm.critic_warmup=5"), "actor") == 40  # no critic
+    assert optimizer_steps(compose_cfg("algorithm=grpo", "algorithm.critic_warmup=5", "trainer.steps=40"),
+                           "actor") == 40  # no critic
 
 
 def test_validation_reads_the_registries():
