@@ -125,7 +125,7 @@ class Trainer:
         """Results of one call per rollout worker (`workers`, default all, in order), bounded by
         `trainer.rpc_timeout_s`; a dead or silent worker raises `ActorFailure` naming it."""
         workers = range(len(self.rollout)) if workers is None else workers
-        return wait_all(refs, [f"rollout worker {i}" for i in workers], self.cfg.trainer.rpc_timeout_s)
+        return wait_all(refs, [rollout_worker_name(i) for i in workers], self.cfg.trainer.rpc_timeout_s)
 
     # -- faults --------------------------------------------------------------------------------------
     def _count_restart(self, failure: ActorFailure) -> None:
@@ -380,9 +380,10 @@ class Trainer:
         try:
             return self.weight_sync()
         except ActorFailure as failure:
-            if not failure.actor.startswith("rollout worker"):
+            names = [rollout_worker_name(i) for i in range(len(self.rollout))]
+            if failure.actor not in names:
                 raise
-            self.restart_rollout_worker(int(failure.actor.rsplit(" ", 1)[1]), failure)
+            self.restart_rollout_worker(names.index(failure.actor), failure)
             return self.weight_sync()
 
     def train_step(self) -> dict:
@@ -566,9 +567,9 @@ class Trainer:
             log.warning("removing %s, left by an interrupted save", tmp)
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         latest = directory / "latest"
-        named = directory / latest.read_text().strip() if latest.exists() and latest.read_text().strip() else None
-        if named is not None and (named / "trainer_state.json").exists():
-            return named
+        name = latest.read_text().strip() if latest.exists() else ""
+        if name and (directory / name / "trainer_state.json").exists():
+            return directory / name
         complete = [p for p in sorted(directory.glob("step_*")) if (p / "trainer_state.json").exists()]
         if complete:
             log.warning("%s does not name a complete checkpoint: continuing from the newest one, %s", latest, complete[-1])
@@ -663,6 +664,11 @@ class Trainer:
             self.tracker.close()
 
 
+def rollout_worker_name(i: int) -> str:
+    """How errors and warnings name rollout worker `i` (`ActorFailure.actor`)."""
+    return f"rollout worker {i}"
+
+
 def stale_checkpoints(directory: Path, keep: int) -> list[Path]:
     """The complete checkpoints in `directory` beyond the newest `keep` (0 keeps all), oldest first."""
     done = sorted(p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -706,7 +712,7 @@ class Rollout:
             for i, args, ref in self.parts:
                 while True:
                     try:
-                        self._samples += wait_all([ref], [f"rollout worker {i}"], self.timeout_s)[0]
+                        self._samples += wait_all([ref], [rollout_worker_name(i)], self.timeout_s)[0]
                         break
                     except ActorFailure as failure:
                         ref = self.resubmit(i, args, failure)
