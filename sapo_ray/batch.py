@@ -119,6 +119,31 @@ class Batch:
         """Consecutive row chunks of at most `size` rows."""
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
+    def distinct_prompts(self) -> tuple[list[int], torch.Tensor]:
+        """The first row of each distinct prompt (same tokens, same images) and, per row, the position of
+        its prompt in that list: the rows a prompt's samples share (`sapo_ray.learner.forward`)."""
+        first: list[int] = []
+        share: list[int] = []
+        by_ids: dict[tuple, list[int]] = {}
+        for b in range(len(self)):
+            ids = tuple(self.prompt_ids[b, self.prompt_mask[b].bool()].tolist())
+            candidates = by_ids.setdefault(ids, [])
+            k = next((k for k in candidates if self._same_images(first[k], b)), None)
+            if k is None:
+                k = len(first)
+                first.append(b)
+                candidates.append(k)
+            share.append(k)
+        return first, torch.tensor(share, dtype=torch.long)
+
+    def _same_images(self, a: int, b: int) -> bool:
+        for x, y in ((self.pixel_values[a], self.pixel_values[b]), (self.image_grid_thw[a], self.image_grid_thw[b])):
+            if x is y:
+                continue
+            if x is None or y is None or x.shape != y.shape or not torch.equal(x, y):
+                return False
+        return True
+
     def model_inputs(self, image_token_id: int | None) -> dict[str, torch.Tensor]:
         """`input_ids = [prompt | response]` with its attention mask, images and (for Qwen-VL) token types."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
@@ -136,30 +161,46 @@ class Batch:
 
 
 def pack_by_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,
-                   count: int = 0) -> list[list[int]]:
+                   count: int = 0, together: Sequence[int] | None = None) -> list[list[int]]:
     """Row indices in micro-batches whose padded size, rows x (longest prompt + longest response),
     stays within `budget` tokens.
 
     Rows are taken longest response first (then longest prompt: responses vary far more), so each
     micro-batch holds rows of similar length and little padding (verl's `use_dynamic_bsz`); a row
-    longer than `budget` goes alone. With `count`, exactly that many
+    longer than `budget` goes alone. With `together` (a key per row: its prompt), rows with one key are
+    packed as a unit, ordered by the unit's longest response, so a micro-batch computes their prompt
+    once; a unit over the budget is cut into pieces that fit. With `count`, exactly that many
     micro-batches (at least as many as `budget` needs, at most one per row): the ranks of an FSDP group
     must run the same number of forward/backward passes, so every rank splits to the largest count any
     rank needs, halving its largest micro-batches until it has as many.
     """
     n = len(prompt_lengths)
-    order = sorted(range(n), key=lambda i: (-response_lengths[i], -prompt_lengths[i], i))
+    longest_first = lambda i: (-response_lengths[i], -prompt_lengths[i], i)
+    width = lambda rows: (max(prompt_lengths[i] for i in rows), max(response_lengths[i] for i in rows))
+    units: dict[int, list[int]] = {}
+    for i in range(n):
+        units.setdefault(i if together is None else together[i], []).append(i)
+    pieces: list[list[int]] = []
+    for rows in units.values():
+        piece: list[int] = []
+        for i in sorted(rows, key=longest_first):
+            if piece and (len(piece) + 1) * sum(width(piece + [i])) > budget:
+                pieces.append(piece)
+                piece = []
+            piece.append(i)
+        pieces.append(piece)
+    pieces.sort(key=lambda rows: longest_first(rows[0]))
     groups: list[list[int]] = []
     widths: list[tuple[int, int]] = []  # each group's longest prompt and response
-    for i in order:
-        p, r = prompt_lengths[i], response_lengths[i]
+    for piece in pieces:
+        p, r = width(piece)
         if groups:
             wp, wr = max(widths[-1][0], p), max(widths[-1][1], r)
-            if (len(groups[-1]) + 1) * (wp + wr) <= budget:
-                groups[-1].append(i)
+            if (len(groups[-1]) + len(piece)) * (wp + wr) <= budget:
+                groups[-1].extend(piece)
                 widths[-1] = (wp, wr)
                 continue
-        groups.append([i])
+        groups.append(list(piece))
         widths.append((p, r))
     if count:
         if not len(groups) <= count <= n:

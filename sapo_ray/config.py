@@ -44,7 +44,9 @@ class ModelConfig:
     critic_path: str = ""
     # Weights dtype of every model copy: float32 on CPU, bfloat16 on GPU.
     dtype: str = "float32"
-    # Attention kernel; sdpa needs no extra package (flash_attention_2 needs the `flash` extra).
+    # Attention kernel; sdpa needs no extra package (flash_attention_2 needs the `flash` extra); sdpa_gqa
+    # (sapo_ray/models/attention.py) is sdpa without copying grouped key/value heads under a padding mask,
+    # the fast choice on CPUs.
     attn_implementation: str = "sdpa"
     # Recompute activations in the backward pass (saves memory on long responses).
     gradient_checkpointing: bool = False
@@ -184,6 +186,12 @@ class LearnerConfig:
     # sorted by length and packed so that rows x (longest prompt + longest response) <= this many tokens,
     # padding only between rows of similar length (`actor/padding_ratio`). 0 = micro_batch_size rows.
     max_tokens_per_micro_batch: int = 0
+    # Compute each distinct prompt of a micro-batch once and every sample's response over its cached keys
+    # and values (`sapo_ray.learner.forward.prompt_then_responses`): the same log-probs, values and
+    # gradients, with the prompt tokens and images computed once per prompt instead of once per sample
+    # (micro-batches keep a prompt's samples together). The update computes whole rows under
+    # model.gradient_checkpointing, whose recomputation would extend the cache twice.
+    share_prompts: bool = True
     ppo_epochs: int = 1
     # Shuffle rows before cutting mini-batches.
     shuffle: bool = True

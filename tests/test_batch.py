@@ -56,3 +56,52 @@ def test_sorting_leaves_little_padding():
     packed = sum(cost(g, prompts, responses) for g in pack_by_tokens(prompts, responses, 4 * (60 + 96)))
     assert 1 - real / fixed > 0.15
     assert 1 - real / packed < 0.07
+
+
+def test_rows_of_one_prompt_are_packed_together_when_they_fit():
+    # Prompt keys 0: rows 0, 2, 4; 1: rows 1, 3, 5. Budget 3 x (10 + 50) = 180 fits a whole prompt's rows.
+    prompts = [10] * 6
+    responses = [10, 50, 40, 20, 30, 5]
+    # Unit 0 (longest response 40) then unit 1 (50): unit 1 first; each alone fills the budget.
+    assert pack_by_tokens(prompts, responses, 180, together=[0, 1, 0, 1, 0, 1]) == [[1, 3, 5], [2, 4, 0]]
+    # Budget 120 = 2 x 60: unit 1 is cut into [1, 3] and [5], unit 0 into [2, 4] and [0]; pieces go longest
+    # response first, and the two short ones ([0], then [5]) share the last micro-batch.
+    assert pack_by_tokens(prompts, responses, 120, together=[0, 1, 0, 1, 0, 1]) == [[1, 3], [2, 4], [0, 5]]
+    # Without `together` rows go by length alone and the prompts mix.
+    assert pack_by_tokens(prompts, responses, 180) == [[1, 2, 4], [3, 0, 5]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300), st.integers(0, 5)), min_size=1, max_size=40),
+       st.integers(1, 4000))
+def test_packing_prompts_together_keeps_every_row_once_within_budget(rows, budget):
+    prompts, responses, keys = [p for p, _, _ in rows], [r for _, r, _ in rows], [k for _, _, k in rows]
+    groups = pack_by_tokens(prompts, responses, budget, together=keys)
+    assert sorted(i for g in groups for i in g) == list(range(len(rows)))
+    assert all(len(g) == 1 or cost(g, prompts, responses) <= budget for g in groups)
+    for key in set(keys):  # a prompt whose rows fit the budget lands in one micro-batch
+        unit = [i for i in range(len(rows)) if keys[i] == key]
+        if cost(unit, prompts, responses) <= budget:
+            assert any(set(unit) <= set(g) for g in groups)
+
+
+def test_distinct_prompts_compare_tokens_and_images():
+    """Rows share a prompt when their tokens and images are equal, whatever their padding or tensor identity."""
+    import torch
+
+    from sapo_ray.batch import Batch, Sample
+
+    img, grid = torch.ones(4, 3), torch.tensor([[1, 2, 2]])
+
+    def sample(ids, pixels=None, grids=None):
+        return Sample(ids, [7], [0.0], [0.0], "", True, 0, pixels, grids)
+
+    batch = Batch.from_samples([
+        sample([1, 2, 3]), sample([5, 2, 3]), sample([1, 2, 3]),         # 0 and 2 share; 1 differs by a token
+        sample([9, 9], img, grid), sample([9, 9], img.clone(), grid),    # equal images in different tensors
+        sample([9, 9], img + 1, grid), sample([9, 9], img, torch.tensor([[1, 1, 4]])),  # other pixels, other grid
+        sample([2, 3]),                                                  # a suffix of row 0, padded further left
+    ], pad_id=0)
+    first, share = batch.distinct_prompts()
+    assert first == [0, 1, 3, 5, 6, 7]
+    assert share.tolist() == [0, 1, 0, 2, 2, 3, 4, 5]

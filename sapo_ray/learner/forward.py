@@ -9,6 +9,7 @@ engine masks them, so learner and engine describe the same distribution.
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from sapo_ray.batch import Batch
 
@@ -20,12 +21,56 @@ _MASKED = -1e9  # finite, so padded targets and entropies never produce inf - in
 CHUNK_TOKENS = 128
 
 
-def response_logits(model, batch: Batch, image_token_id: int | None) -> torch.Tensor:
+def _positions(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The position ids the model's forward computes for `inputs` (multimodal RoPE for Qwen-VL: the
+    backbone's own rule, which the policy and the critic share as `model.model`)."""
+    if "position_ids" in inputs:
+        return inputs["position_ids"]
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"],
+                                              mm_token_type_ids=inputs["mm_token_type_ids"])
+    return positions
+
+
+def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **prompt_kwargs):
+    """`model` on `batch` in two passes: each distinct prompt once (its keys and values cached), then
+    every response over a copy of its prompt's cache. Gradients reach the prompt pass through the
+    cache, summed over the prompt's samples, so outputs and gradients are those of one pass over
+    `[prompt | response]`; the prompt tokens and images are computed once per prompt instead of once
+    per sample (with n samples and prompts as long as responses, ~n/(n+1)/2 of the tokens).
+
+    Returns the prompt pass's output (one row per distinct prompt), the response pass's output (one
+    row per batch row) and `share`, each row's distinct prompt."""
+    inputs = batch.model_inputs(image_token_id)
+    positions = _positions(model, inputs)
+    first, share = batch.distinct_prompts()
+    share = share.to(batch.prompt_ids.device)
+    P = batch.prompt_ids.shape[1]
+    prompt = {"input_ids": batch.prompt_ids[first], "attention_mask": batch.prompt_mask[first],
+              "position_ids": positions[..., first, :P]}
+    if "pixel_values" in inputs:
+        pixels = [i for i in first if batch.pixel_values[i] is not None]
+        prompt["pixel_values"] = torch.cat([batch.pixel_values[i] for i in pixels])
+        prompt["image_grid_thw"] = torch.cat([batch.image_grid_thw[i] for i in pixels])
+        prompt["mm_token_type_ids"] = inputs["mm_token_type_ids"][first, :P]
+    cache = DynamicCache()
+    prompt_out = model(**prompt, past_key_values=cache, use_cache=True, **prompt_kwargs)
+    cache.batch_select_indices(share)
+    response_out = model(input_ids=batch.response_ids, attention_mask=inputs["attention_mask"],
+                         position_ids=positions[..., P:], past_key_values=cache, use_cache=True)
+    return prompt_out, response_out, share
+
+
+def response_logits(model, batch: Batch, image_token_id: int | None, share_prompts: bool = False) -> torch.Tensor:
     """Logits `[B, R + 1, V]` (the model's compute dtype) from the position predicting response token 0
     on; the last one (after the last response token) predicts nothing and is left unscored, not sliced
-    off (a slice would cost a copy of the logits in the backward pass)."""
+    off (a slice would cost a copy of the logits in the backward pass). `share_prompts`: computed by
+    `prompt_then_responses`."""
     R = batch.response_ids.shape[1]
-    return model(**batch.model_inputs(image_token_id), use_cache=False, logits_to_keep=R + 1).logits
+    if not share_prompts:
+        return model(**batch.model_inputs(image_token_id), use_cache=False, logits_to_keep=R + 1).logits
+    prompt_out, response_out, share = prompt_then_responses(model, batch, image_token_id, logits_to_keep=1)
+    return torch.cat([prompt_out.logits[share], response_out.logits], 1)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float, banned: torch.Tensor | None) -> torch.Tensor:
@@ -107,14 +152,18 @@ def logprobs_and_entropy(
 
 
 def policy_forward(model, batch: Batch, temperature: float, banned: torch.Tensor | None,
-                   image_token_id: int | None, with_entropy: bool = True, entropy_grad: bool = True):
+                   image_token_id: int | None, with_entropy: bool = True, entropy_grad: bool = True,
+                   share_prompts: bool = False):
     """Response log-probs `[B, R]` and entropies `[B, R]` (None unless asked) of `model` on `batch`."""
-    logits = response_logits(model, batch, image_token_id)
+    logits = response_logits(model, batch, image_token_id, share_prompts)
     return logprobs_and_entropy(logits, batch.response_ids, temperature, banned, with_entropy, entropy_grad)
 
 
-def value_forward(model, batch: Batch, image_token_id: int | None) -> torch.Tensor:
+def value_forward(model, batch: Batch, image_token_id: int | None, share_prompts: bool = False) -> torch.Tensor:
     """Critic values `[B, R]`: `values[:, t] = V(x, y_<t)`."""
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    values = model(**batch.model_inputs(image_token_id))
-    return values[:, P - 1 : P - 1 + R].float()
+    if not share_prompts:
+        values = model(**batch.model_inputs(image_token_id))
+        return values[:, P - 1 : P - 1 + R].float()
+    prompt_values, response_values, share = prompt_then_responses(model, batch, image_token_id)
+    return torch.cat([prompt_values[share, -1:], response_values[:, : R - 1]], 1).float()

@@ -7,6 +7,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
+from sapo_ray.models import attention  # noqa: F401  (registers attn_implementation=sdpa_gqa)
 from sapo_ray.models.processor import _check_dir
 
 

@@ -98,6 +98,8 @@ class ValueModel(nn.Module):
         inputs = {k: v for k, v in inputs.items() if v is not None}
         if not self.is_vision and any(k in inputs for k in _VISION_INPUTS):
             raise ValueError(f"text-only critic got image inputs {sorted(set(inputs) & set(_VISION_INPUTS))}")
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
+        # A cache only when one is passed in (`sapo_ray.learner.forward.prompt_then_responses`).
+        inputs.setdefault("use_cache", "past_key_values" in inputs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         # A fresh tensor, not a view of the head's output (FSDP2 warns on returned views).
         return self.value_head(out.last_hidden_state).squeeze(-1).to(torch.float32, copy=True)
