@@ -6,7 +6,8 @@ A RUN_DIR is a directory with `metrics.jsonl` (a run's `trainer.run_dir`) or any
 such runs (a Hydra multirun sweep dir); every run found under it is included. A run's algorithm and
 seed come from its `.hydra/config.yaml` (`algorithm.name`, `seed`) when present, else from a
 directory name ending in `<algorithm>-seed<N>` (the default `trainer.experiment`), else the whole
-directory name is the algorithm. Any metric in `metrics.jsonl` can be compared (`--metric`).
+directory name is the algorithm. `--by-dir` labels a run by its directory name before `-seed<N>`
+instead (`sapo-seg_newline-seed0` is `sapo-seg_newline`): the study's variants of one algorithm. Any metric in `metrics.jsonl` can be compared (`--metric`).
 
 For each run the metric's series gives three numbers: `first` (value at the first logged step),
 `last` (at the last) and `best` (max over steps; min with --lower-is-better). The table reports
@@ -36,6 +37,8 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 # `<anything>-<algorithm>-seed<N>`: Hydra's sweep subdir `0-sapo-seed1`, run dir `12-00-00-grpo-seed0`.
 DIR_NAME = re.compile(r"(?:^|-)(?P<algorithm>[^-]+)-seed(?P<seed>\d+)$")
+# `--by-dir`: everything before `-seed<N>` is the label.
+DIR_NAME_LABEL = re.compile(r"^(?P<label>.+)-seed(?P<seed>\d+)$")
 
 
 class CompareError(ValueError):
@@ -131,8 +134,12 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def run_identity(path: Path) -> tuple[str, int | None]:
-    """(algorithm, seed) of a run directory: its Hydra config, else its name."""
+def run_identity(path: Path, by_dir: bool = False) -> tuple[str, int | None]:
+    """(algorithm, seed) of a run directory: its Hydra config, else its name; with `by_dir` its name
+    first (`sapo-seg_newline-seed0` -> ("sapo-seg_newline", 0)), for variants of one algorithm."""
+    match = DIR_NAME_LABEL.search(path.name)
+    if by_dir and match:
+        return match["label"], int(match["seed"])
     for config in (path / ".hydra" / "config.yaml", path / "config.yaml"):
         if config.is_file():
             import yaml
@@ -148,10 +155,10 @@ def run_identity(path: Path) -> tuple[str, int | None]:
     return path.name, None
 
 
-def load_runs(paths: list[str | Path]) -> list[Run]:
+def load_runs(paths: list[str | Path], by_dir: bool = False) -> list[Run]:
     runs = []
     for path in find_runs(paths):
-        algorithm, seed = run_identity(path)
+        algorithm, seed = run_identity(path, by_dir)
         runs.append(Run(path, algorithm, seed, read_metrics(path / METRICS_FILE)))
     return runs
 
@@ -269,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="PNG of the curves (default: <metric, / as _>.png in the directory holding the runs); "
                              "'' = no plot")
     parser.add_argument("--lower-is-better", action="store_true", help="best = min over steps (losses, lengths)")
+    parser.add_argument("--by-dir", action="store_true",
+                        help="group runs by their directory name before -seed<N> (variants of one algorithm)")
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, args.by_dir)
         summaries = summarize(runs, args.metric, args.lower_is_better)
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)

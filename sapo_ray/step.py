@@ -10,11 +10,14 @@ The trainer calls them in this order::
     batch, metrics = advantages(spec, batch, max_new_tokens, token_texts)   # + segments, critic mask
     batch, metrics = tis_weights(batch, cap)                              # optional
     metrics = batch_metrics(batch)
+    metrics = stability.update(metrics)                                   # run-level, kept in checkpoints
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import statistics
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -130,7 +133,21 @@ def advantages(spec: AlgorithmSpec, batch: Batch, max_new_tokens: int,
         vm = fields["value_mask"]
         metrics["critic/vf_explained_var"] = float(losses.explained_variance(returns, batch.data["values"], vm))
         metrics.update(_stats("critic/values", batch.data["values"][vm.bool()]))
+        td = td_errors(spec, batch, scores, seg)[vm.bool()]
+        if td.numel() > 1:
+            metrics["critic/td_error_std"] = float(td.std())
     return batch.with_data(**fields), metrics
+
+
+def td_errors(spec: AlgorithmSpec, batch: Batch, scores: torch.Tensor, seg) -> torch.Tensor:
+    """The critic's one-step TD errors `delta = r + gamma V(next anchor) - V(anchor)` `[B, T]` (per
+    segment, broadcast to its tokens, for segment GAE; per token for token GAE): the estimator's
+    advantages at lambda 0, neither whitened nor clipped (SAPO_SPEC.md section 8's value consistency)."""
+    one_step = replace(spec, lam=0.0, lam_critic=None, whiten=False, adv_clip=None)
+    delta, _ = registry.compute_advantages(
+        one_step, scores=scores, mask=batch.response_mask, values=batch.data["values"], segments=seg,
+        group_index=batch.data["group_index"], old_logp=batch.data["old_logp"], ref_logp=batch.data.get("ref_logp"))
+    return delta
 
 
 def tis_weights(batch: Batch, cap: float) -> tuple[Batch, dict]:
@@ -147,7 +164,10 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
     """Size, rewards and lengths of the step's batch; with `compare_rollout_logp` (old log-probs
     recomputed by the learner) how far the engine's log-probs are from the learner's."""
     mask = batch.response_mask
+    informative = registry.dynamic_sampling_groups(batch.data["acc"].double(), batch.data["group_index"])
     m = {"batch/rows": float(len(batch)), "batch/groups": float(len(torch.unique(batch.data["group_index"]))),
+         # Groups whose samples are all right or all wrong: a group baseline gives them no gradient.
+         "batch/groups_without_signal": float(1.0 - informative.float().mean()),
          **_stats("critic/score", batch.data["scores"]),
          "reward/accuracy": float(batch.data["acc"].mean()), "reward/format": float(batch.data["format"].mean()),
          **_stats("response_length", mask.sum(1)),
@@ -158,3 +178,46 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
         if diff.numel():
             m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
     return m
+
+
+@dataclass
+class Stability:
+    """Run-level stability (SAPO_SPEC.md section 8), updated with each step's metrics and saved in
+    checkpoints (a resumed run counts as the uninterrupted one does):
+
+    - `actor/grad_norm_std`: the standard deviation of the policy's gradient norms so far;
+    - `actor/grad_norm_spikes`: how many were above `SPIKE` times the median of those before them
+      (counted once `MIN_HISTORY` norms exist);
+    - `actor/collapsed`: 1 from the first step whose entropy is below `MIN_ENTROPY` or whose mean
+      response length is below `MIN_LENGTH_SHARE` of the first step's.
+    """
+
+    SPIKE = 3.0
+    MIN_HISTORY = 3
+    MIN_ENTROPY = 0.05
+    MIN_LENGTH_SHARE = 0.5
+
+    grad_norms: list[float] = field(default_factory=list)
+    spikes: int = 0
+    start_length: float | None = None
+    collapsed: bool = False
+
+    def update(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`metrics` with the run-level stability metrics added."""
+        norm = metrics.get("actor/grad_norm")
+        if norm is not None and math.isfinite(norm):
+            if len(self.grad_norms) >= self.MIN_HISTORY and norm > self.SPIKE * statistics.median(self.grad_norms):
+                self.spikes += 1
+            self.grad_norms.append(norm)
+        length, entropy = metrics.get("response_length/mean"), metrics.get("actor/entropy")
+        if length is not None and self.start_length is None:
+            self.start_length = length
+        if (entropy is not None and entropy < self.MIN_ENTROPY) or (
+                length is not None and length < self.MIN_LENGTH_SHARE * self.start_length):
+            self.collapsed = True
+        out = dict(metrics)
+        if self.grad_norms:
+            out["actor/grad_norm_std"] = statistics.pstdev(self.grad_norms)
+            out["actor/grad_norm_spikes"] = float(self.spikes)
+        out["actor/collapsed"] = float(self.collapsed)
+        return out

@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ class Trainer:
         self.restarts = 0  # actors replaced after dying or going silent (trainer.max_actor_restarts)
         self.reward_errors_seen: set[str] = set()  # reward error messages already logged
         self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
+        self.stability = bookkeeping.Stability()  # grad-norm spikes and collapse over the run
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -407,6 +408,7 @@ class Trainer:
         self.check_skipped_steps(metrics)
         timing["step"] = time.perf_counter() - t0
         metrics.update(bookkeeping.batch_metrics(batch, cfg.actor.recompute_old_logp))
+        metrics = self.stability.update(metrics)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
         metrics["perf/throughput"] = tokens / timing["step"]
@@ -529,7 +531,7 @@ class Trainer:
         if self.critic:
             self.critic.call("save_checkpoint", str(tmp / "critic"))
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
-                 "policy_version": self.policy_version}
+                 "policy_version": self.policy_version, "stability": asdict(self.stability)}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         # The config these weights were trained with (the run dir's is rewritten at every start), where
         # `python -m sapo_ray.export` finds the model's architecture and dtype.
@@ -606,6 +608,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.policy_version = state.get("policy_version", 0)
+        self.stability = bookkeeping.Stability(**state.get("stability", {}))
         if (path / IN_FLIGHT).exists():
             self.in_flight = Rollout.from_state(torch.load(path / IN_FLIGHT, weights_only=False))
         self.sync_weights()

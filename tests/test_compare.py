@@ -78,6 +78,16 @@ def test_identity_from_directory_names(tmp_path):
         assert compare.run_identity(write_run(tmp_path / name, [{"step": 0, "x": 1.0}])) == expected
 
 
+def test_identity_by_directory_name_separates_variants_of_one_algorithm(tmp_path):
+    """`--by-dir`: the study's `sapo-seg_newline-seed0` is its own label although its config says sapo."""
+    run = write_run(tmp_path / "sapo-seg_newline-seed0", [{"step": 0, "x": 1.0}])
+    (run / "config.yaml").write_text("algorithm: {name: sapo}\nseed: 0\n")
+    assert compare.run_identity(run) == ("sapo", 0)
+    assert compare.run_identity(run, by_dir=True) == ("sapo-seg_newline", 0)
+    plain = write_run(tmp_path / "my-run", [{"step": 0, "x": 1.0}])
+    assert compare.run_identity(plain, by_dir=True) == ("my-run", None)
+
+
 def test_table_numbers(sweep, capsys):
     assert compare.main([str(sweep), "--out", ""]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -266,6 +266,7 @@ def test_batch_metrics_hand_counts():
     assert m["response_length/clip_ratio"] == pytest.approx(1 / 6)
     assert m["critic/score/mean"] == pytest.approx(0.5)
     assert "rollout/logp_diff_max" not in m and "rollout/logp_diff_mean" not in m
+    assert m["batch/groups_without_signal"] == pytest.approx(2 / 3)  # groups 1 and 2: both samples wrong
 
 
 def test_batch_metrics_logp_diff_only_when_compared():
@@ -278,3 +279,47 @@ def test_batch_metrics_logp_diff_only_when_compared():
     assert m["rollout/logp_diff_max"] == pytest.approx(0.5)
     assert m["rollout/logp_diff_mean"] == pytest.approx(0.25)
     assert "rollout/logp_diff_max" not in step.batch_metrics(b, compare_rollout_logp=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# stability metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_td_error_std_by_hand_for_token_gae():
+    """PPO (gamma 1, reference = policy so no KL): row 0, score 1, values .2 .5 .7 -> deltas .3 .2 .3;
+    row 1, score 0, values .1 .4 -> deltas .3 -.4; the metric is their (unbiased) standard deviation."""
+    b = _batch_with_policy_data([group(0, 2, lengths=[3, 2], scores=[1.0, 0.0])])
+    b = b.with_data(ref_logp=b.data["old_logp"], values=torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.4, 0.0]]))
+    spec = registry.get_algorithm("ppo")
+    _, metrics = step.advantages(spec, b, max_new_tokens=8)
+    deltas = torch.tensor([0.3, 0.2, 0.3, 0.3, -0.4])
+    assert metrics["critic/td_error_std"] == pytest.approx(float(deltas.std()), abs=1e-6)
+
+
+def test_stability_counts_spikes_and_latches_collapse():
+    s = step.Stability()
+    norms = [1.0, 1.2, 0.9, 4.0, 1.0, 3.5, 2.9]
+    out = [s.update({"actor/grad_norm": g, "response_length/mean": 40.0, "actor/entropy": 0.5}) for g in norms]
+    # 4.0 > 3 x median(1, 1.2, .9) = 3; 3.5 > 3 x median(1, 1.2, .9, 4, 1) = 3; 2.9 is not.
+    assert [o["actor/grad_norm_spikes"] for o in out] == [0, 0, 0, 1, 1, 2, 2]
+    assert out[-1]["actor/grad_norm_std"] == pytest.approx(float(torch.tensor(norms).std(unbiased=False)))
+    assert all(o["actor/collapsed"] == 0 for o in out)
+    assert s.update({"response_length/mean": 21.0})["actor/collapsed"] == 0  # above half of the first 40
+    assert s.update({"response_length/mean": 19.0})["actor/collapsed"] == 1
+    assert s.update({"response_length/mean": 40.0})["actor/collapsed"] == 1  # once collapsed, it stays
+    assert step.Stability().update({"actor/entropy": 0.04})["actor/collapsed"] == 1
+
+
+def test_stability_continues_from_its_saved_state():
+    """Saved (as checkpoints do, through `asdict`) and restored, it counts as the uninterrupted one."""
+    from dataclasses import asdict
+
+    steps = [{"actor/grad_norm": g, "response_length/mean": 30.0 - i} for i, g in enumerate([1, 2, 1, 9, 1, 8])]
+    whole = step.Stability()
+    expected = [whole.update(m) for m in steps]
+    first = step.Stability()
+    got = [first.update(m) for m in steps[:3]]
+    resumed = step.Stability(**asdict(first))
+    got += [resumed.update(m) for m in steps[3:]]
+    assert got == expected

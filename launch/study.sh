@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The comparison study of benchmarks/RESULTS.md: SAPO against token-level (PPO, GRPO, ...) and
+# sequence-level (GSPO) optimisation on the demo task, plus SAPO's ablations. Each run trains the demo
+# config (`make demo`) with its overrides into benchmarks/study/<name>/ and keeps there only small text
+# files: metrics.jsonl, the resolved config.yaml and command.txt, the one line that reruns it from the
+# repository root (runs are deterministic on the CPU: the same command gives the same numbers).
+#
+#   launch/study.sh --list                  # the runs, with their overrides
+#   launch/study.sh                         # every run not yet in benchmarks/study
+#   launch/study.sh sapo-seed1 grpo-seed1   # these runs (again)
+#   launch/study.sh --tables                # the tables and curves from the committed metrics
+#
+# Names end in -seed<N>; `python -m sapo_ray.compare --by-dir` groups runs by the name before it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+STUDY=benchmarks/study
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
+
+runs() {
+  # Main table: each algorithm at the demo's learning rate, seeds 0-2; the others on seed 0.
+  for alg in sapo grpo ppo gspo; do
+    for seed in 0 1 2; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
+  done
+  for alg in dapo rloo dr_grpo vc_ppo; do echo "$alg-seed0 algorithm=$alg seed=0"; done
+  # Learning-rate grid on seed 0 (the demo's 2e-5 is the main table's).
+  for alg in sapo grpo ppo gspo; do
+    for lr in 1e-5 4e-5; do echo "$alg-lr$lr-seed0 algorithm=$alg actor.optim.lr=$lr seed=0"; done
+  done
+  # SAPO ablations on seed 0: segmenter, entropy top-k fraction, value anchor.
+  for seg in low_prob newline step_marker fixed token sequence; do
+    echo "sapo-seg_$seg-seed0 algorithm=sapo algorithm.segmenter=$seg seed=0"
+  done
+  for frac in 0.1 0.5; do echo "sapo-frac$frac-seed0 algorithm=sapo algorithm.frac=$frac seed=0"; done
+  echo "sapo-anchor_seg_start-seed0 algorithm=sapo algorithm.value_anchor=seg_start seed=0"
+}
+
+run() {
+  local name=$1; shift
+  local dir=$STUDY/$name
+  local cmd="python -m sapo_ray.main $* trainer.run_dir=$dir trainer.resume=never trainer.loggers=[console,jsonl] trainer.export_hf=false"
+  echo "== $name: $cmd"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m sapo_ray.main "$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]" \
+    trainer.export_hf=false
+  echo "$cmd" > "$dir/command.txt"
+  rm -rf "$dir/checkpoints" "$dir/generations"
+}
+
+tables() {
+  local main=() dirs=()
+  for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
+  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
+  for metric in val/accuracy val/accuracy_greedy; do
+    "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
+  done
+  "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric val/accuracy --out ''
+}
+
+case "${1:-}" in
+  --list) runs; exit 0 ;;
+  --tables) tables; exit 0 ;;
+esac
+if (($#)); then
+  for name in "$@"; do
+    line=$(runs | awk -v n="$name" '$1 == n')
+    [[ -n $line ]] || { echo "unknown run $name (launch/study.sh --list)" >&2; exit 2; }
+    # shellcheck disable=SC2086
+    run $line
+  done
+else
+  runs | while read -r name overrides; do
+    [[ -f $STUDY/$name/command.txt ]] || run "$name" $overrides
+  done
+fi
+tables
