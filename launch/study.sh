@@ -42,9 +42,11 @@ run() {
   echo "== $name: $cmd"
   rm -rf "$dir"
   mkdir -p "$dir"
+  local start=$SECONDS
   # shellcheck disable=SC2086
   "$PYTHON" -m sapo_ray.main "$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]" \
     trainer.export_hf=false
+  echo "== $name: $((SECONDS - start)) s"
   echo "$cmd" > "$dir/command.txt"
   rm -rf "$dir/checkpoints" "$dir/generations"
 }

@@ -186,12 +186,16 @@ class LearnerConfig:
     # sorted by length and packed so that rows x (longest prompt + longest response) <= this many tokens,
     # padding only between rows of similar length (`actor/padding_ratio`). 0 = micro_batch_size rows.
     max_tokens_per_micro_batch: int = 0
-    # Compute each distinct prompt of a micro-batch once and every sample's response over its cached keys
-    # and values (`sapo_ray.learner.forward.prompt_then_responses`): the same log-probs, values and
-    # gradients, with the prompt tokens and images computed once per prompt instead of once per sample
-    # (micro-batches keep a prompt's samples together). The update computes whole rows under
-    # model.gradient_checkpointing, whose recomputation would extend the cache twice.
-    share_prompts: bool = True
+    # How a forward pass lays out a micro-batch (`sapo_ray.learner.forward.LAYOUTS`), each with the same
+    # log-probs, values and gradients:
+    # - shared_prompt: each distinct prompt (tokens, images) computed once and every sample's response
+    #   over its cached keys and values; micro-batches keep a prompt's samples together. The update uses
+    #   padded rows under model.gradient_checkpointing, whose recomputation would extend the cache twice.
+    # - packed: the rows end to end in one sequence without padding (verl's use_remove_padding):
+    #   variable-length attention with model.attn_implementation=flash_attention_2 on GPUs; with sdpa a
+    #   block-diagonal mask, quadratic in the packed length (slow on long micro-batches).
+    # - padded: whole [prompt | response] rows, prompts left- and responses right-padded.
+    layout: str = "shared_prompt"
     ppo_epochs: int = 1
     # Shuffle rows before cutting mini-batches.
     shuffle: bool = True
@@ -426,6 +430,7 @@ def _choices(cfg) -> dict:
     """Each key whose value must name a registered entry: (value, the registry's keys)."""
     from sapo_ray.algo import advantages, kl, losses
     from sapo_ray.algo.registry import ADVANTAGES, SEGMENTERS
+    from sapo_ray.learner.forward import LAYOUTS
     from sapo_ray.learner.worker import DTYPES, LR_SCHEDULES
     from sapo_ray.rollout.engine import ENGINES
     from sapo_ray.sync import SYNC_METHODS
@@ -445,6 +450,8 @@ def _choices(cfg) -> dict:
         "critic.optim.schedule": (cfg.critic.optim.schedule, LR_SCHEDULES),
         "rollout.engine": (cfg.rollout.engine, ENGINES),
         "rollout.weight_sync": (cfg.rollout.weight_sync, SYNC_METHODS),
+        "actor.layout": (cfg.actor.layout, LAYOUTS),
+        "critic.layout": (cfg.critic.layout, LAYOUTS),
     }
     if a.advantage == "group":
         choices["algorithm.group_kind"] = (a.group_kind, advantages.GROUP_KINDS)

@@ -67,6 +67,7 @@ def test_default_config_is_valid_and_overrides_apply():
     (["reward.batch=true"], "reward.batch=true needs reward.custom"),
     (["reward.max_error_rate=2"], "reward.max_error_rate"),
     (["trainer.max_ckpt_to_keep=-1"], "trainer.max_ckpt_to_keep"),
+    (["critic.layout=unpadded"], "critic.layout='unpadded' is not one of"),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -61,16 +61,49 @@ def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **pro
     return prompt_out, response_out, share
 
 
-def response_logits(model, batch: Batch, image_token_id: int | None, share_prompts: bool = False) -> torch.Tensor:
+def packed(model, batch: Batch, image_token_id: int | None):
+    """`model` on the batch's rows laid end to end in one sequence `[1, N]` without padding (verl's
+    `use_remove_padding`): positions restart at 0 with each row, which is how the attention tells rows
+    apart (variable-length kernels with `flash_attention_2`; a block-diagonal causal mask with `sdpa`,
+    exact anywhere but quadratic in N). Returns the output and, for each `[prompt | response]` column
+    of the padded layout, its position in the packed sequence (0 on padding, which callers mask)."""
+    inputs = batch.model_inputs(image_token_id)
+    positions = _positions(model, inputs)
+    valid = inputs["attention_mask"].bool()
+    text = (valid.long().cumsum(1) - 1)[valid][None]  # each row's own positions, from 0
+    flat = {"input_ids": inputs["input_ids"][valid][None]}
+    if positions.dim() == 3:  # multimodal RoPE: the text positions first, as the model's packed format asks
+        flat["position_ids"] = torch.cat([text[None], positions[:, valid][:, None]], 0)
+    else:
+        flat["position_ids"] = text
+    if "pixel_values" in inputs:
+        flat.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                    mm_token_type_ids=inputs["mm_token_type_ids"][valid][None])
+    index = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+    index[valid] = torch.arange(int(valid.sum()), device=valid.device)
+    return model(**flat, use_cache=False), index
+
+
+# How a forward pass lays out a micro-batch's rows (`learner.layout`); every layout computes the same
+# log-probs, values and gradients (tests/learner/test_workers.py).
+LAYOUTS = ("padded", "shared_prompt", "packed")
+
+
+def response_logits(model, batch: Batch, image_token_id: int | None, layout: str = "padded") -> torch.Tensor:
     """Logits `[B, R + 1, V]` (the model's compute dtype) from the position predicting response token 0
     on; the last one (after the last response token) predicts nothing and is left unscored, not sliced
-    off (a slice would cost a copy of the logits in the backward pass). `share_prompts`: computed by
-    `prompt_then_responses`."""
-    R = batch.response_ids.shape[1]
-    if not share_prompts:
+    off (a slice would cost a copy of the logits in the backward pass). `layout`: whole padded rows,
+    `prompt_then_responses` or `packed`."""
+    P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    if layout == "padded":
         return model(**batch.model_inputs(image_token_id), use_cache=False, logits_to_keep=R + 1).logits
-    prompt_out, response_out, share = prompt_then_responses(model, batch, image_token_id, logits_to_keep=1)
-    return torch.cat([prompt_out.logits[share], response_out.logits], 1)
+    if layout == "shared_prompt":
+        prompt_out, response_out, share = prompt_then_responses(model, batch, image_token_id, logits_to_keep=1)
+        return torch.cat([prompt_out.logits[share], response_out.logits], 1)
+    if layout == "packed":
+        out, index = packed(model, batch, image_token_id)
+        return out.logits[0, index[:, P - 1 :]]
+    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float, banned: torch.Tensor | None) -> torch.Tensor:
@@ -153,17 +186,22 @@ def logprobs_and_entropy(
 
 def policy_forward(model, batch: Batch, temperature: float, banned: torch.Tensor | None,
                    image_token_id: int | None, with_entropy: bool = True, entropy_grad: bool = True,
-                   share_prompts: bool = False):
+                   layout: str = "padded"):
     """Response log-probs `[B, R]` and entropies `[B, R]` (None unless asked) of `model` on `batch`."""
-    logits = response_logits(model, batch, image_token_id, share_prompts)
+    logits = response_logits(model, batch, image_token_id, layout)
     return logprobs_and_entropy(logits, batch.response_ids, temperature, banned, with_entropy, entropy_grad)
 
 
-def value_forward(model, batch: Batch, image_token_id: int | None, share_prompts: bool = False) -> torch.Tensor:
+def value_forward(model, batch: Batch, image_token_id: int | None, layout: str = "padded") -> torch.Tensor:
     """Critic values `[B, R]`: `values[:, t] = V(x, y_<t)`."""
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    if not share_prompts:
+    if layout == "padded":
         values = model(**batch.model_inputs(image_token_id))
         return values[:, P - 1 : P - 1 + R].float()
-    prompt_values, response_values, share = prompt_then_responses(model, batch, image_token_id)
-    return torch.cat([prompt_values[share, -1:], response_values[:, : R - 1]], 1).float()
+    if layout == "shared_prompt":
+        prompt_values, response_values, share = prompt_then_responses(model, batch, image_token_id)
+        return torch.cat([prompt_values[share, -1:], response_values[:, : R - 1]], 1).float()
+    if layout == "packed":
+        values, index = packed(model, batch, image_token_id)
+        return values[0, index[:, P - 1 : P - 1 + R]].float()
+    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")

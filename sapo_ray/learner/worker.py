@@ -191,12 +191,12 @@ class FSDPWorker:
     def _micro_rows(self, batch: Batch) -> list[list[int]]:
         """The rows of each micro-batch: `micro_batch_size` at a time, or packed by length into
         `max_tokens_per_micro_batch` (as many micro-batches on every rank: each is a collective pass).
-        With `share_prompts`, a prompt's samples side by side (the gradient of a mini-batch does not
-        depend on how its rows are cut)."""
+        With `layout=shared_prompt`, a prompt's samples side by side (the gradient of a mini-batch does
+        not depend on how its rows are cut)."""
         g = self.cfg.learner
-        together = batch.distinct_prompts()[1] if g.share_prompts else None
+        together = batch.distinct_prompts()[1] if g.layout == "shared_prompt" else None
         if not g.max_tokens_per_micro_batch:
-            order = torch.argsort(together, stable=True).tolist() if g.share_prompts else list(range(len(batch)))
+            order = list(range(len(batch))) if together is None else torch.argsort(together, stable=True).tolist()
             return [order[s : s + g.micro_batch_size] for s in range(0, len(batch), g.micro_batch_size)]
         prompts, responses = batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
         together = None if together is None else together.tolist()
@@ -208,10 +208,13 @@ class FSDPWorker:
                 rows = pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, int(t), together)
         return rows
 
-    def _share_prompts(self, training: bool) -> bool:
-        """Whether a pass computes each distinct prompt once (`learner.share_prompts`); not in a backward
-        pass that recomputes activations."""
-        return self.cfg.learner.share_prompts and not (training and self.cfg.model.gradient_checkpointing)
+    def _layout(self, training: bool) -> str:
+        """The forward passes' `learner.layout`; padded rows instead of a shared prompt's cache in a
+        backward pass that recomputes activations."""
+        layout = self.cfg.learner.layout
+        if layout == "shared_prompt" and training and self.cfg.model.gradient_checkpointing:
+            return "padded"
+        return layout
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         return [batch.select(rows) for rows in self._micro_rows(batch)]
@@ -370,7 +373,7 @@ class PolicyWorker(FSDPWorker):
 
         def forward(micro: Batch) -> dict[str, torch.Tensor]:
             logp, ent = policy_forward(model, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
-                                       with_entropy=which == "policy", share_prompts=self._share_prompts(False))
+                                       with_entropy=which == "policy", layout=self._layout(False))
             return {"old_logp": logp, "entropy": ent} if which == "policy" else {"ref_logp": logp}
 
         return self._forward_rows(batch, forward)
@@ -408,7 +411,7 @@ class PolicyWorker(FSDPWorker):
                 logp, entropy = policy_forward(self.model, micro, self.cfg.rollout.temperature, self.banned,
                                                self.image_token_id, with_entropy=True,
                                                entropy_grad=spec.entropy_coef > 0,
-                                               share_prompts=self._share_prompts(True))
+                                               layout=self._layout(True))
             mask = micro.response_mask
             seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
             loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
@@ -494,8 +497,8 @@ class CriticWorker(FSDPWorker):
     @torch.no_grad()
     def compute_values(self, batch: Batch) -> dict[str, torch.Tensor]:
         self.model.eval()
-        share = self._share_prompts(False)
-        values = self._forward_rows(batch, lambda micro: {"values": value_forward(self.model, micro, self.image_token_id, share)})
+        layout = self._layout(False)
+        values = self._forward_rows(batch, lambda micro: {"values": value_forward(self.model, micro, self.image_token_id, layout)})
         return {"values": values["values"] * batch.response_mask}
 
     def update(self, batch: Batch) -> dict[str, float]:
@@ -508,7 +511,7 @@ class CriticWorker(FSDPWorker):
             for micro in self._micro_batches(minibatch):
                 micro = self._to_device(micro)
                 with self._autocast():
-                    values = value_forward(self.model, micro, self.image_token_id, self._share_prompts(True))
+                    values = value_forward(self.model, micro, self.image_token_id, self._layout(True))
                 loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
                                             micro.data["value_mask"], clip=self.cfg.algorithm.value_clip,
                                             agg_denom=denom)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import ray
 import torch
@@ -278,35 +280,54 @@ def test_non_finite_advantages_skip_the_optimizer_steps_and_count_them_in_a_row(
 
 
 @pytest.mark.parametrize("kind", ["vlm", "lm"])
-def test_shared_prompts_give_the_whole_row_outputs_and_gradients(kind, random_tiny_models):
-    """`share_prompts`: each distinct prompt computed once and its cache shared by its samples gives the
-    log-probs, entropies, values and (policy and critic) gradients of whole `[prompt | response]` rows,
+def test_every_layout_gives_the_padded_rows_outputs_and_gradients(kind, random_tiny_models):
+    """`learner.layout`: each distinct prompt computed once with its cache shared by its samples
+    (`shared_prompt`), and the rows packed end to end without padding (`packed`), give the log-probs,
+    entropies, values and (policy and critic) gradients of whole padded `[prompt | response]` rows,
     within 1e-5 in float32, for a VLM (multimodal RoPE, images) and a text LM; rows in scrambled order."""
     from helpers import local_process_group
     from sapo_ray.learner.worker import CriticWorker
 
     path = random_tiny_models[kind]
     batch, _ = _budget_batch(path) if kind == "vlm" else _budget_batch_text(path)
-    batch = batch.select(torch.randperm(len(batch), generator=torch.Generator().manual_seed(1)))
+    batch = _ragged(batch).select(torch.randperm(len(batch), generator=torch.Generator().manual_seed(1)))
     assert len(batch.distinct_prompts()[0]) < len(batch)
+    assert bool((batch.prompt_mask == 0).any()) and bool((batch.response_mask == 0).any())
     with local_process_group():
         for cls, role in ((PolicyWorker, "actor"), (CriticWorker, "critic")):
-            runs = []
-            for share in (False, True):
-                worker = cls(0, 1, learner_cfg(path, role=role, mini_batch_size=len(batch), share_prompts=share))
+            runs = {}
+            for layout in ("padded", "shared_prompt", "packed"):
+                worker = cls(0, 1, learner_cfg(path, role=role, mini_batch_size=len(batch), layout=layout))
                 worker.setup()
                 scored = worker.compute_logprobs(batch) if role == "actor" else worker.compute_values(batch)
                 grads: dict[str, torch.Tensor] = {}
                 worker.optimizer.step = lambda: grads.update(
                     {n: p.grad.full_tensor().clone() for n, p in worker.model.named_parameters() if p.grad is not None})
                 worker.update(batch)
-                runs.append((scored, grads))
-            (scored0, whole), (scored1, shared) = runs
-            for name in scored0:
-                torch.testing.assert_close(scored1[name], scored0[name], rtol=0, atol=1e-5, msg=f"{role} {name}")
-            assert whole.keys() == shared.keys() and whole
-            for name in whole:
-                torch.testing.assert_close(shared[name], whole[name], rtol=1e-5, atol=1e-5, msg=f"{role} {name}")
+                runs[layout] = (scored, grads)
+            scored0, whole = runs["padded"]
+            for layout in ("shared_prompt", "packed"):
+                scored, grads = runs[layout]
+                valid = batch.response_mask.bool()  # what padding positions hold is no layout's business
+                for name in scored0:
+                    torch.testing.assert_close(scored[name][valid], scored0[name][valid], rtol=0, atol=1e-5,
+                                               msg=f"{role} {layout} {name}")
+                assert whole.keys() == grads.keys() and whole
+                for name in whole:
+                    torch.testing.assert_close(grads[name], whole[name], rtol=1e-5, atol=1e-5, msg=f"{role} {layout} {name}")
+
+
+def _ragged(batch):
+    """`batch` with every other row's response cut to a third of its length (responses of the random
+    tiny models run to the limit), per-token fields and segments cut with it."""
+    mask = batch.response_mask.clone()
+    for b in range(1, len(batch), 2):
+        mask[b, int(mask[b].sum()) // 3 :] = 0
+    seg = registry.make_segments(registry.get_algorithm("sapo"), mask, entropy=batch.data["advantages"].abs())
+    data = {k: v * mask if v.dim() == 2 and v.is_floating_point() else v for k, v in batch.data.items()}
+    data.update(seg_end=seg.end_mask, value_mask=seg.end_mask.float())
+    ids = torch.where(mask.bool(), batch.response_ids, torch.zeros_like(batch.response_ids))
+    return replace(batch, response_ids=ids, response_mask=mask, data=data)
 
 
 def _budget_batch_text(path):
