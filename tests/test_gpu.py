@@ -212,3 +212,26 @@ def test_long_generation_at_the_full_vocabulary():
         logp, _ = policy_forward(model, batch, 1.0, engine.banned, None, with_entropy=False)
     mask = batch.response_mask.bool()
     assert float((logp - batch.data["rollout_logp"]).abs()[mask].mean()) < 2e-2  # bf16 forward, two paths
+
+
+def _attn_implementations() -> list[str]:
+    import importlib.util
+
+    return ["sdpa", "sdpa_gqa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+@pytest.mark.parametrize("attn", _attn_implementations())
+def test_layouts_agree_on_cuda(attn, ray_cluster):
+    """`learner.layout` padded, shared_prompt and packed (variable-length attention under
+    flash_attention_2) give the same log-probs on CUDA, for each attention implementation available."""
+    batch, _ = _cuda_batch()
+    model = {"attn_implementation": attn} | (BF16 if attn == "flash_attention_2" else {})
+    scored = {}
+    for layout in ("padded", "shared_prompt", "packed"):
+        group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5, model=model, layout=layout))
+        scored[layout] = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
+        group.shutdown()
+    mask = batch.response_mask.bool()
+    tolerance = 5e-2 if attn == "flash_attention_2" else 1e-4  # bf16 compute for flash-attention
+    for layout in ("shared_prompt", "packed"):
+        assert float((scored[layout] - scored["padded"]).abs()[mask].mean()) < tolerance, layout
