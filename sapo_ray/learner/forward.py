@@ -37,7 +37,7 @@ def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **pro
     every response over a copy of its prompt's cache. Gradients reach the prompt pass through the
     cache, summed over the prompt's samples, so outputs and gradients are those of one pass over
     `[prompt | response]`; the prompt tokens and images are computed once per prompt instead of once
-    per sample (with n samples and prompts as long as responses, ~n/(n+1)/2 of the tokens).
+    per sample (n samples per prompt: (n - 1) / n of the prompt's computation saved).
 
     Returns the prompt pass's output (one row per distinct prompt), the response pass's output (one
     row per batch row) and `share`, each row's distinct prompt."""
@@ -61,12 +61,14 @@ def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **pro
     return prompt_out, response_out, share
 
 
-def packed(model, batch: Batch, image_token_id: int | None):
+def packed(model, batch: Batch, image_token_id: int | None, logits_from: int | None = None):
     """`model` on the batch's rows laid end to end in one sequence `[1, N]` without padding (verl's
     `use_remove_padding`): positions restart at 0 with each row, which is how the attention tells rows
     apart (variable-length kernels with `flash_attention_2`; a block-diagonal causal mask with `sdpa`,
     exact anywhere but quadratic in N). Returns the output and, for each `[prompt | response]` column
-    of the padded layout, its position in the packed sequence (0 on padding, which callers mask)."""
+    of the padded layout, its position in the output's sequence (0 on padding, which callers mask).
+    With `logits_from` (a policy), logits only for the columns from there on: the output's sequence is
+    those positions, and the index covers those columns."""
     inputs = batch.model_inputs(image_token_id)
     positions = _positions(model, inputs)
     valid = inputs["attention_mask"].bool()
@@ -81,7 +83,10 @@ def packed(model, batch: Batch, image_token_id: int | None):
                     mm_token_type_ids=inputs["mm_token_type_ids"][valid][None])
     index = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
     index[valid] = torch.arange(int(valid.sum()), device=valid.device)
-    return model(**flat, use_cache=False), index
+    if logits_from is None:
+        return model(**flat, use_cache=False), index
+    keep, index = torch.unique(index[:, logits_from:], sorted=True, return_inverse=True)
+    return model(**flat, use_cache=False, logits_to_keep=keep), index
 
 
 # How a forward pass lays out a micro-batch's rows (`learner.layout`); every layout computes the same
@@ -101,8 +106,8 @@ def response_logits(model, batch: Batch, image_token_id: int | None, layout: str
         prompt_out, response_out, share = prompt_then_responses(model, batch, image_token_id, logits_to_keep=1)
         return torch.cat([prompt_out.logits[share], response_out.logits], 1)
     if layout == "packed":
-        out, index = packed(model, batch, image_token_id)
-        return out.logits[0, index[:, P - 1 :]]
+        out, index = packed(model, batch, image_token_id, logits_from=P - 1)
+        return out.logits[0, index]
     raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
 
 
