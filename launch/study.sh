@@ -58,6 +58,11 @@ tables() {
   for metric in val/accuracy val/accuracy_greedy; do
     "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
   done
+  # Stability (SAPO_SPEC.md section 8): the last step's running numbers and the per-step ones.
+  for metric in actor/grad_norm_std actor/grad_norm_spikes actor/collapsed actor/entropy response_length/mean \
+                reward/accuracy batch/groups_without_signal critic/td_error_std critic/vf_explained_var; do
+    "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out ''
+  done
   "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric val/accuracy --out ''
 }
 
