@@ -38,16 +38,14 @@ runs() {
 run() {
   local name=$1; shift
   local dir=$STUDY/$name
-  local cmd="python -m sapo_ray.main $* trainer.run_dir=$dir trainer.resume=never trainer.loggers=[console,jsonl] trainer.export_hf=false"
-  echo "== $name: $cmd"
+  local args=("$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]" trainer.export_hf=false)
+  echo "== $name: python -m sapo_ray.main ${args[*]}"
   rm -rf "$dir"
   mkdir -p "$dir"
   local start=$SECONDS
-  # shellcheck disable=SC2086
-  "$PYTHON" -m sapo_ray.main "$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]" \
-    trainer.export_hf=false
+  "$PYTHON" -m sapo_ray.main "${args[@]}"
   echo "== $name: $((SECONDS - start)) s"
-  echo "$cmd" > "$dir/command.txt"
+  echo "python -m sapo_ray.main ${args[*]}" > "$dir/command.txt"
   rm -rf "$dir/checkpoints" "$dir/generations"
 }
 

@@ -125,8 +125,10 @@ class Batch:
         first: list[int] = []
         share: list[int] = []
         by_ids: dict[tuple, list[int]] = {}
+        # One host copy for the whole batch: row by row on a GPU, each `tolist` would wait for the device.
+        prompt_ids, prompt_mask = self.prompt_ids.cpu(), self.prompt_mask.cpu().bool()
         for b in range(len(self)):
-            ids = tuple(self.prompt_ids[b, self.prompt_mask[b].bool()].tolist())
+            ids = tuple(prompt_ids[b, prompt_mask[b]].tolist())
             candidates = by_ids.setdefault(ids, [])
             k = next((k for k in candidates if self._same_images(first[k], b)), None)
             if k is None:

@@ -137,8 +137,7 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 def run_identity(path: Path, by_dir: bool = False) -> tuple[str, int | None]:
     """(algorithm, seed) of a run directory: its Hydra config, else its name; with `by_dir` its name
     first (`sapo-seg_newline-seed0` -> ("sapo-seg_newline", 0)), for variants of one algorithm."""
-    match = DIR_NAME_LABEL.search(path.name)
-    if by_dir and match:
+    if by_dir and (match := DIR_NAME_LABEL.search(path.name)):
         return match["label"], int(match["seed"])
     for config in (path / ".hydra" / "config.yaml", path / "config.yaml"):
         if config.is_file():

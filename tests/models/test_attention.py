@@ -12,7 +12,13 @@ from sapo_ray.models import load_policy, load_processor
 from sapo_ray.rollout.engine import HFEngine
 
 
-def test_sdpa_gqa_matches_sdpa_in_training_and_generation(random_tiny_models):
+def test_sdpa_gqa_matches_sdpa_in_training_and_generation(random_tiny_models, monkeypatch):
+    from sapo_ray.models import attention
+
+    def no_copies(*_):
+        raise AssertionError("sdpa_gqa repeated the key/value heads on the CPU")
+
+    monkeypatch.setattr(attention, "repeat_kv", no_copies)  # the point of sdpa_gqa; HF's sdpa keeps its own
     path = random_tiny_models["vlm"]
     batch, engine = sample_batch(path, prompts=4, n=2, max_new_tokens=12)
     assert bool((batch.prompt_mask == 0).any()), "the batch must be padded: a mask is what sdpa_gqa changes"
