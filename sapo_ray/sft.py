@@ -274,6 +274,7 @@ def run(cfg: SFTConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         init = resolve_model_path(cfg.init) if cfg.init else builders[name](tmp, seed=cfg.seed)
+        init_report = _read_report(init) if cfg.init else None  # before `out_dir` (maybe `init`) is written
         processor, model = load_processor(init), load_policy(init, attn_implementation=cfg.model.attn_implementation)
         text_only = not is_vision_config(model.config)
         log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params ({'text-only' if text_only else 'VLM'}) "
@@ -285,6 +286,8 @@ def run(cfg: SFTConfig, log=print) -> dict:
               "params": sum(p.numel() for p in model.parameters()), "steps": stats["steps"],
               "train_seconds": stats["train_seconds"], "threads": cfg.threads, "torch": torch.__version__,
               "loss_curve": [round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 4) for i in range(0, len(losses), 10)]}
+    if init_report is not None:
+        report["init_report"] = init_report  # the stages before this one: a chain of fine-tunes stays traceable
     if cfg.eval_n:
         start = time.perf_counter()
         model = load_policy(out_dir, attn_implementation=cfg.model.attn_implementation)  # score exactly what ships
@@ -299,6 +302,15 @@ def run(cfg: SFTConfig, log=print) -> dict:
     with open(os.path.join(out_dir, "sft_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     return report
+
+
+def _read_report(model_dir: str) -> dict | None:
+    """`sft_report.json` of `model_dir`, if it was made by this module."""
+    path = os.path.join(model_dir, "sft_report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def register_configs() -> None:

@@ -155,3 +155,20 @@ def test_teacher_errors_replace_a_share_of_solutions_with_shortcuts():
         wrong += scored["acc"] == 0.0
     assert wrong >= 0.75 * len(changed)  # a shortcut is right only by luck (no distractor, first bar tallest)
     assert with_teacher_errors(batch, 0.0, random.Random(0)) == batch
+
+
+def test_a_fine_tune_keeps_the_report_of_the_model_it_started_from(tmp_path):
+    def cfg(out, **kw):
+        c = SFTConfig(out_dir=str(tmp_path / out), steps=2, batch_size=4, warmup_steps=1, threads=1, eval_n=0,
+                      log_every=100, **kw)
+        c.model.path = "bundled:tiny-lm"
+        return c
+
+    first = run(cfg("a"), log=lambda *_: None)
+    assert "init_report" not in first
+    second = run(cfg("b", init=str(tmp_path / "a"), seed=1), log=lambda *_: None)
+    assert second["init_report"] == json.load(open(tmp_path / "a" / "sft_report.json"))
+    assert second["init_report"]["config"]["seed"] == 0 and second["config"]["seed"] == 1
+    # Fine-tuning in place still records the stage it overwrote.
+    third = run(cfg("b", init=str(tmp_path / "b"), seed=2), log=lambda *_: None)
+    assert third["init_report"]["config"]["seed"] == 1 and third["init_report"]["init_report"] == second["init_report"]
