@@ -92,25 +92,25 @@ def measure(path: str, prompts: int, k: int, group: int, temperature: float, max
     with torch.no_grad():
         samples = engine.generate(encoded, params)
     seconds = time.perf_counter() - start
-    per_item: dict[int, list[tuple[float, bool, bool, bool]]] = {}
+    # Per item, once: its generator parameters and the picture as the reference solution reads it.
+    params_of = [json.loads(ex["metadata"]["params"]) for ex in items]
+    truth = [reading(question_answer_solution(p)[2]) for p in params_of]
+    counts = [dict.fromkeys(("n", "right", "values", "colours", "shortcut"), 0) for _ in items]
     for s in samples:
-        item = items[s.prompt_index]
-        p = json.loads(item["metadata"]["params"])
-        values, colours = reading(question_answer_solution(p)[2])
-        read = reading(s.text) or ([], [])
-        acc = compute_score(s.text, item)["acc"]
-        per_item.setdefault(s.prompt_index, []).append(
-            (acc, read[0] == values, read[1] == colours, took_shortcut(s.text, p)))
+        i, read = s.prompt_index, reading(s.text) or ([], [])
+        c = counts[i]
+        c["n"] += 1
+        c["right"] += compute_score(s.text, items[i])["acc"] == 1.0
+        c["values"] += read[0] == truth[i][0]
+        c["colours"] += read[1] == truth[i][1]
+        c["shortcut"] += took_shortcut(s.text, params_of[i])
     by_template: dict[str, dict[str, list[float]]] = {}
-    for index, rows in per_item.items():
-        template = json.loads(items[index]["metadata"]["params"])["template"]
-        c = sum(int(row[0] == 1.0) for row in rows)
-        for name, value in (("values", sum(row[1] for row in rows) / len(rows)),
-                            ("colours", sum(row[2] for row in rows) / len(rows)),
-                            ("shortcut", sum(row[3] for row in rows) / len(rows)),
-                            ("pass@1", pass_at(1, len(rows), c)), (f"pass@{k}", pass_at(k, len(rows), c)),
-                            ("no signal", no_signal(len(rows), c, group))):
-            for key in (template, "all"):
+    for p, c in zip(params_of, counts):
+        n, right = c["n"], c["right"]
+        for name, value in (("values", c["values"] / n), ("colours", c["colours"] / n), ("shortcut", c["shortcut"] / n),
+                            ("pass@1", pass_at(1, n, right)), (f"pass@{k}", pass_at(k, n, right)),
+                            ("no signal", no_signal(n, right, group))):
+            for key in (p["template"], "all"):
                 by_template.setdefault(key, {}).setdefault(name, []).append(value)
     table = {t: {name: round(sum(v) / len(v), 3) for name, v in cols.items()} | {"items": len(cols["values"])}
              for t, cols in sorted(by_template.items(), key=lambda kv: (kv[0] == "all", kv[0]))}

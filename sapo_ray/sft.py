@@ -305,7 +305,7 @@ def run(cfg: SFTConfig, log=print) -> dict:
 
 
 def _read_report(model_dir: str) -> dict | None:
-    """`sft_report.json` of `model_dir`, if it was made by this module."""
+    """`sft_report.json` of `model_dir`, or None where it has none (a model not made by this module)."""
     path = os.path.join(model_dir, "sft_report.json")
     if not os.path.isfile(path):
         return None
