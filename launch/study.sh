@@ -17,8 +17,15 @@ PYTHON=${PYTHON:-.venv/bin/python}
 STUDY=benchmarks/study
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 
+# Each algorithm's actor lr in the main table: of the grid's 1e-5, 2e-5 (the demo's) and 4e-5, the one with
+# the highest final sampled validation accuracy on seed 0 (benchmarks/RESULTS.md).
+declare -A BEST_LR=([sapo]=2e-5 [grpo]=2e-5 [ppo]=2e-5 [gspo]=4e-5)
+
+# A run's name: <algorithm>[-lr<lr> unless the demo's]-seed<N>.
+name() { if [[ $2 == 2e-5 ]]; then echo "$1-seed$3"; else echo "$1-lr$2-seed$3"; fi; }
+
 runs() {
-  # Main table: each algorithm at the demo's learning rate, seeds 0-2; the others on seed 0.
+  # Each algorithm at the demo's learning rate, seeds 0-2; the others on seed 0.
   for alg in sapo grpo ppo gspo; do
     for seed in 0 1 2; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
   done
@@ -27,10 +34,20 @@ runs() {
   for alg in sapo grpo ppo gspo; do
     for lr in 1e-5 4e-5; do echo "$alg-lr$lr-seed0 algorithm=$alg actor.optim.lr=$lr seed=0"; done
   done
-  # SAPO ablations on seed 0: segmenter, entropy top-k fraction, value anchor.
-  for seg in low_prob newline step_marker fixed token sequence; do
+  # Main table: seeds 1-2 at the grid's best lr where it is not the demo's.
+  for alg in sapo grpo ppo gspo; do
+    lr=${BEST_LR[$alg]}
+    [[ $lr == 2e-5 ]] && continue
+    for seed in 1 2; do echo "$(name "$alg" "$lr" "$seed") algorithm=$alg actor.optim.lr=$lr seed=$seed"; done
+  done
+  # SAPO ablations on seed 0: segmenter, entropy top-k fraction, value anchor. `fixed` cuts every 3 tokens,
+  # the granularity of entropy_topk's 30% of tokens; `low_prob` ends at the tokens sampled with p < 0.9 (the
+  # warm start samples 12% of its tokens so, 6 per response; 0.7 or 0.95 would give 6 too).
+  for seg in step_marker token sequence newline; do
     echo "sapo-seg_$seg-seed0 algorithm=sapo algorithm.segmenter=$seg seed=0"
   done
+  echo "sapo-seg_fixed-seed0 algorithm=sapo algorithm.segmenter=fixed +algorithm.segment_options.n=3 seed=0"
+  echo "sapo-seg_low_prob-seed0 algorithm=sapo algorithm.segmenter=low_prob +algorithm.segment_options.rho=0.9 seed=0"
   for frac in 0.1 0.5; do echo "sapo-frac$frac-seed0 algorithm=sapo algorithm.frac=$frac seed=0"; done
   echo "sapo-anchor_seg_start-seed0 algorithm=sapo algorithm.value_anchor=seg_start seed=0"
 }
@@ -52,7 +69,11 @@ run() {
 tables() {
   local main=() dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
-  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
+  # Main table: the four at their best lr, the other baselines at the demo's.
+  for alg in sapo grpo ppo gspo; do
+    for seed in 0 1 2; do main+=("$STUDY/$(name "$alg" "${BEST_LR[$alg]}" "$seed")/"); done
+  done
+  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
   for metric in val/accuracy val/accuracy_greedy; do
     "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
   done

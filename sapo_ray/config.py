@@ -21,7 +21,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm
+from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm, missing_segment_options
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The Hydra configs as a package (the repository's conf/, shipped in the wheel), so an installed copy
@@ -465,6 +465,9 @@ def validate(cfg) -> None:
     a, r, d = cfg.algorithm, cfg.rollout, cfg.data
     _check(0 < a.frac <= 1, f"algorithm.frac={a.frac} must be in (0, 1]")
     spec = algorithm_spec(cfg)
+    missing = missing_segment_options(spec)
+    _check(not missing, f"algorithm.segmenter={a.segmenter} needs "
+           + ", ".join(f"+algorithm.segment_options.{name}=..." for name in missing))
     if spec.needs_group:
         _check(r.n >= 2, f"algorithm {a.name!r} compares responses to one prompt: set rollout.n >= 2 (got {r.n})")
     if a.overlong_penalty and a.overlong_buffer_len is not None:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from sapo_ray.algo.registry import ALGORITHMS
+from sapo_ray.algo.registry import ALGORITHMS, SEGMENTERS, make_segments, missing_segment_options
 from sapo_ray.config import ConfigError, algorithm_spec, compose_config as compose_cfg, register_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,8 @@ def test_default_config_is_valid_and_overrides_apply():
     (["reward.max_error_rate=2"], "reward.max_error_rate"),
     (["trainer.max_ckpt_to_keep=-1"], "trainer.max_ckpt_to_keep"),
     (["critic.layout=unpadded"], "critic.layout='unpadded' is not one of"),
+    (["algorithm.segmenter=low_prob"], "algorithm.segment_options.rho=..."),
+    (["algorithm.segmenter=fixed"], "algorithm.segment_options.n=..."),
 ])
 def test_invalid_combinations_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -170,3 +173,25 @@ def test_dapo_overlong_buffer_adapts_to_the_length_limit():
     validate(cfg)
     assert algorithm_spec(cfg).overlong_buffer(96) == 19
     validate(compose_cfg("algorithm=dapo", "algorithm.overlong_buffer_len=96", "rollout.max_new_tokens=96"))
+
+
+@pytest.mark.parametrize("segmenter", sorted(SEGMENTERS))
+def test_segmenter_options_are_checked_before_the_first_step(segmenter):
+    """Validation refuses a segmenter exactly when segmenting a batch with its options would fail for a
+    missing argument, and names what to add."""
+    spec = algorithm_spec(compose_cfg("algorithm=sapo", f"algorithm.segmenter={segmenter}"))
+    T = 6
+    inputs = dict(entropy=torch.rand(2, T), logprobs=-torch.rand(2, T), token_texts=[["Step 1", "\n"] * 3] * 2)
+    try:
+        make_segments(spec, torch.ones(2, T), **inputs)
+        fails = None
+    except TypeError as e:
+        fails = str(e)
+    missing = missing_segment_options(spec)
+    assert bool(missing) == bool(fails), (missing, fails)
+    for name in missing:
+        assert repr(name) in fails
+    given = {"n": 2, "rho": 0.5}
+    spec.segment_options = {name: given[name] for name in missing}
+    assert missing_segment_options(spec) == []
+    make_segments(spec, torch.ones(2, T), **inputs)

@@ -18,6 +18,7 @@ function decorated with ``@register_segmenter(name)`` (defined in ``segments``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, Sequence
 
@@ -239,6 +240,18 @@ _SEGMENTER_INPUTS: dict[str, tuple[str, ...]] = {
     "sequence": (),
     "fixed": (),
 }
+
+
+def missing_segment_options(spec: AlgorithmSpec) -> list[str]:
+    """The options without a default that the spec's segmenter takes and ``segment_options`` does not
+    give (``fixed`` needs ``n``, ``low_prob`` needs ``rho``), read from its signature. Inputs that the
+    trainer passes (the batch's entropies, log-probs, token texts) and ``frac`` are not options."""
+    if not spec.needs_segments or spec.segmenter not in SEGMENTERS:
+        return []
+    passed = {"mask", "left_aligned", "frac", "entropy", "logprobs", "token_texts", "token_ids", "tokenizer"}
+    params = inspect.signature(SEGMENTERS[spec.segmenter]).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+            and p.name not in passed and p.name not in spec.segment_options]
 
 
 def needs_token_texts(spec: AlgorithmSpec) -> bool:
