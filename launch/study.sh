@@ -69,11 +69,12 @@ run() {
 tables() {
   local main=() dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
-  # Main table: the four at their best lr, the other baselines at the demo's.
+  # Main table: every algorithm at the demo's lr, and the four at the grid's best where it differs.
   for alg in sapo grpo ppo gspo; do
+    [[ ${BEST_LR[$alg]} == 2e-5 ]] && continue
     for seed in 0 1 2; do main+=("$STUDY/$(name "$alg" "${BEST_LR[$alg]}" "$seed")/"); done
   done
-  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
+  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
   for metric in val/accuracy val/accuracy_greedy; do
     "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
   done
