@@ -13,6 +13,7 @@ dataclasses (built by `rollout_worker_config` / `learner_worker_config`), never 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm, missing_segment_options
+
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The Hydra configs as a package (the repository's conf/, shipped in the wheel), so an installed copy
@@ -458,8 +461,29 @@ def _choices(cfg) -> dict:
     return choices
 
 
+# How far a learner computing in bfloat16 (`autocast_bf16` on CPUs, FSDP2's mixed precision on GPUs) or
+# another dtype puts a sequence's mean log-prob from the engine's at the same weights (~1.8e-3 measured,
+# benchmarks/RESULTS.md): the importance ratio against the engine's log-probs is that far from 1 before
+# any update.
+PRECISION_GAP = 2e-3
+
+
+def precision_warnings(cfg) -> list[str]:
+    """What the config computes that its numbers make meaningless: a clip range inside the gap between the
+    engine's log-probs, used as the old ones, and the learner's (GSPO's 3e-4 / 4e-4 clips on that noise)."""
+    a, actor = cfg.algorithm, cfg.actor
+    differs = actor.autocast_bf16 or cfg.model.dtype != "float32" or actor.num_gpus > 0 or cfg.rollout.engine != "hf"
+    if actor.recompute_old_logp or not differs or min(a.clip_low, a.clip_high) > 5 * PRECISION_GAP:
+        return []
+    return [f"algorithm {a.name!r} clips its ratio at {a.clip_low:g} / {a.clip_high:g}, within ~{5 * PRECISION_GAP:g} "
+            "of the gap between the engine's log-probs (the old ones under actor.recompute_old_logp=false) and the "
+            "learner's lower-precision ones: the clip acts on that noise and drops part of the gradient "
+            "(actor/pg_clipfrac > 0 before any update); set actor.recompute_old_logp=true"]
+
+
 def validate(cfg) -> None:
-    """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
+    """Cross-field checks that types alone cannot express; raises ConfigError naming the key. Configs that
+    run but compute something else than they mean are logged as warnings (`precision_warnings`)."""
     for key, (value, allowed) in _choices(cfg).items():
         _check(value in allowed, f"{key}={value!r} is not one of {sorted(allowed)}")
     a, r, d = cfg.algorithm, cfg.rollout, cfg.data
@@ -486,6 +510,8 @@ def validate(cfg) -> None:
            "rollout.weight_sync=broadcast on GPUs needs the engines and learner rank 0 on different GPUs (NCCL cannot "
            f"join two processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
            "use cluster.placement=split, whole GPUs for both, or rollout.weight_sync=object_store")
+    for warning in precision_warnings(cfg):
+        log.warning("%s", warning)
     _check(r.max_staleness in (0, 1), f"rollout.max_staleness={r.max_staleness}: 0 (synchronous) or 1 (one step "
                                       "off-policy); more steps in flight are not implemented")
     _check(not (r.max_staleness and r.enable_sleep_mode),

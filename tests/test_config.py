@@ -195,3 +195,18 @@ def test_segmenter_options_are_checked_before_the_first_step(segmenter):
     spec.segment_options = {name: given[name] for name in missing}
     assert missing_segment_options(spec) == []
     make_segments(spec, torch.ones(2, T), **inputs)
+
+
+def test_a_clip_range_inside_the_precision_gap_is_warned(caplog):
+    """GSPO's 3e-4 / 4e-4 clip against the engine's float32 log-probs while the learner computes in bf16
+    (the demo's speed settings) is warned; with the learner's own old log-probs, or token-level clip
+    ranges, it is not."""
+    with caplog.at_level("WARNING", logger="sapo_ray.config"):
+        validate(compose_cfg("algorithm=gspo"))
+    assert "actor.recompute_old_logp=true" in caplog.text and "'gspo'" in caplog.text
+    for overrides in (["algorithm=gspo", "actor.recompute_old_logp=true"],
+                      ["algorithm=gspo", "actor.autocast_bf16=false"], ["algorithm=sapo"], ["algorithm=grpo"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sapo_ray.config"):
+            validate(compose_cfg(*overrides))
+        assert caplog.text == "", overrides
