@@ -77,7 +77,7 @@ tables() {
     [[ ${BEST_LR[$alg]} == 2e-5 ]] && continue
     for seed in 0 1 2; do main+=("$STUDY/$(name "$alg" "${BEST_LR[$alg]}" "$seed")/"); done
   done
-  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
+  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|gspo-recompute|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
   for metric in val/accuracy val/accuracy_greedy; do
     "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
   done

@@ -3,6 +3,7 @@ with transformers, gives exactly the weights and logits the learner ranks held; 
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def _save_two_rank_checkpoint(rank: int, port: int, run_dir, held_file) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A rank that cannot join (its port taken meanwhile) fails the test in a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         cfg = tiny_cfg(run_dir)
         worker = PolicyWorker(rank, 2, learner_worker_config(cfg, "actor"))
@@ -146,9 +149,10 @@ def test_a_checkpoint_sharded_over_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     run_dir = tmp_path / "run"
-    # Forked, not spawned: the ranks start with this process's imports (torch, transformers) in place.
+    # Spawned, not forked: a fork of this process after the Ray tests (driver and gRPC threads alive) can start
+    # its ranks with a lock held by a thread that did not come along, and hang.
     mp.start_processes(_save_two_rank_checkpoint, args=(free_ports(1)[0], run_dir, tmp_path / "held.pt"), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     checkpoint = run_dir / "checkpoints" / "step_000001"
     # Two shard files, one per rank; then the rest of a checkpoint that the export reads.
     assert sorted(p.name for p in (checkpoint / "actor").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
