@@ -475,8 +475,8 @@ def precision_warnings(cfg) -> list[str]:
     differs = actor.autocast_bf16 or cfg.model.dtype != "float32" or actor.num_gpus > 0 or cfg.rollout.engine != "hf"
     if actor.recompute_old_logp or not differs or min(a.clip_low, a.clip_high) > 5 * PRECISION_GAP:
         return []
-    return [f"algorithm {a.name!r} clips its ratio at {a.clip_low:g} / {a.clip_high:g}, within ~{5 * PRECISION_GAP:g} "
-            "of the gap between the engine's log-probs (the old ones under actor.recompute_old_logp=false) and the "
+    return [f"algorithm {a.name!r} clips its ratio at {a.clip_low:g} / {a.clip_high:g}, within 5x the ~{PRECISION_GAP:g} "
+            "gap between the engine's log-probs (the old ones under actor.recompute_old_logp=false) and the "
             "learner's lower-precision ones: the clip acts on that noise and drops part of the gradient "
             "(actor/pg_clipfrac > 0 before any update); set actor.recompute_old_logp=true"]
 

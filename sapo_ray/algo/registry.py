@@ -248,7 +248,7 @@ def missing_segment_options(spec: AlgorithmSpec) -> list[str]:
     trainer passes (the batch's entropies, log-probs, token texts) and ``frac`` are not options."""
     if not spec.needs_segments or spec.segmenter not in SEGMENTERS:
         return []
-    passed = {"mask", "left_aligned", "frac", "entropy", "logprobs", "token_texts", "token_ids", "tokenizer"}
+    passed = {"mask", "left_aligned", "frac"}.union(*_SEGMENTER_INPUTS.values())
     params = inspect.signature(SEGMENTERS[spec.segmenter]).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty
             and p.name not in passed and p.name not in spec.segment_options]
