@@ -19,10 +19,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_
 
 # Each algorithm's actor lr in the main table: of the grid's 1e-5, 2e-5 (the demo's) and 4e-5, the one with
 # the highest final sampled validation accuracy on seed 0 (benchmarks/RESULTS.md).
-declare -A BEST_LR=([sapo]=2e-5 [grpo]=2e-5 [ppo]=2e-5 [gspo]=4e-5)
+DEMO_LR=2e-5
+declare -A BEST_LR=([sapo]=$DEMO_LR [grpo]=$DEMO_LR [ppo]=$DEMO_LR [gspo]=4e-5)
 
 # A run's name: <algorithm>[-lr<lr> unless the demo's]-seed<N>.
-name() { if [[ $2 == 2e-5 ]]; then echo "$1-seed$3"; else echo "$1-lr$2-seed$3"; fi; }
+name() { if [[ $2 == "$DEMO_LR" ]]; then echo "$1-seed$3"; else echo "$1-lr$2-seed$3"; fi; }
 
 runs() {
   # Each algorithm at the demo's learning rate, seeds 0-2; the others on seed 0.
@@ -37,7 +38,7 @@ runs() {
   # Main table: seeds 1-2 at the grid's best lr where it is not the demo's.
   for alg in sapo grpo ppo gspo; do
     lr=${BEST_LR[$alg]}
-    [[ $lr == 2e-5 ]] && continue
+    [[ $lr == "$DEMO_LR" ]] && continue
     for seed in 1 2; do echo "$(name "$alg" "$lr" "$seed") algorithm=$alg actor.optim.lr=$lr seed=$seed"; done
   done
   # SAPO ablations on seed 0: segmenter, entropy top-k fraction, value anchor. `fixed` cuts every 3 tokens,
@@ -74,7 +75,7 @@ tables() {
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
   # Main table: every algorithm at the demo's lr, and the four at the grid's best where it differs.
   for alg in sapo grpo ppo gspo; do
-    [[ ${BEST_LR[$alg]} == 2e-5 ]] && continue
+    [[ ${BEST_LR[$alg]} == "$DEMO_LR" ]] && continue
     for seed in 0 1 2; do main+=("$STUDY/$(name "$alg" "${BEST_LR[$alg]}" "$seed")/"); done
   done
   for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|gspo-recompute|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
