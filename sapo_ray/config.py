@@ -22,6 +22,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from sapo_ray import precision
 from sapo_ray.algo.registry import ALGORITHMS, AlgorithmSpec, get_algorithm, missing_segment_options
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,12 @@ class LearnerConfig:
     # rollout-time values, exact when engine and learner run the same weights in the same precision
     # (the hf engine in float32; `rollout/logp_diff_*` would show otherwise) and one forward cheaper.
     recompute_old_logp: bool = True
-    # CPU only: run forward and backward matmuls in bfloat16 (torch.autocast) over float32 weights, about
-    # 1.5x faster on CPUs with AVX512-BF16/AMX; log-probs then differ from float32 ones by ~2e-3 per token
-    # on average. On GPUs FSDP2's mixed precision computes in bfloat16 already.
-    autocast_bf16: bool = False
+    # CPU only: run forward and backward matmuls in bfloat16 (torch.autocast) over float32 weights.
+    # auto (default): only where this CPU's bf16 matmuls are clearly faster (a short probe, cached per
+    # machine; sapo_ray/precision.py): ~1.5x faster learners with AVX512-BF16/AMX, while an AVX2-only CPU
+    # emulates bf16 40-60x slower. true / false force it. Log-probs in bf16 differ from float32 ones by
+    # ~2e-3 per token on average. On GPUs FSDP2's mixed precision computes in bfloat16 already.
+    autocast_bf16: str = "auto"
     # Train the language model only: the vision encoder and its merger keep their weights (as EasyR1's
     # freeze_vision_tower). Vision-language models only.
     freeze_vision_tower: bool = False
@@ -472,7 +475,8 @@ def precision_warnings(cfg) -> list[str]:
     """What the config computes that its numbers make meaningless: a clip range inside the gap between the
     engine's log-probs, used as the old ones, and the learner's (GSPO's 3e-4 / 4e-4 clips on that noise)."""
     a, actor = cfg.algorithm, cfg.actor
-    differs = actor.autocast_bf16 or cfg.model.dtype != "float32" or actor.num_gpus > 0 or cfg.rollout.engine != "hf"
+    differs = (cfg.model.dtype != "float32" or actor.num_gpus > 0 or cfg.rollout.engine != "hf"
+               or precision.use_bf16(actor.autocast_bf16))
     if actor.recompute_old_logp or not differs or min(a.clip_low, a.clip_high) > 5 * PRECISION_GAP:
         return []
     return [f"algorithm {a.name!r} clips its ratio at {a.clip_low:g} / {a.clip_high:g}, within 5x the ~{PRECISION_GAP:g} "
@@ -486,6 +490,9 @@ def validate(cfg) -> None:
     run but compute something else than they mean are logged as warnings (`precision_warnings`)."""
     for key, (value, allowed) in _choices(cfg).items():
         _check(value in allowed, f"{key}={value!r} is not one of {sorted(allowed)}")
+    for role in ("actor", "critic"):
+        value = precision.normalize(cfg[role].autocast_bf16)
+        _check(value in precision.SETTINGS, f"{role}.autocast_bf16={value!r} is not one of {list(precision.SETTINGS)}")
     a, r, d = cfg.algorithm, cfg.rollout, cfg.data
     _check(0 < a.frac <= 1, f"algorithm.frac={a.frac} must be in (0, 1]")
     spec = algorithm_spec(cfg)

@@ -95,22 +95,33 @@ def run(cfg: DictConfig) -> dict:
     check_environment(cfg)
     import ray
 
+    from sapo_ray.precision import resolve_learners
+
     from sapo_ray.trainer import Trainer
 
-    started = init_ray(cfg)
+    decisions = resolve_learners(cfg)
     trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.fit()
-    finally:
-        trainer.close()
-        if started:
-            ray.shutdown()
+    # Installed before Ray starts, so a signal during the start-up also ends the run cleanly; the
+    # handlers stay until the actors and the local Ray instance are gone.
+    with trainer.stop:
+        started = False
+        try:
+            started = init_ray(cfg)
+            trainer.stop.install()
+            trainer.setup(decisions)
+            return trainer.fit()
+        except KeyboardInterrupt as err:  # Ray's waits turn a stop signal into a plain KeyboardInterrupt
+            raise trainer.stop.reason(err) from None
+        finally:
+            trainer.close()
+            if started:
+                ray.shutdown()
 
 
 @hydra.main(version_base=None, config_path=f"pkg://{CONF_MODULE}", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from sapo_ray.signals import Interrupted
     from sapo_ray.trainer import StopRun
 
     try:
@@ -121,6 +132,9 @@ def main(cfg: DictConfig) -> float | None:
     except StopRun as err:
         log.error("%s", err)
         sys.exit(1)
+    except Interrupted as stop:
+        log.warning("%s; exit status %d", stop, stop.exit_status)
+        sys.exit(stop.exit_status)
     log.info("final validation: %s", {k: round(v, 4) for k, v in result.items() if k.startswith("val/accuracy")})
     return result.get("val/accuracy")
 

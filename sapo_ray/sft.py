@@ -46,6 +46,7 @@ from sapo_ray.learner.forward import policy_forward
 from sapo_ray.models.loading import is_vision_config, load_policy
 from sapo_ray.models.processor import load_processor
 from sapo_ray.models.tokens import TokenIds
+from sapo_ray.precision import decide_here
 from sapo_ray.rollout.engine import HFEngine, encode_prompt
 from sapo_ray.utils import derive_seed
 
@@ -99,8 +100,9 @@ class SFTConfig:
     """torch threads: this process's share of the CPU (1 was faster than 2 on the busy 2-core box)."""
     save_dtype: str = "bfloat16"
     """Stored weight dtype (config stays float32, loaders upcast); halves the shipped size."""
-    autocast_bf16: bool = True
-    """bf16 autocast for training matmuls (fp32 master weights): ~1.6x faster on CPUs with AVX512-BF16."""
+    autocast_bf16: str = "auto"
+    """bf16 autocast for training matmuls (fp32 master weights): ~1.6x faster on CPUs with AVX512-BF16,
+    40-60x slower where bf16 is emulated (AVX2). auto: decided by this machine's probe (sapo_ray.precision)."""
 
 
 def _instruction(name: str) -> str:
@@ -215,6 +217,9 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     names = [_instruction(n) for n in cfg.instructions]
+    precision = decide_here(cfg.autocast_bf16)
+    bf16 = precision.use_bf16
+    log(f"precision: {precision.reason}")
     losses, start, step = [], time.perf_counter(), 0
     model.train()
     for step in range(cfg.steps):
@@ -224,7 +229,7 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
         rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
         instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
         batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = sft_loss(model, batch, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,7 +244,8 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
         if elapsed > cfg.max_train_seconds:
             log(f"stopping at step {step + 1}: past max_train_seconds={cfg.max_train_seconds}")
             break
-    return {"steps": len(losses), "train_seconds": round(time.perf_counter() - start, 1), "losses": losses}
+    return {"steps": len(losses), "train_seconds": round(time.perf_counter() - start, 1), "losses": losses,
+            "autocast_bf16": bf16}
 
 
 def save(model, init_dir: str, out_dir: str, dtype: str = "bfloat16") -> None:
@@ -285,6 +291,7 @@ def run(cfg: SFTConfig, log=print) -> dict:
     report = {"command": "python -m sapo_ray.sft " + " ".join(sys.argv[1:]), "config": asdict(cfg),
               "params": sum(p.numel() for p in model.parameters()), "steps": stats["steps"],
               "train_seconds": stats["train_seconds"], "threads": cfg.threads, "torch": torch.__version__,
+              "autocast_bf16": stats["autocast_bf16"],
               "loss_curve": [round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 4) for i in range(0, len(losses), 10)]}
     if init_report is not None:
         report["init_report"] = init_report  # the stages before this one: a chain of fine-tunes stays traceable

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_greedy": "val_acc_greedy",
@@ -32,6 +33,39 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("a") as f:
         for record in records:
             f.write(json.dumps(record, default=str) + "\n")
+
+
+class Pace:
+    """Wall time per step and the time left, from the intervals between logged steps (validations
+    included): the console's line for each step says it, in a terminal and in a log file alike."""
+
+    def __init__(self, total_steps: int = 0, done: int = 0, clock=time.monotonic):
+        self.total, self.clock = total_steps, clock
+        self.last_step, self.last_time = done, clock()
+        self.steps, self.seconds = 0, 0.0
+
+    def tick(self, step: int) -> str:
+        """Note that `step` was logged now; returns "  <s>/step  eta <time>" once a step has finished."""
+        now = self.clock()
+        if step > self.last_step:
+            self.steps += step - self.last_step
+            self.seconds += now - self.last_time
+            self.last_step = step
+        self.last_time = now
+        if not self.steps:
+            return ""
+        per_step = self.seconds / self.steps
+        return f"  {per_step:.1f} s/step  eta {format_duration(per_step * max(0, self.total - self.last_step))}"
+
+
+def format_duration(seconds: float) -> str:
+    """`75` -> "1m15s", `3725` -> "1h02m", `9` -> "9s"."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _step_of(line: str) -> int | None:
@@ -64,11 +98,13 @@ class Tracker:
             self.wandb = wandb.init(project=project, name=experiment, config=config, dir=str(self.run_dir))
         self.progress = None
         self.task = None
+        self.pace = Pace()
 
     def start(self, total_steps: int, done: int) -> None:
         """Drop logged rows past `done` (a fresh run, or steps after the checkpoint a run resumes
         from, would otherwise appear twice) and show a progress bar (console logger only)."""
         self.rewind(done)
+        self.pace = Pace(total_steps, done)
         if "console" not in self.loggers:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -99,10 +135,11 @@ class Tracker:
             self.tb.flush()
         if self.wandb:
             self.wandb.log(clean, step=step)
+        pace = self.pace.tick(step)
         if "console" in self.loggers:
-            shown = "  ".join(f"{SHORT[k]}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean)
+            shown = "  ".join(f"{SHORT[k]}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean) + pace
             if self.progress is not None:
-                self.progress.console.print(f"[bold]step {step}[/bold]  {shown}")
+                self.progress.console.print(f"[bold]step {step}[/bold]  {shown}", soft_wrap=True)  # a line per step
                 keys = ("critic/score/mean", "val/accuracy")
                 self.progress.update(self.task, completed=step,
                                      description="  ".join(f"{SHORT[k]}={clean[k]:.3f}" for k in keys if k in clean))

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sapo_ray.algo import registry
-from sapo_ray import placement
+from sapo_ray import placement, startup
 from sapo_ray import step as bookkeeping
 from sapo_ray.batch import Batch, Prompt, Sample, SamplingParams
 from sapo_ray.config import (algorithm_spec, learner_worker_config, needs_ref, resolve_model_path,
@@ -37,6 +37,7 @@ from sapo_ray.remote import ActorFailure, wait_all
 from sapo_ray.reward.pool import RewardPool
 from sapo_ray.rollout.engine import encode_prompt
 from sapo_ray.rollout.worker import RolloutWorker
+from sapo_ray.signals import StopSignals
 from sapo_ray.sync import WeightSync
 from sapo_ray.reward.mathvista import result_file
 from sapo_ray.tracking import Tracker, generation_records, write_jsonl
@@ -66,9 +67,17 @@ class Trainer:
         self.reward_errors_seen: set[str] = set()  # reward error messages already logged
         self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
         self.stability = bookkeeping.Stability()  # grad-norm spikes and collapse over the run
+        # Between a step's update and its end the learners hold weights of a step not finished yet: a stop
+        # signal waits for the step (`sapo_ray.signals`).
+        self.learners_ahead = False
+        self.stop = StopSignals(deferring=lambda: self.learners_ahead)
+        self.unlogged: dict | None = None  # a finished step's metrics, logged with its validation
+        self.boundary: dict | None = None  # the trainer's state as the current step began (`trainer_state`)
 
     # -- setup ---------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, precision: dict | None = None) -> None:
+        """Data, reward pool, placement, engines, learners, loggers, and the checkpoint to continue;
+        `precision`: the learners' `sapo_ray.precision.Decision`s, for the start-up block."""
         cfg = self.cfg
         seed_everything(cfg.seed)
         from sapo_ray.models import load_processor
@@ -100,8 +109,32 @@ class Trainer:
                                cfg.trainer.experiment, OmegaConf.to_container(cfg, resolve=True))
         self._warn_config_changes()
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self._maybe_resume()
+        resumed_from = self._maybe_resume()
         self._learners("offload")  # the first validation generates before any learner phase
+        log.info("%s", self._startup_summary(plan, precision, resumed_from))
+
+    def _startup_summary(self, plan, precision: dict | None, resumed_from: Path | None) -> str:
+        from transformers import AutoConfig
+
+        from sapo_ray.plan import model_shape
+
+        cfg = self.cfg
+        path = model_path(cfg)
+        if plan is None:
+            roles = [("rollout", cfg.rollout.num_workers, cfg.rollout), ("actor", cfg.actor.world_size, cfg.actor)]
+            if self.critic:
+                roles.append(("critic", cfg.critic.world_size, cfg.critic))
+            where = "Ray places each actor by its request: " + ", ".join(
+                f"{name} {n} x ({g.num_cpus:g} CPU, {g.num_gpus:g} GPU)" for name, n, g in roles)
+        else:
+            where = f"cluster.placement={cfg.cluster.placement}: " + placement.describe(plan).replace("\n", "; ")
+        return startup.summary(
+            cfg, model=cfg.model.path, params=model_shape(path).params,
+            architecture=(AutoConfig.from_pretrained(path).architectures or ["?"])[0],
+            data={role: f"{getattr(cfg.data, role)}: {report.summary()}" for role, report in self.data_reports.items()},
+            machine=startup.machine_line(), precision=startup.precision_line(cfg, precision, self.critic is not None),
+            placement=where, run_dir=str(self.run_dir.resolve()),
+            resumed_from=str(resumed_from) if resumed_from else None, step=self.step)
 
     def _start_rollout_worker(self, i: int):
         r = self.cfg.rollout
@@ -164,6 +197,8 @@ class Trainer:
         self.load_checkpoint(path)
         self._learners("offload")
         self.tracker.rewind(self.step)
+        if self.unlogged is not None:  # a checkpoint saved on a stop signal, before its step's validation
+            self.finish_step()
 
     def _check_memory(self) -> None:
         """The memory plan (`python -m sapo_ray.plan`) before any actor exists: stop if a GPU is over budget."""
@@ -206,8 +241,7 @@ class Trainer:
         finally:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "data_report.json").write_text(json.dumps({k: r.as_dict() for k, r in reports.items()}, indent=1))
-        for role, report in reports.items():
-            log.info("data/%s: %s", role, report.summary())
+        self.data_reports = reports
         self.loader = PromptLoader(train, d.prompts_per_step, seed=derive_seed(cfg.seed, "loader"))
 
     def _check_image(self, image) -> None:
@@ -439,6 +473,7 @@ class Trainer:
         metrics.update(adv_metrics)
         # The critic's and the policy's updates need nothing of each other either.
         train_actor = not self.critic or self.step >= self.spec.critic_warmup
+        self.learners_ahead = True  # until the step is counted (`run_step`)
         with timer("update", timing):
             critic = self.critic.submit_sharded("update", batch) if self.critic else None
             actor = self.actor.submit_sharded("update", batch) if train_actor else None
@@ -510,13 +545,22 @@ class Trainer:
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Save the step's checkpoint; a save that fails (a full disk) removes what it wrote and stops the
-        run, the last complete checkpoint untouched."""
-        path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+    def trainer_state(self) -> dict:
+        """What a checkpoint keeps of the driver, beside the learners' state: the step, the loader's position,
+        the random streams, the policy version, the stability statistics, the draw in flight, and the
+        metrics of a step whose validation has not run yet."""
+        return {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
+                "policy_version": self.policy_version, "stability": asdict(self.stability),
+                "in_flight": self.in_flight, "unlogged": self.unlogged}
+
+    def save_checkpoint(self, state: dict | None = None) -> Path:
+        """Save the step's checkpoint (`state`: a `trainer_state()`, by default the current one); a save
+        that fails (a full disk) removes what it wrote and stops the run, the last complete checkpoint untouched."""
+        state = state or self.trainer_state()
+        path = self.run_dir / "checkpoints" / f"step_{state['step']:06d}"
         tmp = path.with_name(path.name + ".tmp")
         try:
-            return self._save(path, tmp)
+            return self._save(path, tmp, state)
         except (OSError, ray.exceptions.RayTaskError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             last = self._latest_checkpoint()
@@ -524,22 +568,21 @@ class Trainer:
                           f"the last complete checkpoint is {last or 'none'}: free space and run the same command "
                           "again to continue from it") from err
 
-    def _save(self, path: Path, tmp: Path) -> Path:
+    def _save(self, path: Path, tmp: Path, state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.actor.call("save_checkpoint", str(tmp / "actor"))
         if self.critic:
             self.critic.call("save_checkpoint", str(tmp / "critic"))
-        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
-                 "policy_version": self.policy_version, "stability": asdict(self.stability)}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        in_flight = state["in_flight"]
+        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "in_flight"}))
         # The config these weights were trained with (the run dir's is rewritten at every start), where
         # `python -m sapo_ray.export` finds the model's architecture and dtype.
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        if self.in_flight is not None:
+        if in_flight is not None:
             # The next step's first draw, sampled on weights this checkpoint no longer holds: saved as it
             # came out, so a resumed run trains on exactly what the uninterrupted one does.
-            torch.save(self.in_flight.state(), tmp / IN_FLIGHT)
+            torch.save(in_flight.state(), tmp / IN_FLIGHT)
         self._check_shards(tmp)
         fsync_tree(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -577,25 +620,25 @@ class Trainer:
             log.warning("%s does not name a complete checkpoint: continuing from the newest one, %s", latest, complete[-1])
         return complete[-1] if complete else None
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> Path | None:
+        """Load the checkpoint `trainer.resume` asks for, if any; returns its path."""
         resume = self.cfg.trainer.resume
         if resume == "never":
-            return
+            return None
         if resume == "auto":
             path = self._latest_checkpoint()
             if path is None:
-                log.info("no checkpoint in %s: starting a fresh run", self.run_dir)
-                return
+                return None
         else:
             path = Path(resume)
             if not (path / "trainer_state.json").exists():
                 raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint there (trainer_state.json missing)")
         self.load_checkpoint(path)
-        log.info("continuing from checkpoint %s (step %d of %d)", path, self.step, self.cfg.trainer.steps)
         if self.step >= self.cfg.trainer.steps:
             log.warning("%s already holds a finished run (step %d of trainer.steps=%d): nothing to train; "
                         "trainer.resume=never or another trainer.experiment starts a new run",
                         self.run_dir, self.step, self.cfg.trainer.steps)
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         """The learners', the loader's, the random streams' and the step's state of checkpoint `path`, and
@@ -609,6 +652,8 @@ class Trainer:
         self.step = state["step"]
         self.policy_version = state.get("policy_version", 0)
         self.stability = bookkeeping.Stability(**state.get("stability", {}))
+        self.unlogged = state.get("unlogged")
+        self.learners_ahead = False
         if (path / IN_FLIGHT).exists():
             self.in_flight = Rollout.from_state(torch.load(path / IN_FLIGHT, weights_only=False))
         self.sync_weights()
@@ -622,14 +667,20 @@ class Trainer:
             last_val = self.validate()
             self.tracker.log(last_val, step=self.step)
             return last_val
-        if self.step == 0:
-            last_val = self.validate()
-            self.tracker.log(last_val, step=0)
-        while self.step < cfg.steps:
-            try:
-                last_val = self.run_step() or last_val
-            except ActorFailure as failure:  # a learner rank (rollout workers are replaced where they fail)
-                self.recover_learners(failure)
+        try:
+            if self.step == 0:
+                last_val = self.validate()
+                self.tracker.log(last_val, step=0)
+            if self.unlogged is not None:  # a run stopped before its last step's validation
+                last_val = self.finish_step() or last_val
+            while self.step < cfg.steps:
+                try:
+                    last_val = self.run_step() or last_val
+                except ActorFailure as failure:  # a learner rank (rollout workers are replaced where they fail)
+                    self.recover_learners(failure)
+        except KeyboardInterrupt as err:  # a stop signal (`sapo_ray.signals`)
+            self.save_on_stop()
+            raise self.stop.reason(err) from None
         if cfg.export_hf:
             with self.learners_on_device():
                 self.actor.call("export_hf", str(self.run_dir / "hf_policy"))
@@ -637,20 +688,65 @@ class Trainer:
 
     def run_step(self) -> dict:
         """One training step, its validation and checkpoint when due; returns the validation metrics, if any."""
-        cfg = self.cfg.trainer
-        metrics, val = self.train_step(), {}
+        self.boundary = self.trainer_state()
+        metrics = self.train_step()
         metrics["faults/restarts"] = float(self.restarts)
         self.step += 1
+        self.unlogged = metrics
+        self.learners_ahead = False
+        self.stop.check()  # a stop signal that came during the update acts now, the step counted
+        return self.finish_step()
+
+    def finish_step(self) -> dict:
+        """The counted step's validation when due, its metrics logged, its checkpoint when due."""
+        cfg = self.cfg.trainer
+        metrics, val = self.unlogged, {}
         if (cfg.val_every > 0 and self.step % cfg.val_every == 0) or self.step == cfg.steps:
             with timer("val", t := {}):
                 val = self.validate()
             metrics.update(val)
             metrics["timing_s/val"] = t["val"]
         self.tracker.log(metrics, step=self.step)
+        self.unlogged = None
         if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps:
             with self.learners_on_device():
                 self.save_checkpoint()
         return val
+
+    def save_on_stop(self) -> None:
+        """After a stop signal: a checkpoint of the last finished step, unless the latest one is of it, within
+        the signal's budget (`sapo_ray.signals`); a save that cannot finish in time leaves the previous one."""
+        if self.learners_ahead:
+            log.warning("stopped during step %d's update: the learners hold weights of no finished step; the last "
+                        "checkpoint (%s) stays", self.step + 1, self._latest_checkpoint() or "none")
+            return
+        # Before this step's update the learners still hold the last step's weights: the driver's state as
+        # that step ended goes with them (the loader and the random streams have moved since).
+        state = self.boundary if self.boundary and self.boundary["step"] == self.step else self.trainer_state()
+        latest = self._latest_checkpoint()
+        if latest is not None and latest.name == f"step_{self.step:06d}" and state["unlogged"] is None:
+            log.warning("stopped after step %d; its checkpoint %s is there", self.step, latest)
+            return
+        budget = self.stop.remaining()
+        if budget <= 0.5 or self.step == 0:
+            log.warning("stopped at step %d with no time left to save it; the last checkpoint (%s) stays",
+                        self.step, latest or "none")
+            return
+        t0 = time.perf_counter()
+        groups = [g for g in (self.actor, self.critic) if g is not None]
+        timeouts = [g.timeout_s for g in groups]
+        try:
+            for g in groups:
+                g.timeout_s = budget
+            path = self.save_checkpoint(state)
+        except (ActorFailure, StopRun) as err:
+            log.warning("stopped at step %d: its checkpoint could not be saved within %.1f s (%s); the last "
+                        "checkpoint (%s) stays", self.step, budget, err, self._latest_checkpoint() or "none")
+            return
+        finally:
+            for g, t in zip(groups, timeouts):
+                g.timeout_s = t
+        log.warning("stopped: saved %s in %.1f s; the same command continues from it", path, time.perf_counter() - t0)
 
     def close(self) -> None:
         """Release the actors, the reward processes and the loggers (the cluster may be shared)."""

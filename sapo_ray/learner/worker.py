@@ -29,6 +29,7 @@ from sapo_ray.batch import Batch, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.net import listen, tcp_store
+from sapo_ray.precision import use_bf16
 from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,9 @@ class FSDPWorker:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         on_gpu = cfg.learner.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        # The driver replaces `auto` by its decision (the same cached probe answers here); a worker
+        # configured by hand probes this machine.
+        self.autocast_bf16 = self.device.type == "cpu" and use_bf16(cfg.learner.autocast_bf16)
         self.model = None
         self.optimizer = None
         self.scheduler = None
@@ -151,13 +155,14 @@ class FSDPWorker:
 
     def _autocast(self):
         """On a CPU rank, autocast around a forward pass: to `model.dtype` when that is a 16-bit type (the
-        weights stay float32), or to bf16 when `autocast_bf16` is set. GPUs compute in bf16 through FSDP2."""
+        weights stay float32), or to bf16 when `autocast_bf16` says so for this CPU. GPUs compute in bf16
+        through FSDP2."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         dtype = DTYPES[self.cfg.model.dtype]
         if dtype != torch.float32:
             return torch.autocast("cpu", dtype=dtype)
-        if self.cfg.learner.autocast_bf16:
+        if self.autocast_bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
