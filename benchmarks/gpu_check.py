@@ -112,11 +112,14 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
     from sapo_ray.learner.worker import PolicyWorker
     from sapo_ray.net import LOOPBACK, listen, tcp_store
     from sapo_ray.plan import GiB, learner_memory, model_shape
+    from sapo_ray.precision import use_bf16
 
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         path = str(_cut_model_dir(config_path, layers, Path(tmp)))
-        model = ModelConfig(path=path, dtype="bfloat16", gradient_checkpointing=checkpointing)
+        # bf16 compute on a GPU; on a CPU only where its bf16 matmuls are faster (sapo_ray.precision).
+        dtype = "bfloat16" if on_gpu or use_bf16("auto") else "float32"
+        model = ModelConfig(path=path, dtype=dtype, gradient_checkpointing=checkpointing)
         learner = LearnerConfig(num_gpus=1.0 if on_gpu else 0.0, num_threads=os.cpu_count() or 1, micro_batch_size=rows,
                                 mini_batch_size=rows, shuffle=False, optim=OptimConfig(lr=1e-6))
         half = seq // 2
@@ -159,7 +162,7 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
                                  "model": OmegaConf.to_container(OmegaConf.structured(model)),
                                  "data": {"max_prompt_length": seq - half}, "rollout": {"max_new_tokens": half}})
     predicted = sum(learner_memory(shape, plan_cfg, "actor", with_ref=False).values())
-    return {"device": name, "layers": layers, "rows": rows, "seq": seq, "checkpointing": checkpointing,
+    return {"device": name, "dtype": dtype, "layers": layers, "rows": rows, "seq": seq, "checkpointing": checkpointing,
             "params": params, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(6 * params * tokens_per_s / (peak * 1e12), 4) if peak else None,
             "peak_mem_gb": round(peak_gb, 2) if peak_gb is not None else None, "plan_gb": round(predicted, 2)}

@@ -112,6 +112,7 @@ def trl_settings(cfg) -> tuple[dict, list[str]]:
 
     Raises for a config TRL's GRPO cannot express (another advantage, ratio level or loss aggregation)."""
     from sapo_ray.config import algorithm_spec
+    from sapo_ray.precision import use_bf16
 
     spec, actor, r, d = algorithm_spec(cfg), cfg.actor, cfg.rollout, cfg.data
     unsupported = {"advantage": (spec.advantage, "group"), "group_kind": (spec.group_kind, "grpo"),
@@ -157,7 +158,7 @@ def trl_settings(cfg) -> tuple[dict, list[str]]:
         # sapo_ray's token_mean with the mini-batch's token count as denominator.
         loss_type="dapo", scale_rewards="group", importance_sampling_level="token",
         entropy_coef=spec.entropy_coef, mask_truncated_completions=False,
-        bf16=bool(actor.autocast_bf16), gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
+        bf16=use_bf16(actor.autocast_bf16), gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
         model_init_kwargs={"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation},
         # The prompts are given in sapo_ray's loader order; TRL must not reshuffle them.
         shuffle_dataset=False, seed=cfg.seed, use_cpu=True,

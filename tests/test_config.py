@@ -202,9 +202,9 @@ def test_a_clip_range_inside_the_precision_gap_is_warned(caplog):
     (the demo's speed settings) is warned; with the learner's own old log-probs, or token-level clip
     ranges, it is not."""
     with caplog.at_level("WARNING", logger="sapo_ray.config"):
-        validate(compose_cfg("algorithm=gspo"))
+        validate(compose_cfg("algorithm=gspo", "actor.autocast_bf16=true"))
     assert "actor.recompute_old_logp=true" in caplog.text and "'gspo'" in caplog.text
-    for overrides in (["algorithm=gspo", "actor.recompute_old_logp=true"],
+    for overrides in (["algorithm=gspo", "actor.autocast_bf16=true", "actor.recompute_old_logp=true"],
                       ["algorithm=gspo", "actor.autocast_bf16=false"], ["algorithm=sapo"], ["algorithm=grpo"]):
         caplog.clear()
         with caplog.at_level("WARNING", logger="sapo_ray.config"):
