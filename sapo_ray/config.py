@@ -259,7 +259,8 @@ class TrainerConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     # Export the final policy as a Hugging Face directory.
     export_hf: bool = True
-    # Loggers: console, jsonl, tensorboard, wandb.
+    # Loggers (sapo_ray.tracking.LOGGERS): console, jsonl, tensorboard, wandb (WANDB_MODE=offline works without a
+    # network), mlflow (MLFLOW_TRACKING_URI, else sqlite in the run directory).
     loggers: list = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     project: str = "sapo-ray"
     experiment: str = "${algorithm.name}-seed${seed}"
@@ -535,6 +536,12 @@ def validate(cfg) -> None:
            f"data.min_pixels={d.min_pixels} must be <= data.max_pixels={d.max_pixels}")
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
+    from sapo_ray.tracking import LOGGERS, missing_logger_packages
+
+    unknown = [name for name in cfg.trainer.loggers if name not in LOGGERS]
+    _check(not unknown, f"trainer.loggers has unknown entries {unknown}; use {', '.join(LOGGERS)}")
+    missing = missing_logger_packages(cfg.trainer.loggers)
+    _check(not missing, "; ".join(missing))
     _check(cfg.trainer.steps >= 1, "trainer.steps must be >= 1")
     _check(cfg.trainer.rpc_timeout_s > 0, f"trainer.rpc_timeout_s={cfg.trainer.rpc_timeout_s} must be > 0")
     _check(cfg.trainer.max_ckpt_to_keep >= 0, f"trainer.max_ckpt_to_keep={cfg.trainer.max_ckpt_to_keep} must be >= 0 (0 = all)")

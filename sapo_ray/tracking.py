@@ -1,11 +1,14 @@
-"""Metrics sinks: console (rich), `metrics.jsonl` in the run directory, TensorBoard, W&B; and the
-generation dumps (`generations/*.jsonl`)."""
+"""Metrics sinks (`trainer.loggers`): console (rich), `metrics.jsonl` in the run directory, TensorBoard,
+W&B and MLflow; and the generation dumps (`generations/*.jsonl`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import time
+import uuid
 from pathlib import Path
 
 SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_greedy": "val_acc_greedy",
@@ -75,27 +78,150 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+class JsonlSink:
+    """`metrics.jsonl`: one object per logged step (non-finite values as null)."""
+
+    def __init__(self, run_dir: Path, project: str, experiment: str, config: dict):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")
+
+    def rewind(self, done: int) -> None:
+        """Drop the rows past step `done` (they will be logged again)."""
+        self.file.close()
+        lines = self.path.read_text().splitlines() if done else []
+        kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
+        self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path, project: str, experiment: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _run_id(run_dir: Path, name: str, new) -> str:
+    """The tracker run id kept in `run_dir/name`, so a continued run logs into the same tracker run."""
+    path = run_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    run_id = new()
+    path.write_text(run_id)
+    return run_id
+
+
+class WandbSink:
+    """Weights & Biases under `run_dir/wandb`; WANDB_MODE=offline logs without a network (`wandb sync`
+    uploads it later). A continued run logs into the same W&B run; steps it trains again after a
+    checkpoint are re-sent, and W&B keeps the first values it received for them."""
+
+    def __init__(self, run_dir: Path, project: str, experiment: str, config: dict):
+        import wandb
+
+        run_id = _run_id(run_dir, "wandb_run_id", lambda: uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=project, name=experiment, id=run_id, resume="allow", config=config,
+                              dir=str(run_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """MLflow: the server or store MLFLOW_TRACKING_URI names, else a local one in the run directory
+    (`sqlite:///<run_dir>/mlflow.db`: MLflow's file store refuses new runs since 3.x unless
+    MLFLOW_ALLOW_FILE_STORE is set). The config goes in as parameters (`actor.optim.lr`, ...)."""
+
+    def __init__(self, run_dir: Path, project: str, experiment: str, config: dict):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+
+        def new_run() -> str:
+            found = self.client.get_experiment_by_name(project)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(project)
+            run = self.client.create_run(experiment_id, run_name=experiment)
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
+                self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+            return run.info.run_id
+
+        self.run_id = _run_id(run_dir, "mlflow_run_id", new_run)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, v, now, step) for k, v in metrics.items() if math.isfinite(v)]
+        for start in range(0, len(rows), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=rows[start:start + 1000])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+# `trainer.loggers` entries besides `console`: the sink, and the modules it needs beyond sapo-ray's own
+# with what installs them (MLflow's local store is SQLite through SQLAlchemy and alembic).
+SINKS = {"jsonl": (JsonlSink, (), ""), "tensorboard": (TensorBoardSink, (), ""),
+         "wandb": (WandbSink, ("wandb",), "wandb"),
+         "mlflow": (MlflowSink, ("mlflow", "sqlalchemy", "alembic"), "mlflow-skinny sqlalchemy alembic")}
+LOGGERS = ("console", *SINKS)
+
+
+def missing_logger_packages(loggers) -> list[str]:
+    """One line per requested logger whose packages are not installed, naming what to install."""
+    missing = []
+    for name in loggers:
+        _, modules, install = SINKS.get(name, (None, (), ""))
+        absent = [m for m in modules if importlib.util.find_spec(m) is None]
+        if absent:
+            missing.append(f"trainer.loggers has {name}, which needs {', '.join(absent)}: pip install {install}")
+    return missing
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class Tracker:
     def __init__(self, run_dir: str, loggers: list[str], project: str, experiment: str, config: dict):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        unknown = set(loggers) - {"console", "jsonl", "tensorboard", "wandb"}
+        unknown = set(loggers) - set(LOGGERS)
         if unknown:
-            raise ValueError(f"trainer.loggers has unknown entries {sorted(unknown)}; use console, jsonl, tensorboard, wandb")
+            raise ValueError(f"trainer.loggers has unknown entries {sorted(unknown)}; use {', '.join(LOGGERS)}")
+        missing = missing_logger_packages(loggers)
+        if missing:
+            raise ValueError("; ".join(missing))
         self.loggers = list(loggers)
-        self.jsonl = None
-        if "jsonl" in loggers:
-            self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
-        self.tb = None
-        if "tensorboard" in loggers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.wandb = None
-        if "wandb" in loggers:
-            import wandb  # optional: `pip install wandb`; WANDB_MODE=offline works without a network
-
-            self.wandb = wandb.init(project=project, name=experiment, config=config, dir=str(self.run_dir))
+        self.sinks = [SINKS[name][0](self.run_dir, project, experiment, config) for name in loggers if name in SINKS]
         self.progress = None
         self.task = None
         self.pace = Pace()
@@ -116,25 +242,14 @@ class Tracker:
 
     def rewind(self, done: int) -> None:
         """Drop the rows of `metrics.jsonl` past step `done` (they will be logged again)."""
-        if self.jsonl is not None:
-            path = self.run_dir / "metrics.jsonl"
-            self.jsonl.close()
-            lines = path.read_text().splitlines() if done else []
-            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
-            path.write_text("".join(l + "\n" for l in kept))
-            self.jsonl = open(path, "a")
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(done)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}) + "\n")
-            self.jsonl.flush()
-        if self.tb:
-            for k, v in clean.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        if self.wandb:
-            self.wandb.log(clean, step=step)
+        for sink in self.sinks:
+            sink.log(clean, step)
         pace = self.pace.tick(step)
         if "console" in self.loggers:
             shown = "  ".join(f"{SHORT[k]}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean) + pace
@@ -149,9 +264,5 @@ class Tracker:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        if self.jsonl:
-            self.jsonl.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+        for sink in self.sinks:
+            sink.close()

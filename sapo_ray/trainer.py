@@ -40,7 +40,7 @@ from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.signals import StopSignals
 from sapo_ray.sync import WeightSync
 from sapo_ray.reward.mathvista import result_file
-from sapo_ray.tracking import Tracker, generation_records, write_jsonl
+from sapo_ray.tracking import Tracker, flatten, generation_records, write_jsonl
 from sapo_ray.utils import (actor_env, derive_seed, fsync_tree, rng_state, seed_everything, set_rng_state, timer,
                             write_atomic)
 
@@ -217,8 +217,8 @@ class Trainer:
         old_path = self.run_dir / "config.yaml"
         if self.cfg.trainer.resume != "auto" or not (self.run_dir / "checkpoints" / "latest").exists():
             return
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(old_path)))
-        new = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        old = flatten(OmegaConf.to_container(OmegaConf.load(old_path)))
+        new = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             log.warning("%s holds a run whose config differs in %s; continuing it with the new values",
@@ -782,17 +782,6 @@ class StopRun(RuntimeError):
 def _mean_dicts(parts: list[dict]) -> dict:
     keys = parts[0].keys()
     return {k: float(np.mean([p[k] for p in parts])) for k in keys}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class Rollout:
