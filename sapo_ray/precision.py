@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sapo_ray.utils import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +102,6 @@ def measure(sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 3) -> Probe:
         torch.set_num_threads(threads)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -126,7 +116,7 @@ def machine_key() -> str:
     """What the probe's answer depends on: the CPU, its flags, the torch build and its kernel limits."""
     import torch
 
-    parts = [cpu_name(), _cpu_flags(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+    parts = [cpu_model(), _cpu_flags(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
              *(f"{k}={os.environ.get(k, '')}" for k in ISA_LIMITS)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -148,7 +138,7 @@ def cached_probe(path: Path | None = None) -> Probe:
     if isinstance(entry, dict) and isinstance(entry.get("float32_ms"), float) and isinstance(entry.get("bfloat16_ms"), float):
         return Probe(entry["float32_ms"], entry["bfloat16_ms"])
     probe = measure()
-    known[key] = {**asdict(probe), "cpu": cpu_name()}
+    known[key] = {**asdict(probe), "cpu": cpu_model()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from sapo_ray.precision import Decision, cpu_name
+from sapo_ray.precision import Decision
+from sapo_ray.utils import cpu_model
 
 
 def machine_line() -> str:
@@ -14,7 +15,7 @@ def machine_line() -> str:
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"{len(names)} GPU(s): " + ", ".join(sorted(set(names))) + f"; torch {torch.__version__}"
-    return f"CPU: {cpu_name()}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()} kernels); " \
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()} kernels); " \
            f"torch {torch.__version__}"
 
 

@@ -14,14 +14,14 @@ import pytest
 
 from helpers import TINY_OVERRIDES, tiny_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-def command(run_dir: Path) -> list[str]:
-    # Periodic saves off: what a stopped run continues from is the checkpoint written on the way out.
-    return [sys.executable, "-m", "sapo_ray.main", "model.path=bundled:tiny-vlm", f"trainer.run_dir={run_dir}",
-            *TINY_OVERRIDES, "trainer.export_hf=false", "trainer.save_every=0", f"trainer.steps={STEPS}"]
+# Periodic saves off: what a stopped run continues from is the checkpoint written on the way out. No run
+# directory given: the default, outputs/<project>/<experiment> below the working directory.
+COMMAND = [sys.executable, "-m", "sapo_ray.main", "model.path=bundled:tiny-vlm", *TINY_OVERRIDES,
+           "trainer.export_hf=false", "trainer.save_every=0", f"trainer.steps={STEPS}"]
+RUN_DIR = Path("outputs") / "sapo-ray" / "sapo-seed0"
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -56,12 +56,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def stop_after(run_dir: Path, step: int, signum: int, whole_group: bool) -> tuple[int, float, set[int]]:
-    """Start the run, send `signum` once `step` is logged (to its process group, or the driver alone);
-    returns the exit status, the seconds from the signal to the exit, and every process the run had."""
+def stop_after(cwd: Path, step: int, signum: int, whole_group: bool) -> tuple[int, float, set[int], str]:
+    """Start the run in `cwd`, send `signum` once `step` is logged (to its process group, or the driver
+    alone); returns the exit status, the seconds from the signal to the exit, every process the run had,
+    and what it printed."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run_dir, log = cwd / RUN_DIR, cwd / f"run-{step}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(COMMAND, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seen: set[int] = set()
     try:
         while proc.poll() is None and max(metrics(run_dir), default=-1) < step:
@@ -72,7 +74,7 @@ def stop_after(run_dir: Path, step: int, signum: int, whole_group: bool) -> tupl
         t0 = time.monotonic()
         os.killpg(proc.pid, signum) if whole_group else os.kill(proc.pid, signum)
         status = proc.wait(timeout=60)
-        return status, time.monotonic() - t0, seen
+        return status, time.monotonic() - t0, seen, log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -89,14 +91,17 @@ def latest_checkpoint_step(run_dir: Path) -> int:
 def test_stopped_twice_the_run_continues_as_if_never_stopped(ray_cluster, tmp_path):
     """Ctrl-C (SIGINT to the process group) after step 2, then SIGTERM to the driver alone after step 5:
     each ends the run within 10 s with exit status 130 / 143 and no process of it left, and leaves a
-    checkpoint of the last finished step though periodic saves are off. The same command continues each
-    time, and every step's metrics equal an uninterrupted run's."""
+    checkpoint of the last finished step though periodic saves are off. The same command in the same
+    directory continues each time, and every step's metrics equal an uninterrupted run's."""
     from sapo_ray import precision
     from sapo_ray.main import run
 
-    run_dir = tmp_path / "stopped"
+    cwd = tmp_path / "stopped"
+    cwd.mkdir()
+    run_dir = cwd / RUN_DIR
     for step, signum, whole_group, expected in ((2, signal.SIGINT, True, 130), (5, signal.SIGTERM, False, 143)):
-        status, seconds, processes = stop_after(run_dir, step, signum, whole_group)
+        status, seconds, processes, printed = stop_after(cwd, step, signum, whole_group)
+        assert ("starting a fresh run" if step == 2 else "continuing from checkpoint") in printed
         assert status == expected and seconds < 10, (signal.Signals(signum).name, status, seconds)
         time.sleep(0.5)
         assert not [p for p in processes if alive(p)], "processes of the stopped run are left"
@@ -108,8 +113,8 @@ def test_stopped_twice_the_run_continues_as_if_never_stopped(ray_cluster, tmp_pa
     resolved = "true" if precision.use_bf16("auto") else "false"
     assert f"autocast_bf16: '{resolved}'" in saved and "autocast_bf16: auto" not in saved
 
-    done = subprocess.run(command(run_dir), cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(COMMAND, cwd=cwd, env={**os.environ, "RAY_ADDRESS": ""},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "continuing from checkpoint" in done.stdout + done.stderr
 
