@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from sapo_ray.precision import Decision
+from sapo_ray.precision import Decision, normalize
 from sapo_ray.utils import cpu_model
 
 
@@ -28,7 +28,7 @@ def precision_line(cfg, decisions: dict[str, Decision] | None, needs_critic: boo
         if group.num_gpus > 0:
             said.setdefault(f"{cfg.model.dtype} compute over float32 masters (FSDP2 mixed precision)", []).append(role)
             continue
-        how = "bf16 autocast over float32 weights" if str(group.autocast_bf16).lower() == "true" else "float32"
+        how = "bf16 autocast over float32 weights" if normalize(group.autocast_bf16) == "true" else "float32"
         if cfg.model.dtype != "float32":
             how = f"{cfg.model.dtype} autocast over float32 weights (model.dtype)"
         reason = decisions[role].reason if decisions and role in decisions else f"autocast_bf16={group.autocast_bf16}"
