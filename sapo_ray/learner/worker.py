@@ -30,7 +30,7 @@ from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.net import listen, tcp_store
 from sapo_ray.precision import use_bf16
-from sapo_ray.utils import bucket_tensors, derive_seed, peak_memory_mb, set_threads
+from sapo_ray.utils import bucket_tensors, compute_device, derive_seed, peak_memory_mb, set_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The trained weights, their gradients and AdamW's moments stay float32 whatever `model.dtype` says: a
@@ -70,8 +70,7 @@ class FSDPWorker:
     def __init__(self, rank: int, world_size: int, cfg: LearnerWorkerConfig):
         set_threads(cfg.learner.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        on_gpu = cfg.learner.num_gpus > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        self.device = compute_device(cfg.learner.num_gpus, f"{cfg.role} rank {rank}")
         # The driver replaces `auto` by its decision (the same cached probe answers here); a worker
         # configured by hand probes this machine.
         self.autocast_bf16 = self.device.type == "cpu" and use_bf16(cfg.learner.autocast_bf16)

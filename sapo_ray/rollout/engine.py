@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from sapo_ray.batch import Prompt, Sample, SamplingParams
 from sapo_ray.learner.forward import log_softmax_and_entropy
-from sapo_ray.utils import derive_seed
+from sapo_ray.utils import compute_device, derive_seed
 
 
 def encode_prompt(processor, example: dict, instruction: str = "", keep_images: bool = False) -> Prompt:
@@ -174,7 +174,7 @@ class HFEngine:
         from sapo_ray.models import load_policy, load_processor
 
         processor = load_processor(cfg.model.path)
-        device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = compute_device(cfg.rollout.num_gpus, f"rollout worker {cfg.index}")
         model = load_policy(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
                             attn_implementation=cfg.model.attn_implementation).to(device)
         return cls(model, getattr(processor, "tokenizer", processor), cfg.rollout.max_batch_size)

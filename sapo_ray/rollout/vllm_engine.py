@@ -55,7 +55,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 from sapo_ray.batch import Sample
 from sapo_ray.batch import Prompt, SamplingParams
 from sapo_ray.sync import decode_bucket, encode_bucket
-from sapo_ray.utils import derive_seed
+from sapo_ray.utils import compute_device, derive_seed
 
 BANNED_KEY = "sapo_ray_banned_token_ids"  # how the banned ids reach the logits processor (additional_config)
 
@@ -188,7 +188,7 @@ class VLLMEngine:
 
         r = cfg.rollout
         path = resolve_model_path(cfg.model.path)
-        on_gpu = r.num_gpus > 0 and torch.cuda.is_available()
+        on_gpu = compute_device(r.num_gpus, f"rollout worker {cfg.index}").type == "cuda"
         enforce_eager = r.enforce_eager or not on_gpu  # CUDA graphs need a GPU
         if not on_gpu:
             for key, value in cpu_environment().items():

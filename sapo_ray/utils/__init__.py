@@ -24,6 +24,23 @@ def actor_env(num_threads: int, hide_gpus: bool = False) -> dict[str, str]:
     return {**THREAD_ENV, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, **hidden}
 
 
+def compute_device(num_gpus: float, who: str) -> torch.device:
+    """The device of an actor holding `num_gpus` of a GPU: the CPU without a share or on simulated GPUs
+    (`actor_env` hides CUDA from it), else its GPU, made current. A share that torch cannot use raises,
+    naming `who`: an actor that computed on the CPU instead would go unnoticed until the run crawled."""
+    if num_gpus <= 0 or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise RuntimeError(
+            f"{who} holds a GPU share (num_gpus={num_gpus:g}) but torch cannot use a GPU here (torch "
+            f"{torch.__version__}, {build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+            "install a CUDA build of torch on the GPU nodes (docs/running.md), or try the topology on CPUs "
+            "with cluster.simulate_gpus=N")
+    torch.cuda.set_device(0)  # the first GPU Ray gave this process (it sets CUDA_VISIBLE_DEVICES)
+    return torch.device("cuda", 0)
+
+
 def set_threads(num_threads: int) -> None:
     """Pin torch's intra-op pool to this process's CPU share (the default, all cores, thrashes)."""
     n = max(1, int(num_threads))
