@@ -356,7 +356,8 @@ class PolicyWorker(FSDPWorker):
         m = self.cfg.model
         self._seed_init()
         ids = self._token_ids()
-        self.banned = torch.tensor(ids.banned, dtype=torch.long)
+        # On the device once: the scoring moves it to the logits' device in every 128-position piece.
+        self.banned = torch.tensor(ids.banned, dtype=torch.long, device=self.device)
         self.image_token_id = ids.image
         model = lambda dtype: self._build(
             lambda: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation),
