@@ -486,6 +486,15 @@ def precision_warnings(cfg) -> list[str]:
             "(actor/pg_clipfrac > 0 before any update); set actor.recompute_old_logp=true"]
 
 
+def layout_warnings(cfg) -> list[str]:
+    """What a layout will compute slowly: `packed` without variable-length attention kernels."""
+    return [f"{role}.layout=packed with model.attn_implementation={cfg.model.attn_implementation}: the rows are kept "
+            "apart by a block-diagonal mask, quadratic in the packed length (flash_attention_2 on GPUs has "
+            "variable-length kernels; layout=shared_prompt is the fast choice otherwise)"
+            for role in ("actor", "critic")
+            if cfg[role].layout == "packed" and cfg.model.attn_implementation != "flash_attention_2"]
+
+
 def validate(cfg) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key. Configs that
     run but compute something else than they mean are logged as warnings (`precision_warnings`)."""
@@ -518,7 +527,7 @@ def validate(cfg) -> None:
            "rollout.weight_sync=broadcast on GPUs needs the engines and learner rank 0 on different GPUs (NCCL cannot "
            f"join two processes on one GPU); got rollout.num_gpus={r.num_gpus}, actor.num_gpus={cfg.actor.num_gpus}: "
            "use cluster.placement=split, whole GPUs for both, or rollout.weight_sync=object_store")
-    for warning in precision_warnings(cfg):
+    for warning in precision_warnings(cfg) + layout_warnings(cfg):
         log.warning("%s", warning)
     _check(r.max_staleness in (0, 1), f"rollout.max_staleness={r.max_staleness}: 0 (synchronous) or 1 (one step "
                                       "off-policy); more steps in flight are not implemented")

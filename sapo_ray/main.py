@@ -51,9 +51,13 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("this config places actors on GPUs (rollout/actor/critic num_gpus > 0) but no CUDA device "
                           "is visible and no Ray cluster address is set; run on a GPU node, set ray.address, or "
                           "try the topology on the CPU with cluster.simulate_gpus=N")
-    if cfg.rollout.engine == "vllm":
-        import importlib.util
+    import importlib.util
 
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which this "
+                          "Python does not have: pip install flash-attn (CUDA machines; the `flash` extra), or "
+                          "use model.attn_implementation=sdpa")
+    if cfg.rollout.engine == "vllm":
         from sapo_ray.rollout.engine import VLLM_INSTALL_HINT
 
         if importlib.util.find_spec("vllm") is None:

@@ -210,3 +210,24 @@ def test_a_clip_range_inside_the_precision_gap_is_warned(caplog):
         with caplog.at_level("WARNING", logger="sapo_ray.config"):
             validate(compose_cfg(*overrides))
         assert caplog.text == "", overrides
+
+
+def test_packed_rows_without_variable_length_kernels_are_warned(caplog):
+    with caplog.at_level("WARNING", logger="sapo_ray.config"):
+        validate(compose_cfg("actor.layout=packed"))
+    assert "actor.layout=packed with model.attn_implementation=sdpa_gqa" in caplog.text and "critic" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sapo_ray.config"):
+        validate(compose_cfg("actor.layout=packed", "model.attn_implementation=flash_attention_2"))
+    assert "layout=packed" not in caplog.text
+
+
+def test_flash_attention_without_its_package_fails_before_ray():
+    import importlib.util
+
+    from sapo_ray.main import check_environment
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="needs the flash-attn package.*pip install flash-attn"):
+        check_environment(compose_cfg("model.attn_implementation=flash_attention_2"))
