@@ -28,6 +28,7 @@ from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
+from sapo_ray.learner.vision import run_vision_in_every_forward
 from sapo_ray.net import listen, tcp_store
 from sapo_ray.precision import use_bf16
 from sapo_ray.utils import bucket_tensors, compute_device, derive_seed, peak_memory_mb, set_threads
@@ -128,6 +129,8 @@ class FSDPWorker:
             if type(module).__name__ in blocks:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if distributed:  # every rank runs the vision blocks' collectives, whatever its rows hold
+            run_vision_in_every_forward(model)
         if not distributed:
             return model.to(self.device)
         if self.rank == 0:

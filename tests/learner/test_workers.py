@@ -340,3 +340,52 @@ def _budget_batch_text(path):
     advantages = torch.randn(mask.shape, generator=gen) * mask
     return batch.with_data(old_logp=batch.data["rollout_logp"], advantages=advantages, seg_end=seg.end_mask,
                            values=torch.zeros(mask.shape), returns=advantages, value_mask=seg.end_mask.float()), None
+
+
+def _mixed_batch(path):
+    """4 rows with an image, then 4 text-only rows: split over 2 ranks, one rank sees no image at all."""
+    from helpers import encode, engine_for
+    from sapo_ray.batch import Batch, SamplingParams
+    from sapo_ray.data.datasets import load_dataset_split
+
+    engine, processor = engine_for(path)
+    examples = (load_dataset_split("synthvista", None, "train", n=2, seed=0)
+                + load_dataset_split("synthvista", None, "train", n=2, seed=1, text_only=True))
+    samples = engine.generate([encode(processor, e) for e in examples],
+                              SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0))
+    assert [s.pixel_values is not None for s in samples] == [True] * 4 + [False] * 4
+    batch = Batch.from_samples(samples, engine.pad_id)
+    mask = batch.response_mask
+    gen = torch.Generator().manual_seed(0)
+    return batch.with_data(group_index=torch.tensor([s.prompt_index for s in samples]),
+                           old_logp=batch.data["rollout_logp"], values=torch.zeros(mask.shape), value_mask=mask,
+                           returns=torch.randn(mask.shape, generator=gen) * mask,
+                           advantages=torch.randn(mask.shape, generator=gen) * mask)
+
+
+@pytest.mark.parametrize("role, layout", [("actor", "padded"), ("actor", "shared_prompt"), ("critic", "packed")])
+def test_a_rank_without_images_runs_the_vision_collectives_too(role, layout, ray_cluster, random_tiny_models):
+    """FSDP gathers and reduces the vision blocks by collectives: a rank whose rows hold no image must run
+    them as the rank with images does (before, gloo aborted on the mismatch; NCCL hangs). 2 ranks, one
+    without images, update exactly as 1 rank with all the rows."""
+    from sapo_ray.learner.worker import CriticWorker
+
+    path = random_tiny_models["vlm"]
+    batch = _mixed_batch(path)
+    states = []
+    for world in (1, 2):
+        group = WorkerGroup(PolicyWorker if role == "actor" else CriticWorker,
+                            learner_cfg(path, role=role, algorithm="rloo" if role == "actor" else "ppo", world_size=world,
+                                        layout=layout), timeout_s=120)
+        if role == "actor":
+            group.submit_gather("compute_logprobs", batch, "policy").get()
+        group.call_sharded("update", batch)
+        states.append(group.call("full_state_dict")[0])
+        group.shutdown()
+    if role == "actor":  # the vision tower trained (the image rows' gradient reached it) on both
+        from sapo_ray.models import load_policy
+
+        initial = load_policy(path).state_dict()
+        assert max(float((states[1][k] - initial[k]).abs().max()) for k in initial if ".visual." in f".{k}") > 1e-4
+    worst = max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0])
+    assert worst < 1e-5, f"2 ranks (one without images) differ from 1 rank by {worst}"
