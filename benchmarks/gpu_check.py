@@ -2,14 +2,16 @@
 
     python benchmarks/gpu_check.py [--budget-s 450] [--layers 4] [--out gpu_check.json]
 
-1. `pytest -m gpu` (tests/test_gpu.py).
+0. Refuses (exit status 2, the reason as JSON) where a GPU is present but torch cannot use it.
+1. `pytest -m gpu tests`: every gpu-marked test.
 2. Two training steps of the tiny VLM in bfloat16 with `cluster.placement=colocate` (hf engine, actor and
    critic on fractions of GPU 0); with two or more GPUs also `cluster.placement=split` with the weights
    broadcast over NCCL.
 3. Learner throughput of a Qwen2.5-VL-3B-shaped policy (the shipped architecture, random weights, full
    width, the decoder cut to `--layers` blocks): one rank of the real `PolicyWorker` (FSDP2, bf16 compute),
    one optimizer step on `--rows` x `--seq` tokens, gradient checkpointing on and off: tokens/s, MFU
-   against the GPU's dense bf16 peak (6 x parameters x tokens/s), peak memory next to the memory plan's
+   against the GPU's dense bf16 peak (6 x the parameters the text batch uses x tokens/s; the vision tower's
+   are not), peak allocated and reserved memory next to the memory plan's
    estimate for the same shapes.
 
 Each part runs under what is left of `--budget-s`; a part that fails or runs out of time is reported,
@@ -48,8 +50,28 @@ def _run(cmd: list[str], timeout: float) -> dict:
     return {"ok": ok, "seconds": round(time.perf_counter() - start, 1), "tail": "\n".join(str(text).splitlines()[-15:])}
 
 
+def gpu_present() -> str | None:
+    """What shows this machine has an NVIDIA GPU, whatever torch can do with it (None: nothing does)."""
+    if Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()):
+        return "/proc/driver/nvidia/gpus"
+    if any(Path("/dev").glob("nvidia[0-9]*")):
+        return "/dev/nvidia*"
+    return None
+
+
+def unusable_gpu_error(torch_sees_cuda: bool, evidence: str | None, torch_version: str, torch_cuda: str | None) -> str | None:
+    """Why the check must not run on this machine: a GPU is there but torch cannot use it (a CPU build of
+    torch, or a driver too old for its CUDA). Running on would report the CPU's numbers as the GPU's."""
+    if torch_sees_cuda or evidence is None:
+        return None
+    build = f"built for CUDA {torch_cuda}" if torch_cuda else "a CPU-only build"
+    return (f"this machine has an NVIDIA GPU ({evidence}) but torch {torch_version} ({build}) cannot use it; "
+            "install a CUDA build of torch (docs/running.md, 'On your own GPU machine') and run the check again")
+
+
 def pytest_gpu(timeout: float) -> dict:
-    result = _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], timeout)
+    """Every test marked `gpu` in the tree (tests/test_gpu.py, the CUDA IPC round trip, ...)."""
+    result = _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], timeout)
     last = [line for line in result["tail"].splitlines() if "passed" in line or "failed" in line]
     return {**result, "summary": last[-1] if last else None}
 
@@ -71,7 +93,9 @@ def training_steps(placement: str, gpus: int, timeout: float) -> dict:
         result["steps"] = [r["step"] for r in rows]
         result["step_s"] = last.get("timing_s/step")
         result["sync_gb_per_s"] = last.get("sync/gb_per_s")
-        result["peak_mem_mb"] = {k.rsplit("/", 1)[-1]: v for k, v in last.items() if k.startswith("perf/peak_mem_mb/")}
+        for kind in ("host", "gpu"):
+            result[f"peak_{kind}_mb"] = {k.rsplit("/", 1)[-1]: v for k, v in last.items()
+                                         if k.startswith(f"perf/peak_{kind}_mb/")}
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
@@ -151,11 +175,13 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
         seconds = (time.perf_counter() - start) / repeats
         params = sum(p.numel() for p in worker.model.parameters())
         peak_gb = torch.cuda.max_memory_allocated() / GiB if on_gpu else None
+        reserved_gb = torch.cuda.max_memory_reserved() / GiB if on_gpu else None
         dist.destroy_process_group()
         shape = model_shape(path)
     tokens_per_s = rows * seq / seconds
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    used = params - shape.vision_params  # the batch is text: the vision tower computes nothing
     from omegaconf import OmegaConf
 
     plan_cfg = OmegaConf.create({"actor": {**OmegaConf.to_container(OmegaConf.structured(learner)), "world_size": 1},
@@ -163,9 +189,11 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
                                  "data": {"max_prompt_length": seq - half}, "rollout": {"max_new_tokens": half}})
     predicted = sum(learner_memory(shape, plan_cfg, "actor", with_ref=False).values())
     return {"device": name, "dtype": dtype, "layers": layers, "rows": rows, "seq": seq, "checkpointing": checkpointing,
-            "params": params, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
-            "mfu": round(6 * params * tokens_per_s / (peak * 1e12), 4) if peak else None,
-            "peak_mem_gb": round(peak_gb, 2) if peak_gb is not None else None, "plan_gb": round(predicted, 2)}
+            "params": params, "params_used": used, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(6 * used * tokens_per_s / (peak * 1e12), 4) if peak else None,
+            "peak_mem_gb": round(peak_gb, 2) if peak_gb is not None else None,
+            "peak_reserved_gb": round(reserved_gb, 2) if reserved_gb is not None else None,
+            "plan_gb": round(predicted, 2)}
 
 
 def main() -> None:
@@ -179,12 +207,17 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    refusal = unusable_gpu_error(torch.cuda.is_available(), gpu_present(), torch.__version__, torch.version.cuda)
+    if refusal:
+        print(json.dumps({"error": refusal}, indent=2))
+        sys.exit(2)
     deadline = time.monotonic() + args.budget_s
     left = lambda share: max(1.0, (deadline - time.monotonic()) * share)
     gpus = torch.cuda.device_count()
     summary: dict = {"gpus": gpus, "device": torch.cuda.get_device_name() if gpus else "cpu"}
     if gpus:
-        summary["pytest_gpu"] = pytest_gpu(left(0.25))
+        # The tests start ~17 actors and load models: most of the budget.
+        summary["pytest_gpu"] = pytest_gpu(left(0.5))
         summary["colocate"] = training_steps("colocate", gpus, left(0.3))
         if gpus >= 2:
             summary["split"] = training_steps("split", gpus, left(0.4))

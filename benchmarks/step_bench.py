@@ -56,8 +56,8 @@ def main() -> None:
           f"{mean('perf/response_tokens') / step:.0f} response tokens/s")
     print(f"weight sync: {mean('sync/bytes') / 1e6:.1f} MB in {timing.get('update_weights', 0):.3f} s "
           f"({mean('sync/gb_per_s'):.2f} GB/s)")
-    for key in sorted(k for k in rows[-1] if k.startswith("perf/peak_mem_mb/")):
-        print(f"peak memory {key.rsplit('/', 1)[-1]}: {rows[-1][key]:.0f} MB")
+    for key in sorted(k for k in rows[-1] if k.startswith(("perf/peak_host_mb/", "perf/peak_gpu_mb/"))):
+        print(f"peak {key.split('_')[1]} memory {key.rsplit('/', 1)[-1]}: {rows[-1][key]:.0f} MB")
 
 
 if __name__ == "__main__":

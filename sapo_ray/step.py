@@ -180,6 +180,18 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
     return m
 
 
+def memory_metrics(peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """`perf/peak_host_mb/<role>` and, where the role's actors report one, `perf/peak_gpu_mb/<role>`: the
+    largest over the role's actors (`peaks[role]`: each actor's `sapo_ray.utils.peak_memory_mb()`)."""
+    out = {}
+    for role, actors in peaks.items():
+        out[f"perf/peak_host_mb/{role}"] = max(p["host"] for p in actors)
+        gpu = [p["gpu"] for p in actors if "gpu" in p]
+        if gpu:
+            out[f"perf/peak_gpu_mb/{role}"] = max(gpu)
+    return out
+
+
 @dataclass
 class Stability:
     """Run-level stability (SAPO_SPEC.md section 8), updated with each step's metrics and saved in

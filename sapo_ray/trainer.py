@@ -503,12 +503,13 @@ class Trainer:
                 group.call(method)
 
     def _memory_metrics(self) -> dict:
-        """Peak resident memory (MB) of the largest actor of each role."""
+        """Per role, the largest actor's peak host memory and, on GPUs, its peak GPU memory (MB). (A vLLM
+        engine's model runs in processes of its own, which the rollout worker's numbers do not include.)"""
         peaks = {"rollout": self.wait_rollout([w.peak_memory_mb.remote() for w in self.rollout]),
                  "actor": self.actor.call("peak_memory_mb")}
         if self.critic:
             peaks["critic"] = self.critic.call("peak_memory_mb")
-        return {f"perf/peak_mem_mb/{role}": max(p) for role, p in peaks.items()}
+        return bookkeeping.memory_metrics(peaks)
 
     # -- validation ----------------------------------------------------------------------------------
     def validate(self) -> dict:

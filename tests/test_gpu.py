@@ -52,6 +52,13 @@ def _moved(before: dict, after: dict) -> float:
     return max(float((after[k].float() - before[k].float()).abs().max()) for k in after)
 
 
+# Two runs of the same update on CUDA need not agree bit for bit: SDPA's backward under a mask and
+# index_put / scatter accumulate with atomics in no fixed order. At lr <= 1e-3 such reorderings move a
+# weight by far less than this, while a wrong update (another batch, lost optimizer state) moves it by
+# more than 1e-4.
+SAME_WEIGHTS = 1e-5
+
+
 def test_hf_engine_on_cuda_matches_learner_logprobs(ray_cluster):
     batch, _ = _cuda_batch()
     group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5))
@@ -117,16 +124,19 @@ def test_critic_and_reference_on_cuda(ray_cluster):
     policy.shutdown()
 
 
-@pytest.mark.parametrize("method", ["object_store", "broadcast"])
+@pytest.mark.parametrize("method", ["object_store", pytest.param("broadcast", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL joins no two processes on one GPU: broadcast needs 2 GPUs"))])
 def test_weight_sync_into_a_cuda_engine(method, ray_cluster):
-    """After an update, either sync method makes the CUDA engine score like the learner."""
+    """After an update, either sync method makes the CUDA engine score like the learner (object_store with
+    learner and engine sharing a GPU; broadcast with a GPU each, as config validation requires)."""
     from sapo_ray.rollout.worker import RolloutWorker
     from sapo_ray.sync import WeightSync
 
     batch, engine = _train_batch()
-    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.4, micro_batch_size=8, mini_batch_size=32))
-    rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, num_gpus=0.4, runtime_env={"env_vars": actor_env(1)}
-                                                ).remote(rollout_cfg(MODEL, num_gpus=0.4))
+    share = 0.4 if method == "object_store" else 1.0
+    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=share, micro_batch_size=8, mini_batch_size=32))
+    rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, num_gpus=share, runtime_env={"env_vars": actor_env(1)}
+                                                ).remote(rollout_cfg(MODEL, num_gpus=share))
     group.call_sharded("update", batch)
     metrics = WeightSync(group, [rollout], method, 1 << 20)()
     assert metrics["sync/buckets"] > 1
@@ -151,9 +161,9 @@ def test_dcp_checkpoint_round_trip_on_cuda(ray_cluster, tmp_path):
     group.call_sharded("update", batch)
     first = group.call("full_state_dict")[0]
     group.call("load_checkpoint", str(tmp_path / "ckpt"))
-    assert _moved(saved, group.call("full_state_dict")[0]) == 0
+    assert _moved(saved, group.call("full_state_dict")[0]) == 0  # loading copies: exact
     group.call_sharded("update", batch)
-    assert _moved(first, group.call("full_state_dict")[0]) == 0
+    assert _moved(first, group.call("full_state_dict")[0]) < SAME_WEIGHTS
     group.shutdown()
 
 
@@ -177,7 +187,7 @@ def test_offload_frees_the_gpu_and_changes_no_update(ray_cluster):
         group.call_sharded("update", batch)
         states.append(group.call("full_state_dict")[0])
         group.shutdown()
-    assert _moved(states[0], states[1]) == 0
+    assert _moved(states[0], states[1]) < SAME_WEIGHTS
 
 
 def test_long_generation_at_the_full_vocabulary():

@@ -323,3 +323,11 @@ def test_stability_continues_from_its_saved_state():
     resumed = step.Stability(**asdict(first))
     got += [resumed.update(m) for m in steps[3:]]
     assert got == expected
+
+
+def test_memory_metrics_keep_host_and_gpu_apart():
+    """Host and GPU peaks are separate numbers, each the largest over a role's actors; no GPU key on CPUs."""
+    m = step.memory_metrics({"actor": [{"host": 900.0, "gpu": 30_000.0}, {"host": 1200.0, "gpu": 20_000.0}],
+                                    "rollout": [{"host": 700.0}]})
+    assert m == {"perf/peak_host_mb/actor": 1200.0, "perf/peak_gpu_mb/actor": 30_000.0,
+                 "perf/peak_host_mb/rollout": 700.0}

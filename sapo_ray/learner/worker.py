@@ -337,7 +337,7 @@ class FSDPWorker:
     def ready(self) -> bool:
         return True
 
-    def peak_memory_mb(self) -> float:
+    def peak_memory_mb(self) -> dict[str, float]:
         return peak_memory_mb()
 
     def gpu_memory_mb(self) -> float:

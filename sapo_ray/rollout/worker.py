@@ -65,5 +65,5 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
-    def peak_memory_mb(self) -> float:
+    def peak_memory_mb(self) -> dict[str, float]:
         return peak_memory_mb()

@@ -76,14 +76,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (MB), and of the GPU allocator when CUDA is in use."""
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak memory in MB: `host`, its resident memory; where it uses CUDA also `gpu`, the
+    most its caching allocator reserved on the device (what the GPU had to hold for it, more than the
+    tensors' own bytes). Two numbers, never one maximum of both: they are different memories."""
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peaks = {"host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
-    return peak
+        peaks["gpu"] = torch.cuda.max_memory_reserved() / 2**20
+    return peaks
 
 
 @contextmanager
