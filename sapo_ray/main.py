@@ -100,7 +100,6 @@ def run(cfg: DictConfig) -> dict:
     import ray
 
     from sapo_ray.precision import resolve_learners
-
     from sapo_ray.trainer import Trainer
 
     decisions = resolve_learners(cfg)
@@ -108,18 +107,20 @@ def run(cfg: DictConfig) -> dict:
     # Installed before Ray starts, so a signal during the start-up also ends the run cleanly; the
     # handlers stay until the actors and the local Ray instance are gone.
     with trainer.stop:
-        started = False
+        started = not ray.is_initialized()  # this run connects (or starts) Ray, so it disconnects (or stops) it
         try:
-            started = init_ray(cfg)
+            init_ray(cfg)
             trainer.stop.install()
             trainer.setup(decisions)
             return trainer.fit()
         except KeyboardInterrupt as err:  # Ray's waits turn a stop signal into a plain KeyboardInterrupt
             raise trainer.stop.reason(err) from None
         finally:
-            trainer.close()
-            if started:
-                ray.shutdown()
+            try:
+                trainer.close()
+            finally:  # a second signal during close must not leave the local Ray instance behind
+                if started and ray.is_initialized():
+                    ray.shutdown()
 
 
 @hydra.main(version_base=None, config_path=f"pkg://{CONF_MODULE}", config_name="config")
