@@ -135,7 +135,7 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
     from sapo_ray.config import LearnerConfig, LearnerWorkerConfig, ModelConfig, OptimConfig, RolloutConfig
     from sapo_ray.learner.worker import PolicyWorker
     from sapo_ray.net import LOOPBACK, listen, tcp_store
-    from sapo_ray.plan import GiB, learner_memory, model_shape
+    from sapo_ray.plan import GiB, learner_memory, model_shape, phase_totals
     from sapo_ray.precision import use_bf16
 
     on_gpu = torch.cuda.is_available()
@@ -186,8 +186,11 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
 
     plan_cfg = OmegaConf.create({"actor": {**OmegaConf.to_container(OmegaConf.structured(learner)), "world_size": 1},
                                  "model": OmegaConf.to_container(OmegaConf.structured(model)),
-                                 "data": {"max_prompt_length": seq - half}, "rollout": {"max_new_tokens": half}})
-    predicted = sum(learner_memory(shape, plan_cfg, "actor", with_ref=False).values())
+                                 "data": {"max_prompt_length": seq - half},
+                                 "rollout": {"max_new_tokens": half, "sync_bucket_mb": 256}})
+    # The update phase's terms, without the CUDA context (the allocator's peak does not see it).
+    terms = learner_memory(shape, plan_cfg, "actor", with_ref=False)
+    predicted = phase_totals({"actor": terms}, False, {})["update"] - terms["context"]
     return {"device": name, "dtype": dtype, "layers": layers, "rows": rows, "seq": seq, "checkpointing": checkpointing,
             "params": params, "params_used": used, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(6 * used * tokens_per_s / (peak * 1e12), 4) if peak else None,

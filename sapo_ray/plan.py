@@ -15,11 +15,19 @@ read, so `model.path=bundled:configs/qwen2_5_vl_3b` works anywhere), places the 
   activations); hf holds its weights, a KV cache for `rollout.max_batch_size` rows and one decoding
   step's float32 scores and log-probs.
 
-The total is the learners' resident state plus the larger of the engine (freed between rollouts with
-`rollout.enable_sleep_mode`) and one learner's activations (the phases run one after another), or
-their sum without sleep mode. It is an estimate from the shapes, not a measurement: allocator
-fragmentation, CUDA context (~0.5 GiB per process) and NCCL buffers come on top. Exit status 2 when a
-GPU is over `cluster.gpu_memory_gb`; the trainer runs the same check before it creates actors.
+Besides, every process holds a CUDA context (~0.5 GiB), and an update holds the root unit's unsharded
+gradient in the compute dtype and its float32 copy for the reduce-scatter.
+
+A step runs in phases (`PHASES`, `sapo_ray.trainer`), and what coexists on a GPU differs in each:
+`generate` (validation alike): the engine awake, the learners' resident state (none with
+`learner.offload`); `forward`: the actor's old and reference log-probs beside the critic's values (a
+no-grad pass: one block's activations and the logits without their gradient); `update`: the actor's
+and the critic's updates side by side; `sync`: the engine wakes (`rollout.enable_sleep_mode`) to take the
+weights, after the learners handed their update's cache back, one bucket gathered on the actor. An
+engine asleep holds its context only. A GPU's total is the largest of its phases. It is an estimate
+from the shapes, not a measurement: allocator fragmentation, NCCL buffers and the vision tower's
+activations come on top. Exit status 2 when a GPU is over `cluster.gpu_memory_gb`; the trainer runs the
+same check before it creates actors.
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ import torch
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The phases of a step, in order: what each process holds in each is `phase_totals`.
+PHASES = ("generate", "forward", "update", "sync")
+# A process's CUDA context and loaded kernels, GiB (NVIDIA: a few hundred MiB to ~0.5 GiB with cuBLAS and NCCL).
+CONTEXT_GB = 0.5
+# A learner's terms held whenever its state is on the GPU, and those of each phase on top.
+LEARNER_STATE = ("weights", "gradients", "optimizer", "reference")
+LEARNER_PHASE = {"generate": (), "forward": ("gathered", "forward_activations", "forward_logits"),
+                 "update": ("gathered", "activations", "logits", "root_grad"), "sync": ("sync_gathered",)}
 
 
 @dataclass(frozen=True)
@@ -87,10 +103,14 @@ def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool) -> flo
     queries, keys and values, the attention output, and the MLP's gate, up, activation and product
     (sdpa keeps no attention matrix). Checkpointing keeps each block's input (`2 h` bytes per token)
     and recomputes one block at a time."""
-    per_block = 2 * (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
     if checkpointing:
-        return tokens * (shape.layers * 2 * shape.hidden + per_block)
-    return tokens * shape.layers * per_block
+        return tokens * shape.layers * 2 * shape.hidden + block_activation_bytes(shape, tokens)
+    return shape.layers * block_activation_bytes(shape, tokens)
+
+
+def block_activation_bytes(shape: ModelShape, tokens: int) -> float:
+    """What one decoder block keeps of `tokens` tokens for its backward pass, in bf16 (`activation_bytes`)."""
+    return tokens * 2 * (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
 
 
 def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[str, float]:
@@ -107,39 +127,62 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
         out["reference"] = DTYPE_BYTES[m.dtype] * shape.params / world
     tokens = g.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
+    # A no-grad forward keeps no block's activations: one block's at a time.
+    out["forward_activations"] = block_activation_bytes(shape, tokens)
+    # The root unit (embeddings, lm_head, norms, vision patch embedding and merger) gathers whole and its
+    # gradient is reduced whole: unsharded in the compute dtype, plus the float32 copy the reduce-scatter
+    # takes under mixed precision.
+    root = shape.root_params - (shape.lm_head_params if role == "critic" else 0)
+    compute = DTYPE_BYTES[m.dtype]
+    out["root_grad"] = (compute + (4 if compute != 4 else 0)) * root
     if role == "actor":
         # The logits and their gradient in the compute dtype, and one scoring piece's float32 temporaries
-        # (log-softmax, its exp, the gradient piece and a product: sapo_ray.learner.forward._Score).
+        # (log-softmax, its exp, the gradient piece and a product: sapo_ray.learner.forward._Score); the
+        # no-grad forward's logits have no gradient.
         from sapo_ray.learner.forward import CHUNK_TOKENS
 
-        out["logits"] = (2 * DTYPE_BYTES[m.dtype] * g.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
-                         + 4 * 4 * CHUNK_TOKENS) * shape.vocab
-    return {k: v / GiB for k, v in out.items()}
+        positions = g.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
+        out["logits"] = (2 * compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
+        out["forward_logits"] = (compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
+        # The sync gathers the full weights a bucket at a time on the actor ranks (the critic waits).
+        out["sync_gathered"] = out["gathered"] + cfg.rollout.sync_bucket_mb * 2**20
+    return {"context": CONTEXT_GB, **{k: v / GiB for k, v in out.items()}}
 
 
 def engine_memory(shape: ModelShape, cfg) -> dict[str, float]:
     """One rollout engine on its GPU(s), per GPU, in GiB."""
     r = cfg.rollout
     if r.engine == "vllm":
-        return {"reserved": r.gpu_memory_utilization * cfg.cluster.gpu_memory_gb}
+        return {"context": CONTEXT_GB, "reserved": r.gpu_memory_utilization * cfg.cluster.gpu_memory_gb}
     size = DTYPE_BYTES[cfg.model.dtype]
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     gpus = max(1, math.ceil(r.num_gpus))
-    return {"weights": size * shape.params / GiB / gpus,
+    return {"context": CONTEXT_GB, "weights": size * shape.params / GiB / gpus,
             "kv_cache": 2 * size * shape.layers * shape.kv_dim * r.max_batch_size * seq / GiB / gpus,
             # One decoding step's float32 scores, the log-probs kept for the next step, and two temporaries
             # (sapo_ray.rollout.engine.ScoreRecorder): never all steps' logits.
             "logits": 4 * 4 * r.max_batch_size * shape.vocab / GiB / gpus}
 
 
-def gpu_total(parts: dict[str, dict[str, float]], sleep: bool) -> float:
-    """Learners' resident state + the engine and the activation peaks (the larger one with sleep mode)."""
-    resident = sum(v for role, p in parts.items() if role != "rollout"
-                   for k, v in p.items() if k not in ("activations", "logits"))
-    peaks = [p.get("activations", 0.0) + p.get("logits", 0.0) for role, p in parts.items() if role != "rollout"]
-    engine = sum(parts.get("rollout", {}).values())
-    learner_peak = max(peaks, default=0.0)
-    return resident + (max(engine, learner_peak) if sleep else engine + learner_peak)
+def phase_totals(parts: dict[str, dict[str, float]], sleep: bool, offload: dict[str, bool]) -> dict[str, float]:
+    """GiB one GPU holds in each phase of a step: the sum over its processes (`parts`: role -> terms).
+
+    The engine holds all its terms, except its context alone while asleep (`sleep`: between a rollout and
+    the next sync); a learner holds its context, its state unless offloaded outside the learner phases
+    (`offload[role]`, during `generate`), and the phase's own terms (`LEARNER_PHASE`)."""
+    totals = {}
+    for phase in PHASES:
+        total = 0.0
+        for role, p in parts.items():
+            if role == "rollout":
+                awake = not sleep or phase in ("generate", "sync")
+                total += sum(p.values()) if awake else p["context"]
+                continue
+            state_here = phase != "generate" or not offload.get(role, False)
+            total += p["context"] + (sum(p.get(k, 0.0) for k in LEARNER_STATE) if state_here else 0.0)
+            total += sum(p.get(k, 0.0) for k in LEARNER_PHASE[phase])
+        totals[phase] = total
+    return totals
 
 
 def memory_plan(cfg) -> dict:
@@ -165,12 +208,15 @@ def memory_plan(cfg) -> dict:
                     parts["rollout"] = engine_memory(shape, cfg)
                 else:
                     parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and needs_ref(spec))
-            total = gpu_total(parts, cfg.rollout.enable_sleep_mode)
+            phases = phase_totals(parts, cfg.rollout.enable_sleep_mode,
+                                  {role: cfg[role].offload for role in parts if role != "rollout"})
+            total = max(phases.values())
             gpus.append({"node": f"node{index // per_node}", "gpu": index % per_node, "bundle": b,
                          "actors": [{"role": s.role, "rank": s.rank, "share": s.num_gpus} for s in slots],
                          "memory_gb": {"total": round(total, 2),
                                        **{f"{role}/{k}": round(v, 2) for role, p in parts.items() for k, v in p.items()}},
-                         "fits": total <= budget})
+                         "phases": {k: round(v, 2) for k, v in phases.items()},
+                         "peak_phase": max(phases, key=phases.get), "fits": total <= budget})
             index += 1
     return {"fits": all(g["fits"] for g in gpus), "gpu_memory_gb": budget, "model": cfg.model.path,
             "params_b": round(shape.params / 1e9, 3), "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -184,8 +230,9 @@ def format_plan(p: dict) -> str:
         actors = ", ".join(f"{a['role']} {a['rank']} ({a['share']:g})" for a in g["actors"])
         mem = g["memory_gb"]
         detail = ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")
-        lines.append(f"{g['node']} GPU {g['gpu']}: {actors} | {mem['total']:.1f} GiB "
-                     f"{'fits' if g['fits'] else 'OVER BUDGET'} ({detail})")
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in g["phases"].items())
+        lines.append(f"{g['node']} GPU {g['gpu']}: {actors} | {mem['total']:.1f} GiB at {g['peak_phase']} "
+                     f"{'fits' if g['fits'] else 'OVER BUDGET'} (phases: {phases}; terms: {detail})")
     lines.append("fits" if p["fits"] else "does not fit")
     return "\n".join(lines)
 

@@ -481,6 +481,7 @@ class Trainer:
                 metrics.update(_mean_dicts(pending.get()))
         if train_actor:
             self.policy_version += 1
+            self._learners("release_cache")  # the update's peak memory freed before an engine wakes
             with timer("update_weights", timing):
                 metrics.update(self.sync_weights())
         else:

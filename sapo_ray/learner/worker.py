@@ -316,6 +316,12 @@ class FSDPWorker:
         """After them: move the state to CPU memory when `learner.offload` is set, and hand the caching
         allocator's free blocks back to the driver either way, for the engines to wake up into."""
         self._move_states(torch.device("cpu"))
+        self.release_cache()
+
+    def release_cache(self) -> None:
+        """Hand the caching allocator's free blocks (the update's activations and logits) back to the GPU:
+        before a weight sync wakes a colocated engine, whose weights and KV cache must fit beside the
+        learners' resident state, not beside their update peak too (`sapo_ray.plan`, phase `sync`)."""
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
