@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from sapo_ray.precision import Decision, normalize
 from sapo_ray.utils import cpu_model
@@ -58,3 +59,32 @@ def summary(cfg, *, model: str, params: int, architecture: str, data: dict[str, 
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(["sapo-ray run:"] + [f"  {k:<{width}}  {v}" for k, v in lines])
+
+
+def placement_line(cfg, plan, needs_critic: bool) -> str:
+    """Where the actors go: the placement group's bundles, or each role's Ray request without one."""
+    from sapo_ray import placement
+
+    if plan is not None:
+        return f"cluster.placement={cfg.cluster.placement}: " + placement.describe(plan).replace("\n", "; ")
+    roles = [("rollout", cfg.rollout.num_workers, cfg.rollout), ("actor", cfg.actor.world_size, cfg.actor)]
+    if needs_critic:
+        roles.append(("critic", cfg.critic.world_size, cfg.critic))
+    return "Ray places each actor by its request: " + ", ".join(
+        f"{name} {n} x ({g.num_cpus:g} CPU, {g.num_gpus:g} GPU)" for name, n, g in roles)
+
+
+def block(cfg, path: str, plan, decisions: dict[str, Decision] | None, data_reports: dict, needs_critic: bool,
+          run_dir, resumed_from, step: int) -> str:
+    """The start-up block of a run whose model directory is `path` (`summary`, its facts gathered)."""
+    from transformers import AutoConfig
+
+    from sapo_ray.plan import model_shape
+
+    return summary(
+        cfg, model=cfg.model.path, params=model_shape(path).params,
+        architecture=(AutoConfig.from_pretrained(path).architectures or ["?"])[0],
+        data={role: f"{getattr(cfg.data, role)}: {report.summary()}" for role, report in data_reports.items()},
+        machine=machine_line(), precision=precision_line(cfg, decisions, needs_critic),
+        placement=placement_line(cfg, plan, needs_critic), run_dir=str(Path(run_dir).resolve()),
+        resumed_from=str(resumed_from) if resumed_from else None, step=step)

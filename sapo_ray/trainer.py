@@ -111,30 +111,8 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         resumed_from = self._maybe_resume()
         self._learners("offload")  # the first validation generates before any learner phase
-        log.info("%s", self._startup_summary(plan, precision, resumed_from))
-
-    def _startup_summary(self, plan, precision: dict | None, resumed_from: Path | None) -> str:
-        from transformers import AutoConfig
-
-        from sapo_ray.plan import model_shape
-
-        cfg = self.cfg
-        path = model_path(cfg)
-        if plan is None:
-            roles = [("rollout", cfg.rollout.num_workers, cfg.rollout), ("actor", cfg.actor.world_size, cfg.actor)]
-            if self.critic:
-                roles.append(("critic", cfg.critic.world_size, cfg.critic))
-            where = "Ray places each actor by its request: " + ", ".join(
-                f"{name} {n} x ({g.num_cpus:g} CPU, {g.num_gpus:g} GPU)" for name, n, g in roles)
-        else:
-            where = f"cluster.placement={cfg.cluster.placement}: " + placement.describe(plan).replace("\n", "; ")
-        return startup.summary(
-            cfg, model=cfg.model.path, params=model_shape(path).params,
-            architecture=(AutoConfig.from_pretrained(path).architectures or ["?"])[0],
-            data={role: f"{getattr(cfg.data, role)}: {report.summary()}" for role, report in self.data_reports.items()},
-            machine=startup.machine_line(), precision=startup.precision_line(cfg, precision, self.critic is not None),
-            placement=where, run_dir=str(self.run_dir.resolve()),
-            resumed_from=str(resumed_from) if resumed_from else None, step=self.step)
+        log.info("%s", startup.block(cfg, model_path(cfg), plan, precision, self.data_reports, self.critic is not None,
+                                     self.run_dir, resumed_from, self.step))
 
     def _start_rollout_worker(self, i: int):
         r = self.cfg.rollout

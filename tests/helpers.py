@@ -61,9 +61,10 @@ def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 
 def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: dict | None = None,
                 **learner) -> LearnerWorkerConfig:
     """One learner rank's config: the model at `path`, lr 1e-3, micro-batches of 4, mini-batches of 8,
-    no shuffling, responses up to 12 tokens at temperature 1 (`learner` overrides LearnerConfig fields)."""
+    no shuffling, responses up to 12 tokens at temperature 1, float32 compute whatever the CPU (the parity
+    tests compare at float32 tolerances; `learner` overrides LearnerConfig fields)."""
     fields = {"num_cpus": 0.1, "num_threads": 1, "micro_batch_size": 4, "mini_batch_size": 8, "shuffle": False,
-              "optim": OptimConfig(lr=1e-3), **learner}
+              "optim": OptimConfig(lr=1e-3), "autocast_bf16": "false", **learner}
     return LearnerWorkerConfig(role=role, model=ModelConfig(path=path, **(model or {})), learner=LearnerConfig(**fields),
                                algorithm=get_algorithm(algorithm), rollout=RolloutConfig(temperature=1.0, max_new_tokens=12),
                                seed=0, optimizer_steps=10)

@@ -37,3 +37,18 @@ def test_the_precision_line_gives_each_role_and_the_reason():
     line = startup.precision_line(cfg, None, needs_critic=True)
     assert line.startswith("actor: bfloat16 compute over float32 masters (FSDP2 mixed precision); critic: bfloat16")
     assert line.endswith("engines: bfloat16")
+
+
+def test_the_placement_line_names_each_role_or_each_bundle():
+    from sapo_ray import placement
+
+    cfg = compose_config()
+    assert startup.placement_line(cfg, None, needs_critic=True) == (
+        "Ray places each actor by its request: rollout 1 x (0.5 CPU, 0 GPU), actor 1 x (0.5 CPU, 0 GPU), "
+        "critic 1 x (0.5 CPU, 0 GPU)")
+    cfg = compose_config("cluster.simulate_gpus=2", "cluster.placement=colocate", "rollout.num_workers=2",
+                         "rollout.num_gpus=0.3", "actor.world_size=2", "actor.num_gpus=0.3", "critic.world_size=2",
+                         "critic.num_gpus=0.3")
+    line = startup.placement_line(cfg, placement.plan(cfg, True), needs_critic=True)
+    assert line.startswith("cluster.placement=colocate: bundle 0 ") and "; bundle 1 " in line
+    assert line.count("actor ") == 2 and line.count("rollout ") == 2 and line.count("critic ") == 2
