@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sapo_ray.utils import cpu_model
+from sapo_ray.utils import cpu_model, cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,11 @@ def measure(sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 3) -> Probe:
         torch.set_num_threads(threads)
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def machine_key() -> str:
     """What the probe's answer depends on: the CPU, its flags, the torch build and its kernel limits."""
     import torch
 
-    parts = [cpu_model(), _cpu_flags(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+    parts = [cpu_model(), cpuinfo("flags", "Features") or "", torch.__version__, torch.backends.cpu.get_cpu_capability(),
              *(f"{k}={os.environ.get(k, '')}" for k in ISA_LIMITS)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -215,11 +215,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         unknown = set(loggers) - set(LOGGERS)
-        if unknown:
+        if unknown:  # `config.validate` names them, and missing packages, before Ray starts
             raise ValueError(f"trainer.loggers has unknown entries {sorted(unknown)}; use {', '.join(LOGGERS)}")
-        missing = missing_logger_packages(loggers)
-        if missing:
-            raise ValueError("; ".join(missing))
         self.loggers = list(loggers)
         self.sinks = [SINKS[name][0](self.run_dir, project, experiment, config) for name in loggers if name in SINKS]
         self.progress = None

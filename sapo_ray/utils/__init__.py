@@ -62,18 +62,23 @@ def bucket_tensors(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[
     return buckets + [bucket] if bucket else buckets
 
 
-def cpu_model() -> str:
-    """The processor's model name (for benchmark records)."""
+def cpuinfo(*fields: str) -> str | None:
+    """The first of `fields` that /proc/cpuinfo has (Linux), its value; None elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(fields):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_model() -> str:
+    """The processor's model name (for benchmark records)."""
     import platform
 
-    return platform.processor() or "unknown"
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def peak_memory_mb() -> dict[str, float]:
