@@ -161,7 +161,7 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
                           torch.randint(20, 400, (half,), generator=gen).tolist(), [0.0] * half, [0.0] * half, "", True, i)
                    for i in range(rows)]
         batch = Batch.from_samples(samples, pad_id=0)
-        batch = batch.with_data(old_logp=torch.full((rows, half), -5.0),
+        batch = batch.with_fields(old_logp=torch.full((rows, half), -5.0),
                                 advantages=torch.randn(rows, half, generator=gen))
         worker.update(batch)  # warm-up: kernels, allocator
         if on_gpu:

@@ -73,7 +73,7 @@ def main() -> None:
                               f"--repeats={args.repeats}"], env=env, capture_output=True, text=True, check=True)
         results[isa] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps({"isa": isa, **results[isa]}))
-    print(f"\n| kernels | probe f32 / bf16 ms | auto picks | update f32 s | update bf16 s | bf16 / f32 |")
+    print("\n| kernels | probe f32 / bf16 ms | auto picks | update f32 s | update bf16 s | bf16 / f32 |")
     print("|---|---|---|---|---|---|")
     for isa, r in results.items():
         print(f"| {isa} ({r['kernels']}) | {r['probe_float32_ms']} / {r['probe_bfloat16_ms']} | "

@@ -39,7 +39,7 @@ def main() -> None:
            "data.val_size=1", "algorithm.critic_warmup=0", "trainer.export_hf=false", "trainer.loggers=[jsonl]", f"trainer.run_dir={run_dir}",
            *overrides]
     subprocess.run(cmd, cwd=ROOT, check=True)
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 2]  # step 0 is validation, step 1 warms up
     timing = {k[len("timing_s/"):]: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("timing_s/")}
     step = timing.pop("step")

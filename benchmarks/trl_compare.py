@@ -293,10 +293,10 @@ def trl_worker(steps: int, overrides: list[str], out: str) -> None:
                      versions={"trl": trl.__version__, "transformers": transformers.__version__,
                                "torch": torch.__version__},
                      threads=torch.get_num_threads(), settings=args,
-                     reward_mean=mean([float(l["reward"]) for l in timer.logs if "reward" in l][k:]),
+                     reward_mean=mean([float(row["reward"]) for row in timer.logs if "reward" in row][k:]),
                      # TRL's own `step_time` metric (its training_step calls: generation, forward and backward,
                      # without clipping and the optimizer step): a cross-check of the callback's timing.
-                     trl_step_time=[float(l["step_time"]) for l in timer.logs if "step_time" in l][k:],
+                     trl_step_time=[float(row["step_time"]) for row in timer.logs if "step_time" in row][k:],
                      caveats=caveats)
     Path(out).write_text(json.dumps(result))
 

@@ -10,7 +10,7 @@ tower consumes them flattened and micro-batches must be able to pick any subset 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -51,6 +51,15 @@ class Sample:
     image_grid_thw: torch.Tensor | None = None
 
 
+@dataclass
+class LogProbs:
+    """A learner's forward pass (no gradient) over a batch's rows: the log-prob of each response token
+    `[B, R]` and, under the policy, the entropy of its distribution `[B, R]`."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
 def _pad(rows: list[list[int]] | list[list[float]], value, left: bool, dtype) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), value, dtype=dtype)
@@ -63,17 +72,71 @@ def _pad(rows: list[list[int]] | list[list[float]], value, left: bool, dtype) ->
     return out
 
 
+class MissingField(LookupError):
+    """A `Batch` field read before the phase that fills it ran (or for an algorithm that never fills it)."""
+
+
+class Filled:
+    """A `Batch` field that a later phase fills: `None` until then, and reading it before raises
+    `MissingField` with its name and its filler, where a bare `None` would fail far from the cause."""
+
+    def __init__(self, by: str):
+        self.by = by
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, batch, owner=None):
+        if batch is None:
+            return None  # the dataclass default: not filled yet
+        value = batch.__dict__[self.name]
+        if value is None:
+            raise MissingField(f"Batch.{self.name} is not filled: {self.by} fills it, and did not run for this batch")
+        return value
+
+    def __set__(self, batch, value) -> None:
+        batch.__dict__[self.name] = value
+
+
 @dataclass
 class Batch:
-    """Padded tensors for `B` sequences plus named per-token (`[B, R]`) or per-sequence (`[B]`) fields."""
+    """The experience of `B` sampled responses, as the learners consume it: padded tensors, each field
+    filled by one phase of the step (shapes: `[B, P]` prompt, `[B, R]` per response token, `[B]` per row).
 
-    prompt_ids: torch.Tensor  # [B, P] left-padded
-    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
-    response_ids: torch.Tensor  # [B, R] right-padded
-    response_mask: torch.Tensor  # [B, R] float, 1 on valid response tokens
+    Rows and per-token fields stay aligned through `select`, which every split (ranks, mini- and
+    micro-batches) goes through. A field not filled yet raises `MissingField` when read (`Filled`).
+    """
+
+    # The rollout engine: prompts left-padded to P, responses right-padded to R (`response_mask[b, t] = 1`
+    # on the `t < T_b` sampled tokens), each row's images, and the engine's own per-token numbers.
+    prompt_ids: torch.Tensor  # [B, P] long
+    prompt_mask: torch.Tensor  # [B, P] long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, R] long
+    response_mask: torch.Tensor  # [B, R] float, 1 on the tokens the model sampled
     pixel_values: list[torch.Tensor | None]
     image_grid_thw: list[torch.Tensor | None]
-    data: dict[str, torch.Tensor] = field(default_factory=dict)
+    rollout_logp: torch.Tensor = Filled("the rollout engine")  # [B, R] log-prob of each token under the engine
+    rollout_entropy: torch.Tensor = Filled("the rollout engine")  # [B, R] entropy of the engine's distribution
+    # The reward, grouped by prompt (`step.make_batch`).
+    scores: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, the reward's score
+    acc: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, 1 if the answer is right
+    format: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, 1 if the format is right
+    finished: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] bool, ended by an end-of-turn token
+    group_index: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] long, the row's prompt group
+    # The old policy: the learner's recomputed forward (`actor.recompute_old_logp`) or the engine's numbers.
+    old_logp: torch.Tensor = Filled("the old policy's forward (trainer, forward stage)")  # [B, R]
+    entropy: torch.Tensor = Filled("the old policy's forward (trainer, forward stage)")  # [B, R]
+    # The frozen reference (algorithms with a KL term).
+    ref_logp: torch.Tensor = Filled("the reference forward (algorithms with a KL term)")  # [B, R]
+    # The critic (algorithms with one).
+    values: torch.Tensor = Filled("the critic's forward (algorithms with a critic)")  # [B, R] V at every position
+    # The advantage estimator (`step.advantages`).
+    advantages: torch.Tensor = Filled("the advantage estimator (step.advantages)")  # [B, R]
+    returns: torch.Tensor = Filled("the advantage estimator (step.advantages)")  # [B, R] the critic's targets
+    seg_end: torch.Tensor = Filled("the segmenter (step.advantages, segment-level algorithms)")  # [B, R] 1 at segment ends
+    value_mask: torch.Tensor = Filled("step.advantages (algorithms with a critic)")  # [B, R] the critic's loss positions
+    # Truncated importance sampling (`rollout.tis_cap`).
+    is_weights: torch.Tensor = Filled("step.tis_weights (rollout.tis_cap > 0)")  # [B, R]
 
     @classmethod
     def from_samples(cls, samples: list[Sample], pad_id: int) -> "Batch":
@@ -81,13 +144,16 @@ class Batch:
         prompt_mask = _pad([[1] * len(s.prompt_ids) for s in samples], 0, left=True, dtype=torch.long)
         response_ids = _pad([s.response_ids for s in samples], pad_id, left=False, dtype=torch.long)
         response_mask = _pad([[1.0] * len(s.response_ids) for s in samples], 0.0, left=False, dtype=torch.float32)
-        rollout_logp = _pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32)
-        rollout_entropy = _pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32)
         return cls(
             prompt_ids, prompt_mask, response_ids, response_mask,
             [s.pixel_values for s in samples], [s.image_grid_thw for s in samples],
-            {"rollout_logp": rollout_logp, "rollout_entropy": rollout_entropy},
+            rollout_logp=_pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32),
+            rollout_entropy=_pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32),
         )
+
+    def filled(self) -> dict[str, torch.Tensor]:
+        """The per-row and per-token fields filled so far, by name (the tensors after `image_grid_thw`)."""
+        return {f.name: self.__dict__[f.name] for f in fields(self)[6:] if self.__dict__[f.name] is not None}
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -106,18 +172,22 @@ class Batch:
         p_keep = max(int(pm.sum(1).max()) if len(index) else 1, 1)
         r_keep = max(int(rm.sum(1).max()) if len(index) else 1, 1)
         p0 = self.prompt_ids.shape[1] - p_keep
-        data = {k: (v[index][:, :r_keep] if v.dim() == 2 else v[index]) for k, v in self.data.items()}
+        per_row = {k: (v[index][:, :r_keep] if v.dim() == 2 else v[index]) for k, v in self.filled().items()}
         return Batch(
             self.prompt_ids[index][:, p0:], pm[:, p0:], self.response_ids[index][:, :r_keep], rm[:, :r_keep],
-            [self.pixel_values[i] for i in index.tolist()], [self.image_grid_thw[i] for i in index.tolist()], data,
+            [self.pixel_values[i] for i in index.tolist()], [self.image_grid_thw[i] for i in index.tolist()], **per_row,
         )
 
-    def with_data(self, **fields: torch.Tensor) -> "Batch":
-        return replace(self, data={**self.data, **fields})
+    def with_fields(self, **values: torch.Tensor | None) -> "Batch":
+        """A copy with `values` filled (`dataclasses.replace` would read, and so require, every field)."""
+        return Batch(**{**{f.name: self.__dict__[f.name] for f in fields(self)}, **values})
 
-    def chunks(self, size: int) -> list["Batch"]:
-        """Consecutive row chunks of at most `size` rows."""
-        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+    def to(self, device: torch.device) -> "Batch":
+        """Every tensor of the batch on `device`."""
+        move = lambda t: None if t is None else t.to(device)
+        return Batch(move(self.prompt_ids), move(self.prompt_mask), move(self.response_ids), move(self.response_mask),
+                     [move(p) for p in self.pixel_values], [move(g) for g in self.image_grid_thw],
+                     **{k: move(v) for k, v in self.filled().items()})
 
     def distinct_prompts(self) -> tuple[list[int], torch.Tensor]:
         """The first row of each distinct prompt (same tokens, same images) and, per row, the position of

@@ -14,7 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sapo_ray.config import CONF_MODULE, ConfigError, register_configs, resolve_model_path, validate
+from sapo_ray.config import CONF_MODULE, ConfigError, register_configs, resolve_model_path
+from sapo_ray.config_checks import validate
 
 register_configs()
 log = logging.getLogger("sapo_ray")
@@ -127,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sapo_ray.signals import Interrupted
-    from sapo_ray.trainer import StopRun
+    from sapo_ray.errors import StopRun
 
     try:
         result = run(cfg)

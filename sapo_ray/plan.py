@@ -187,7 +187,7 @@ def phase_totals(parts: dict[str, dict[str, float]], sleep: bool, offload: dict[
 
 def memory_plan(cfg) -> dict:
     """Every GPU of the placement with its actors and memory estimate; `fits` if all are within budget."""
-    from sapo_ray.config import algorithm_spec, needs_ref
+    from sapo_ray.config import algorithm_spec
     from sapo_ray.placement import plan
 
     spec = algorithm_spec(cfg)
@@ -207,7 +207,7 @@ def memory_plan(cfg) -> dict:
                 if s.role == "rollout":
                     parts["rollout"] = engine_memory(shape, cfg)
                 else:
-                    parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and needs_ref(spec))
+                    parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and spec.needs_ref)
             phases = phase_totals(parts, cfg.rollout.enable_sleep_mode,
                                   {role: cfg[role].offload for role in parts if role != "rollout"})
             total = max(phases.values())
@@ -238,7 +238,8 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sapo_ray.config import ConfigError, compose_config, validate
+    from sapo_ray.config import ConfigError, compose_config
+    from sapo_ray.config_checks import validate
 
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args

@@ -7,8 +7,9 @@ The trainer calls them in this order::
     groups  = trim_groups(groups, prompts_per_step, world)  # whole groups, rows divisible by the ranks
     batch   = make_batch(groups, pad_id)
     ...old/ref log-probs and values from the actors...
-    batch, metrics = advantages(spec, batch, max_new_tokens, token_texts)   # + segments, critic mask
     batch, metrics = tis_weights(batch, cap)                              # optional
+    seg            = segments(spec, batch, token_texts)                   # segment-level algorithms
+    batch, metrics = advantages(spec, batch, seg, max_new_tokens)         # + the critic's mask
     metrics = batch_metrics(batch)
     metrics = stability.update(metrics)                                   # run-level, kept in checkpoints
 """
@@ -24,6 +25,7 @@ import torch
 from sapo_ray.algo import kl as kl_mod
 from sapo_ray.algo import losses, registry
 from sapo_ray.algo.registry import AlgorithmSpec
+from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, Sample
 
 
@@ -85,7 +87,7 @@ def make_batch(groups: list[Group], pad_id: int) -> Batch:
             scores.append(score)
             index.append(i)
     batch = Batch.from_samples(samples, pad_id)
-    return batch.with_data(
+    return batch.with_fields(
         scores=torch.tensor([x["score"] for x in scores], dtype=torch.float32),
         acc=torch.tensor([x["acc"] for x in scores], dtype=torch.float32),
         format=torch.tensor([x["format"] for x in scores], dtype=torch.float32),
@@ -101,42 +103,48 @@ def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
     return {f"{prefix}/mean": float(x.mean()), f"{prefix}/max": float(x.max()), f"{prefix}/min": float(x.min())}
 
 
-def advantages(spec: AlgorithmSpec, batch: Batch, max_new_tokens: int,
-               token_texts: list[list[str]] | None = None) -> tuple[Batch, dict]:
-    """Shaped scores, segments from the old-policy entropies, the registered estimator's advantages
-    and returns, and the critic's loss mask; the batch with them and their metrics.
+def segments(spec: AlgorithmSpec, batch: Batch, token_texts: list[list[str]] | None = None) -> Segments | None:
+    """The responses cut into segments by the spec's segmenter, from the old policy's entropies (or
+    log-probs, or `token_texts`: each valid response token decoded, for the text segmenters); None for
+    an algorithm without segments."""
+    return registry.make_segments(spec, batch.response_mask, entropy=batch.entropy, logprobs=batch.old_logp,
+                                  token_texts=token_texts)
 
-    Needs `old_logp` and `entropy` (and `values` with a critic, `ref_logp` with KL in the reward) in
-    `batch.data`; `token_texts` (each valid response token decoded) for the text segmenters.
+
+def advantages(spec: AlgorithmSpec, batch: Batch, seg: Segments | None, max_new_tokens: int) -> tuple[Batch, dict]:
+    """Shaped scores, the registered estimator's advantages and returns over segments `seg`, and the
+    critic's loss mask; the batch with them and their metrics.
+
+    Needs the batch's scores and `old_logp` (and `values` with a critic, `ref_logp` with a KL term).
     """
     mask = batch.response_mask
-    scores = registry.shape_scores(spec, batch.data["scores"], mask.sum(1), max_new_tokens)
-    seg = registry.make_segments(spec, mask, entropy=batch.data["entropy"], logprobs=batch.data["old_logp"],
-                                 token_texts=token_texts)
-    adv, returns = registry.compute_advantages(
-        spec, scores=scores, mask=mask, values=batch.data.get("values"), segments=seg,
-        group_index=batch.data["group_index"], old_logp=batch.data["old_logp"], ref_logp=batch.data.get("ref_logp"))
-    fields = {"advantages": adv, "returns": returns}
-    if seg is not None:
-        fields["seg_end"] = seg.end_mask
-    if spec.needs_critic:
-        fields["value_mask"] = registry.critic_mask(spec, mask, seg).float()
+    scores = registry.shape_scores(spec, batch.scores, mask.sum(1), max_new_tokens)
+    adv, returns = registry.compute_advantages(spec, scores=scores, mask=mask, segments=seg, **_estimator_inputs(spec, batch))
+    value_mask = registry.critic_mask(spec, mask, seg).float() if spec.needs_critic else None
     valid = mask.bool()
     metrics = {**_stats("critic/advantages", adv[valid]), **_stats("critic/returns", returns[valid])}
     if seg is not None:
         metrics["segments/per_response"] = float(seg.num_segments.float().mean())
         metrics["segments/mean_len"] = float(mask.sum() / seg.num_segments.sum().clamp(min=1))
-    if "ref_logp" in batch.data:
-        kl_t = kl_mod.estimate(batch.data["old_logp"], batch.data["ref_logp"], kind=spec.kl_kind)
+    if spec.needs_ref:
+        kl_t = kl_mod.estimate(batch.old_logp, batch.ref_logp, kind=spec.kl_kind)
         metrics["actor/reward_kl"] = float(losses.masked_mean(kl_t, mask))
     if spec.needs_critic:
-        vm = fields["value_mask"]
-        metrics["critic/vf_explained_var"] = float(losses.explained_variance(returns, batch.data["values"], vm))
-        metrics.update(_stats("critic/values", batch.data["values"][vm.bool()]))
-        td = td_errors(spec, batch, scores, seg)[vm.bool()]
+        vm = value_mask.bool()
+        metrics["critic/vf_explained_var"] = float(losses.explained_variance(returns, batch.values, value_mask))
+        metrics.update(_stats("critic/values", batch.values[vm]))
+        td = td_errors(spec, batch, scores, seg)[vm]
         if td.numel() > 1:
             metrics["critic/td_error_std"] = float(td.std())
-    return batch.with_data(**fields), metrics
+    return batch.with_fields(advantages=adv, returns=returns, seg_end=None if seg is None else seg.end_mask,
+                             value_mask=value_mask), metrics
+
+
+def _estimator_inputs(spec: AlgorithmSpec, batch: Batch) -> dict:
+    """What an advantage estimator reads of the batch beside the scores and segments: the critic's values
+    and, for a KL penalty in the reward, the reference's log-probs, where the algorithm has them."""
+    return {"values": batch.values if spec.needs_critic else None, "group_index": batch.group_index,
+            "old_logp": batch.old_logp, "ref_logp": batch.ref_logp if spec.kl_in_reward and spec.kl_coef > 0 else None}
 
 
 def td_errors(spec: AlgorithmSpec, batch: Batch, scores: torch.Tensor, seg) -> torch.Tensor:
@@ -144,9 +152,8 @@ def td_errors(spec: AlgorithmSpec, batch: Batch, scores: torch.Tensor, seg) -> t
     segment, broadcast to its tokens, for segment GAE; per token for token GAE): the estimator's
     advantages at lambda 0, neither whitened nor clipped (SAPO_SPEC.md section 8's value consistency)."""
     one_step = replace(spec, lam=0.0, lam_critic=None, whiten=False, adv_clip=None)
-    delta, _ = registry.compute_advantages(
-        one_step, scores=scores, mask=batch.response_mask, values=batch.data["values"], segments=seg,
-        group_index=batch.data["group_index"], old_logp=batch.data["old_logp"], ref_logp=batch.data.get("ref_logp"))
+    delta, _ = registry.compute_advantages(one_step, scores=scores, mask=batch.response_mask, segments=seg,
+                                           **_estimator_inputs(spec, batch))
     return delta
 
 
@@ -154,9 +161,9 @@ def tis_weights(batch: Batch, cap: float) -> tuple[Batch, dict]:
     """Truncated importance sampling: per-token `min(pi_old / pi_rollout, cap)` for the policy loss,
     correcting for the rollout engine sampling from a slightly different distribution than the learner's."""
     valid = batch.response_mask.bool()
-    w = torch.exp(batch.data["old_logp"] - batch.data["rollout_logp"]).clamp(max=cap)
+    w = torch.exp(batch.old_logp - batch.rollout_logp).clamp(max=cap)
     w = torch.where(valid, w, torch.zeros_like(w))
-    return batch.with_data(is_weights=w), {"rollout/tis_weight_mean": float(w[valid].mean()),
+    return batch.with_fields(is_weights=w), {"rollout/tis_weight_mean": float(w[valid].mean()),
                                            "rollout/tis_clipfrac": float((w[valid] >= cap).float().mean())}
 
 
@@ -164,17 +171,17 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
     """Size, rewards and lengths of the step's batch; with `compare_rollout_logp` (old log-probs
     recomputed by the learner) how far the engine's log-probs are from the learner's."""
     mask = batch.response_mask
-    informative = registry.dynamic_sampling_groups(batch.data["acc"].double(), batch.data["group_index"])
-    m = {"batch/rows": float(len(batch)), "batch/groups": float(len(torch.unique(batch.data["group_index"]))),
+    informative = registry.dynamic_sampling_groups(batch.acc.double(), batch.group_index)
+    m = {"batch/rows": float(len(batch)), "batch/groups": float(len(torch.unique(batch.group_index))),
          # Groups whose samples are all right or all wrong: a group baseline gives them no gradient.
          "batch/groups_without_signal": float(1.0 - informative.float().mean()),
-         **_stats("critic/score", batch.data["scores"]),
-         "reward/accuracy": float(batch.data["acc"].mean()), "reward/format": float(batch.data["format"].mean()),
+         **_stats("critic/score", batch.scores),
+         "reward/accuracy": float(batch.acc.mean()), "reward/format": float(batch.format.mean()),
          **_stats("response_length", mask.sum(1)),
-         "response_length/clip_ratio": float((~batch.data["finished"]).float().mean()),
+         "response_length/clip_ratio": float((~batch.finished).float().mean()),
          **_stats("prompt_length", batch.prompt_mask.sum(1).float())}
     if compare_rollout_logp:
-        diff = (batch.data["rollout_logp"] - batch.data["old_logp"]).abs()[mask.bool()]
+        diff = (batch.rollout_logp - batch.old_logp).abs()[mask.bool()]
         if diff.numel():
             m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
     return m

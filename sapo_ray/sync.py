@@ -170,14 +170,14 @@ class WeightSync:
         self.actor, self.rollout, self.method, self.bucket_bytes = actor, rollout, method, bucket_bytes
         self.wait = wait or (lambda refs, workers=None: ray.get(refs))
         if method == "broadcast":
-            host, port = actor.wait([actor.workers[0].address.remote("weights")])[0]
+            host, port = actor.address("weights")
             world_size = 1 + ranks_per_engine * len(rollout)
             refs = [w.init_weight_group.remote(host, port, 1 + i * ranks_per_engine, world_size)
                     for i, w in enumerate(rollout)]
-            rank0 = actor.workers[0].init_weight_group.remote(host, port, world_size)
+            rank0 = actor.init_weight_group(host, port, world_size)
             self.wait(refs)
-            actor.wait([rank0])
-            self.specs = actor.call("weight_bucket_specs", bucket_bytes)[0]
+            rank0.get()
+            self.specs = actor.weight_bucket_specs(bucket_bytes)
 
     def __call__(self, only: list[int] | None = None) -> dict:
         """One sync into every worker, or the workers `only` lists (object_store); returns `sync/bytes`,
@@ -186,10 +186,10 @@ class WeightSync:
         workers = list(range(len(self.rollout))) if only is None else only
         if self.method == "broadcast":
             refs = [self.rollout[i].receive_weights.remote(self.specs) for i in workers]  # in flight before the send
-            self.actor.call("broadcast_weights", self.bucket_bytes)
+            self.actor.broadcast_weights(self.bucket_bytes)
             n_buckets = len(self.specs)
         else:
-            buckets = [b for part in self.actor.call("weight_buckets", self.bucket_bytes) for b in part]
+            buckets = self.actor.weight_buckets(self.bucket_bytes)
             refs = [self.rollout[i].update_weights.remote(buckets) for i in workers]
             n_buckets = len(buckets)
         nbytes = self.wait(refs, workers)[0][0]

@@ -90,7 +90,7 @@ class JsonlSink:
         self.file.close()
         lines = self.path.read_text().splitlines() if done else []
         kept = [line for line in lines if (step := _step_of(line)) is not None and step <= done]
-        self.path.write_text("".join(l + "\n" for l in kept))
+        self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -215,7 +215,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         unknown = set(loggers) - set(LOGGERS)
-        if unknown:  # `config.validate` names them, and missing packages, before Ray starts
+        if unknown:  # `config_checks.validate` names them, and missing packages, before Ray starts
             raise ValueError(f"trainer.loggers has unknown entries {sorted(unknown)}; use {', '.join(LOGGERS)}")
         self.loggers = list(loggers)
         self.sinks = [SINKS[name][0](self.run_dir, project, experiment, config) for name in loggers if name in SINKS]

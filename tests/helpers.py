@@ -55,7 +55,7 @@ def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 
     samples = engine.generate([encode(processor, e) for e in examples],
                               SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed))
     batch = Batch.from_samples(samples, engine.pad_id)
-    return batch.with_data(group_index=torch.tensor([s.prompt_index for s in samples])), engine
+    return batch.with_fields(group_index=torch.tensor([s.prompt_index for s in samples])), engine
 
 
 def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: dict | None = None,

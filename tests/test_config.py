@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from sapo_ray.algo.registry import ALGORITHMS, SEGMENTERS, make_segments, missing_segment_options
-from sapo_ray.config import ConfigError, algorithm_spec, compose_config as compose_cfg, register_configs, validate
+from sapo_ray.config import ConfigError, algorithm_spec, compose_config as compose_cfg, register_configs
+from sapo_ray.config_checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ from sapo_ray.config import learner_worker_config, resolve_model_path
 from sapo_ray.data.prompt_loader import PromptLoader
 from sapo_ray.learner.worker import CriticWorker, PolicyWorker
 from sapo_ray.models import ValueModel, load_policy, load_processor
+from sapo_ray.learner.group import Learners
 from sapo_ray.trainer import Trainer
 from tests.models.conftest import vlm_batch
 
@@ -30,12 +31,13 @@ BASE = resolve_model_path("bundled:tiny-vlm")
 class InProcessGroup:
     """A learner group of one rank in this process: what `Trainer.save_checkpoint` calls, without Ray."""
 
+    world_size = 1
+
     def __init__(self, worker):
         self.worker = worker
-        self.workers = [worker]
 
-    def call(self, method: str, *args):
-        return [getattr(self.worker, method)(*args)]
+    def save_checkpoint(self, path: str) -> None:
+        self.worker.save_checkpoint(path)
 
 
 def _perturb(worker, seed: int) -> dict[str, torch.Tensor] | None:
@@ -56,13 +58,14 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = tiny_cfg(run_dir)
     trainer = Trainer(cfg)
-    held = {}
+    held, groups = {}, {}
     with local_process_group():
         for cls, role in ((PolicyWorker, "actor"), (CriticWorker, "critic")):
             worker = cls(0, 1, learner_worker_config(cfg, role))
             worker.setup()
             held[role] = _perturb(worker, seed=len(held))
-            setattr(trainer, role, InProcessGroup(worker))
+            groups[role] = InProcessGroup(worker)
+        trainer.learners = Learners(groups["actor"], groups["critic"])
         trainer.loader = PromptLoader([{"id": i} for i in range(8)], 4, seed=0)
         trainer.step = 3
         checkpoint = trainer.save_checkpoint()

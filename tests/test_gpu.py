@@ -16,8 +16,7 @@ from helpers import encode, learner_cfg, rollout_cfg
 from sapo_ray.algo import registry
 from sapo_ray.batch import Batch, Prompt, SamplingParams
 from sapo_ray.data.datasets import load_dataset_split
-from sapo_ray.learner.group import WorkerGroup
-from sapo_ray.learner.worker import CriticWorker, PolicyWorker
+from sapo_ray.learner.group import CriticGroup, PolicyGroup
 from sapo_ray.models import load_processor
 from sapo_ray.rollout.engine import HFEngine
 from sapo_ray.utils import actor_env
@@ -42,9 +41,9 @@ def _train_batch():
     batch, engine = _cuda_batch()
     spec = registry.get_algorithm("sapo")
     mask = batch.response_mask
-    seg = registry.make_segments(spec, mask, entropy=batch.data["rollout_entropy"])
+    seg = registry.make_segments(spec, mask, entropy=batch.rollout_entropy)
     gen = torch.Generator().manual_seed(0)
-    return batch.with_data(old_logp=batch.data["rollout_logp"], advantages=torch.randn(mask.shape, generator=gen) * mask,
+    return batch.with_fields(old_logp=batch.rollout_logp, advantages=torch.randn(mask.shape, generator=gen) * mask,
                            seg_end=seg.end_mask), engine
 
 
@@ -61,10 +60,10 @@ SAME_WEIGHTS = 1e-5
 
 def test_hf_engine_on_cuda_matches_learner_logprobs(ray_cluster):
     batch, _ = _cuda_batch()
-    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5))
-    out = group.gather_tensors("compute_logprobs", batch, "policy")
+    group = PolicyGroup(learner_cfg(MODEL, num_gpus=0.5))
+    out = group.compute_logprobs(batch).get()
     mask = batch.response_mask.bool()
-    assert float((out["old_logp"] - batch.data["rollout_logp"]).abs()[mask].max()) < 1e-3
+    assert float((out.logp - batch.rollout_logp).abs()[mask].max()) < 1e-3
     group.shutdown()
 
 
@@ -74,11 +73,11 @@ def test_fsdp2_nccl_bf16_update_keeps_float32_masters(ray_cluster):
     from sapo_ray.config import OptimConfig
 
     batch, _ = _train_batch()
-    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
+    group = PolicyGroup(learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
                                                   model=BF16, optim=OptimConfig(lr=1e-6)))
-    before = group.call("full_state_dict")[0]
-    metrics = group.call_sharded("update", batch)[0]
-    after = group.call("full_state_dict")[0]
+    before = group.full_state_dict()
+    metrics = group.update(batch).get()[0]
+    after = group.full_state_dict()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["actor/skipped_steps"] == 0
     assert _moved(before, after) > 0
@@ -93,10 +92,10 @@ def test_two_nccl_ranks_match_one(ray_cluster):
     batch, _ = _train_batch()
     states = []
     for world in (1, 2):
-        group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=1, world_size=world, micro_batch_size=8,
+        group = PolicyGroup(learner_cfg(MODEL, num_gpus=1, world_size=world, micro_batch_size=8,
                                                       mini_batch_size=32))
-        group.call_sharded("update", batch)
-        states.append(group.call("full_state_dict")[0])
+        group.update(batch).get()
+        states.append(group.full_state_dict())
         group.shutdown()
     assert max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0]) < 1e-4
 
@@ -106,20 +105,20 @@ def test_critic_and_reference_on_cuda(ray_cluster):
     before any update, up to bf16 rounding)."""
     batch, _ = _train_batch()
     mask = batch.response_mask
-    critic = WorkerGroup(CriticWorker, learner_cfg(MODEL, role="critic", num_gpus=0.25, model=BF16,
+    critic = CriticGroup(learner_cfg(MODEL, role="critic", num_gpus=0.25, model=BF16,
                                                    micro_batch_size=8, mini_batch_size=32))
-    values = critic.gather_tensors("compute_values", batch)["values"]
+    values = critic.compute_values(batch).get()
     assert torch.isfinite(values).all() and values.shape == mask.shape
-    scored = batch.with_data(values=values, returns=values + 1.0, value_mask=mask)
-    metrics = critic.call_sharded("update", scored)[0]
+    scored = batch.with_fields(values=values, returns=values + 1.0, value_mask=mask)
+    metrics = critic.update(scored).get()[0]
     assert metrics["critic/skipped_steps"] == 0 and metrics["critic/vf_loss"] > 0
     critic.shutdown()
     from dataclasses import replace
 
-    policy = WorkerGroup(PolicyWorker, replace(learner_cfg(MODEL, algorithm="grpo", num_gpus=0.25, model=BF16),
+    policy = PolicyGroup(replace(learner_cfg(MODEL, algorithm="grpo", num_gpus=0.25, model=BF16),
                                                needs_ref=True))
-    ref = policy.gather_tensors("compute_logprobs", batch, "ref")["ref_logp"]
-    old = policy.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
+    ref = policy.compute_logprobs(batch, model="reference").get().logp
+    old = policy.compute_logprobs(batch).get().logp
     assert float((ref - old).abs()[mask.bool()].mean()) < 5e-2
     policy.shutdown()
 
@@ -134,19 +133,19 @@ def test_weight_sync_into_a_cuda_engine(method, ray_cluster):
 
     batch, engine = _train_batch()
     share = 0.4 if method == "object_store" else 1.0
-    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=share, micro_batch_size=8, mini_batch_size=32))
+    group = PolicyGroup(learner_cfg(MODEL, num_gpus=share, micro_batch_size=8, mini_batch_size=32))
     rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, num_gpus=share, runtime_env={"env_vars": actor_env(1)}
                                                 ).remote(rollout_cfg(MODEL, num_gpus=share))
-    group.call_sharded("update", batch)
+    group.update(batch).get()
     metrics = WeightSync(group, [rollout], method, 1 << 20)()
     assert metrics["sync/buckets"] > 1
     processor = load_processor(MODEL)
     prompts = [encode(processor, e) for e in load_dataset_split("synthvista", None, "train", n=3, seed=5)]
     samples = ray.get(rollout.generate.remote(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)))
     fresh = Batch.from_samples(samples, engine.pad_id)
-    learner = group.gather_tensors("compute_logprobs", fresh, "policy")
+    learner = group.compute_logprobs(fresh).get()
     m = fresh.response_mask.bool()
-    assert float((learner["old_logp"] - fresh.data["rollout_logp"]).abs()[m].max()) < 1e-3
+    assert float((learner.logp - fresh.rollout_logp).abs()[m].max()) < 1e-3
     ray.kill(rollout)
     group.shutdown()
 
@@ -154,16 +153,16 @@ def test_weight_sync_into_a_cuda_engine(method, ray_cluster):
 def test_dcp_checkpoint_round_trip_on_cuda(ray_cluster, tmp_path):
     """Save, update, load: the weights are the saved ones again, and the next update repeats exactly."""
     batch, _ = _train_batch()
-    group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
+    group = PolicyGroup(learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
                                                   model=BF16))
-    group.call("save_checkpoint", str(tmp_path / "ckpt"))
-    saved = group.call("full_state_dict")[0]
-    group.call_sharded("update", batch)
-    first = group.call("full_state_dict")[0]
-    group.call("load_checkpoint", str(tmp_path / "ckpt"))
-    assert _moved(saved, group.call("full_state_dict")[0]) == 0  # loading copies: exact
-    group.call_sharded("update", batch)
-    assert _moved(first, group.call("full_state_dict")[0]) < SAME_WEIGHTS
+    group.save_checkpoint(str(tmp_path / "ckpt"))
+    saved = group.full_state_dict()
+    group.update(batch).get()
+    first = group.full_state_dict()
+    group.load_checkpoint(str(tmp_path / "ckpt"))
+    assert _moved(saved, group.full_state_dict()) == 0  # loading copies: exact
+    group.update(batch).get()
+    assert _moved(first, group.full_state_dict()) < SAME_WEIGHTS
     group.shutdown()
 
 
@@ -173,19 +172,19 @@ def test_offload_frees_the_gpu_and_changes_no_update(ray_cluster):
     batch, _ = _train_batch()
     states = []
     for offload in (False, True):
-        group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
+        group = PolicyGroup(learner_cfg(MODEL, num_gpus=0.5, micro_batch_size=8, mini_batch_size=32,
                                                       offload=offload))
-        group.call_sharded("update", batch)  # optimizer state exists from here on
+        group.update(batch).get()  # optimizer state exists from here on
         before = ray.get(group.workers[0].gpu_memory_mb.remote())
-        group.call("offload")
+        group.offload()
         after = ray.get(group.workers[0].gpu_memory_mb.remote())
         if offload:
             assert after < 0.05 * before, f"{after} of {before} MB still on the GPU after offload"
         else:
             assert after > 0.9 * before
-        group.call("onload")
-        group.call_sharded("update", batch)
-        states.append(group.call("full_state_dict")[0])
+        group.onload()
+        group.update(batch).get()
+        states.append(group.full_state_dict())
         group.shutdown()
     assert _moved(states[0], states[1]) < SAME_WEIGHTS
 
@@ -215,13 +214,11 @@ def test_long_generation_at_the_full_vocabulary():
     assert all(len(s.response_ids) == 1024 for s in samples)
     assert extra_gb < 1.0, f"generation took {extra_gb:.2f} GB above the model"
     batch = Batch.from_samples(samples[:2], engine.pad_id)
-    batch = Batch(*(t.cuda() if torch.is_tensor(t) else t for t in (batch.prompt_ids, batch.prompt_mask,
-                                                                   batch.response_ids, batch.response_mask)),
-                  batch.pixel_values, batch.image_grid_thw, {k: v.cuda() for k, v in batch.data.items()})
+    batch = batch.to(torch.device("cuda"))
     with torch.no_grad():
         logp, _ = policy_forward(model, batch, 1.0, engine.banned, None, with_entropy=False)
     mask = batch.response_mask.bool()
-    assert float((logp - batch.data["rollout_logp"]).abs()[mask].mean()) < 2e-2  # bf16 forward, two paths
+    assert float((logp - batch.rollout_logp).abs()[mask].mean()) < 2e-2  # bf16 forward, two paths
 
 
 def _attn_implementations() -> list[str]:
@@ -238,8 +235,8 @@ def test_layouts_agree_on_cuda(attn, ray_cluster):
     model = {"attn_implementation": attn} | (BF16 if attn == "flash_attention_2" else {})
     scored = {}
     for layout in ("padded", "shared_prompt", "packed"):
-        group = WorkerGroup(PolicyWorker, learner_cfg(MODEL, num_gpus=0.5, model=model, layout=layout))
-        scored[layout] = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
+        group = PolicyGroup(learner_cfg(MODEL, num_gpus=0.5, model=model, layout=layout))
+        scored[layout] = group.compute_logprobs(batch).get().logp
         group.shutdown()
     mask = batch.response_mask.bool()
     tolerance = 5e-2 if attn == "flash_attention_2" else 1e-4  # bf16 compute for flash-attention

@@ -10,7 +10,8 @@ import math
 import pytest
 import ray
 from helpers import tiny_cfg
-from sapo_ray.config import ConfigError, validate
+from sapo_ray.config import ConfigError
+from sapo_ray.config_checks import validate
 from sapo_ray.config import compose_config as compose_cfg
 from sapo_ray.placement import PlacementGroup, plan
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from sapo_ray import precision
-from sapo_ray.config import ConfigError, compose_config, validate
+from sapo_ray.config import ConfigError, compose_config
+from sapo_ray.config_checks import validate
 from sapo_ray.precision import Probe, decide
 
 

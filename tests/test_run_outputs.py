@@ -3,7 +3,6 @@ and the stop on a reward function that keeps failing."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,10 @@ from sapo_ray.data import synthvista
 from sapo_ray.reward import compute_score
 from sapo_ray.reward.mathvista import result_file, score_results
 from sapo_ray.tracking import generation_records
-from sapo_ray.trainer import StopRun, Trainer, stale_checkpoints
+from sapo_ray.checkpoints import Checkpoints, check_shards, stale_checkpoints
+from sapo_ray.errors import StopRun
+from sapo_ray.reward.scorer import Scorer
+from sapo_ray.trainer import Trainer
 
 
 def _sample(text: str, index: int) -> Sample:
@@ -52,24 +54,14 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 
 def test_a_reward_that_keeps_failing_stops_the_run_on_the_third_step():
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = SimpleNamespace(reward=SimpleNamespace(max_error_rate=0.5))
-    trainer.reward = SimpleNamespace(last_error="KeyError: 'solution'")
-    trainer.failing_steps = 0
-    step = lambda errors, timeouts=0.0: {"reward/samples": 10.0, "reward/errors": errors, "reward/timeouts": timeouts}
-    for metrics in (step(6), step(3, 3), step(5)):  # 5 of 10 is not more than half: the count starts over
-        trainer.check_reward_errors(metrics)
-    assert metrics["reward/error_rate"] == 0.5 and trainer.failing_steps == 0
-    trainer.check_reward_errors(step(10))
-    trainer.check_reward_errors(step(9))
+    scorer = Scorer(SimpleNamespace(last_error="KeyError: 'solution'"), max_error_rate=0.5)
+    for errors, timeouts in ((6, 0), (3, 3), (5, 0)):  # 5 of 10 is not more than half: the count starts over
+        rate = scorer.check(errors, timeouts, 10.0)
+    assert rate == 0.5 and scorer.failing_steps == 0
+    scorer.check(10, 0, 10.0)
+    scorer.check(9, 0, 10.0)
     with pytest.raises(StopRun, match="last 3 steps.*KeyError: 'solution'"):
-        trainer.check_reward_errors(step(6))
-
-
-def _trainer_at(run_dir: Path) -> Trainer:
-    trainer = Trainer.__new__(Trainer)
-    trainer.run_dir = run_dir
-    return trainer
+        scorer.check(6, 0, 10.0)
 
 
 def test_a_save_cut_short_never_breaks_resume(tmp_path):
@@ -84,23 +76,21 @@ def test_a_save_cut_short_never_breaks_resume(tmp_path):
     (ckpt / "step_000006").mkdir()  # no trainer_state.json
     (ckpt / "step_000008.tmp" / "actor").mkdir(parents=True)
     (ckpt / "latest").write_text("")
-    assert _trainer_at(tmp_path)._latest_checkpoint() == ckpt / "step_000004"
+    assert Checkpoints(ckpt, 2).latest() == ckpt / "step_000004"
     assert not (ckpt / "step_000008.tmp").exists()
     write_atomic(ckpt / "latest", "step_000002")
-    assert _trainer_at(tmp_path)._latest_checkpoint() == ckpt / "step_000002"
+    assert Checkpoints(ckpt, 2).latest() == ckpt / "step_000002"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002", "step_000004", "step_000006"]
-    assert _trainer_at(tmp_path / "fresh")._latest_checkpoint() is None
+    assert Checkpoints(tmp_path / "fresh", 2).latest() is None
 
 
 def test_shards_the_driver_cannot_see_stop_the_first_save(tmp_path):
-    trainer = _trainer_at(tmp_path)
-    trainer.actor, trainer.critic = SimpleNamespace(workers=[0, 1]), None
     (tmp_path / "actor").mkdir()
     (tmp_path / "actor" / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(StopRun, match=r"actor shards of ranks \[1\].*shares"):
-        trainer._check_shards(tmp_path)
+        check_shards(tmp_path, {"actor": 2})
     (tmp_path / "actor" / "__1_0.distcp").write_bytes(b"")
-    trainer._check_shards(tmp_path)
+    check_shards(tmp_path, {"actor": 2})
 
 
 def test_optimizer_steps_skipped_in_a_row_stop_the_run():

@@ -133,7 +133,7 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
     mask = batch.response_mask
     gen = torch.Generator().manual_seed(0)
     seg = registry.make_segments(registry.get_algorithm("sapo"), mask, entropy=torch.rand(mask.shape, generator=gen))
-    batch = batch.with_data(old_logp=batch.data["rollout_logp"], advantages=torch.randn(mask.shape, generator=gen) * mask,
+    batch = batch.with_fields(old_logp=batch.rollout_logp, advantages=torch.randn(mask.shape, generator=gen) * mask,
                             seg_end=seg.end_mask, values=torch.zeros(mask.shape), returns=torch.ones(mask.shape),
                             value_mask=seg.end_mask.float())
     expected = {key for key, _ in leaf_fields(LearnerConfig, "learner")} - DRIVER_SIDE

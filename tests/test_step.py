@@ -144,12 +144,12 @@ def test_make_batch_rows_fields_and_masks():
     g1 = Group({"id": 2}, [sample(2, 2, tag=3, finished=True, prompt_len=5)], [score(0.1, 0.0, 1.0)])
     b = step.make_batch([g0, g1], pad_id=-1)
     assert len(b) == 3
-    assert b.data["group_index"].tolist() == [0, 0, 1]
-    assert b.data["group_index"].dtype == torch.long
-    assert torch.allclose(b.data["scores"], torch.tensor([1.1, 0.0, 0.1]))
-    assert b.data["acc"].tolist() == [1.0, 0.0, 0.0]
-    assert b.data["format"].tolist() == [1.0, 0.0, 1.0]
-    assert b.data["finished"].tolist() == [True, False, True]
+    assert b.group_index.tolist() == [0, 0, 1]
+    assert b.group_index.dtype == torch.long
+    assert torch.allclose(b.scores, torch.tensor([1.1, 0.0, 0.1]))
+    assert b.acc.tolist() == [1.0, 0.0, 0.0]
+    assert b.format.tolist() == [1.0, 0.0, 1.0]
+    assert b.finished.tolist() == [True, False, True]
     assert b.response_mask.sum(1).tolist() == [3.0, 1.0, 2.0]
     assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert b.response_ids.tolist() == [[101, 102, 103], [201, -1, -1], [301, 302, -1]]
@@ -163,20 +163,22 @@ def test_make_batch_rows_fields_and_masks():
 
 def _batch_with_policy_data(groups: list[Group]):
     b = step.make_batch(groups, pad_id=0)
-    return b.with_data(old_logp=b.data["rollout_logp"], entropy=b.data["rollout_entropy"])
+    # The reference as the policy (GRPO's KL loss reads it in the learner; the advantages do not).
+    return b.with_fields(old_logp=b.rollout_logp, entropy=b.rollout_entropy, ref_logp=b.rollout_logp)
 
 
 def test_advantages_grpo_hand_values():
     """GRPO: (R - mean)/(unbiased std + 1e-6) per group on valid tokens, 0 on padding, no segments."""
     groups = [group(0, 2, lengths=[3, 1], scores=[1.0, 0.0]), group(1, 2, lengths=[2, 2], scores=[0.1, 0.1])]
     b = _batch_with_policy_data(groups)
-    out, metrics = step.advantages(registry.get_algorithm("grpo"), b, max_new_tokens=8)
+    spec = registry.get_algorithm("grpo")
+    out, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)  # [1, 0]: mean 0.5, unbiased std sqrt(0.5)
     expected = torch.tensor([[a, a, a], [-a, 0, 0], [0, 0, 0], [0, 0, 0]])
-    assert torch.allclose(out.data["advantages"], expected, atol=1e-6)
+    assert torch.allclose(out.advantages, expected, atol=1e-6)
     # returns: the outcome on the valid tokens
-    assert torch.allclose(out.data["returns"], torch.tensor([[1, 1, 1], [0, 0, 0], [0.1, 0.1, 0], [0.1, 0.1, 0]]))
-    assert "seg_end" not in out.data and "value_mask" not in out.data
+    assert torch.allclose(out.returns, torch.tensor([[1, 1, 1], [0, 0, 0], [0.1, 0.1, 0], [0.1, 0.1, 0]]))
+    assert "seg_end" not in out.filled() and "value_mask" not in out.filled()
     assert metrics["critic/advantages/max"] == pytest.approx(a, abs=1e-6)
     assert metrics["critic/advantages/min"] == pytest.approx(-a, abs=1e-6)
     assert "segments/per_response" not in metrics
@@ -191,19 +193,19 @@ def test_advantages_sapo_parity_with_registry():
     mask = b.response_mask
     old_logp = -torch.rand(shape) * mask
     ref_logp = -torch.rand(shape) * mask
-    b = b.with_data(old_logp=old_logp, ref_logp=ref_logp, entropy=torch.rand(shape) * mask,
+    b = b.with_fields(old_logp=old_logp, ref_logp=ref_logp, entropy=torch.rand(shape) * mask,
                     values=torch.randn(shape) * mask)
     spec = registry.get_algorithm("sapo")
-    out, metrics = step.advantages(spec, b, max_new_tokens=8)
+    out, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
 
-    seg = registry.make_segments(spec, mask, entropy=b.data["entropy"], logprobs=old_logp)
-    adv, ret = registry.compute_advantages(spec, scores=b.data["scores"], mask=mask, values=b.data["values"],
-                                           segments=seg, group_index=b.data["group_index"], old_logp=old_logp,
+    seg = registry.make_segments(spec, mask, entropy=b.entropy, logprobs=old_logp)
+    adv, ret = registry.compute_advantages(spec, scores=b.scores, mask=mask, values=b.values,
+                                           segments=seg, group_index=b.group_index, old_logp=old_logp,
                                            ref_logp=ref_logp)
-    assert torch.equal(out.data["advantages"], adv)
-    assert torch.equal(out.data["returns"], ret)
-    assert torch.equal(out.data["seg_end"], seg.end_mask)
-    assert torch.equal(out.data["value_mask"], registry.critic_mask(spec, mask, seg).float())
+    assert torch.equal(out.advantages, adv)
+    assert torch.equal(out.returns, ret)
+    assert torch.equal(out.seg_end, seg.end_mask)
+    assert torch.equal(out.value_mask, registry.critic_mask(spec, mask, seg).float())
     assert metrics["segments/per_response"] == pytest.approx(float(seg.num_segments.float().mean()))
     assert "critic/vf_explained_var" in metrics
     # k1 KL: mean over the 12 valid tokens of old - ref
@@ -222,12 +224,13 @@ def test_advantages_dapo_uses_shaped_scores():
     """DAPO through `advantages`: equal raw scores, lengths 8/9/10 of 10 -> shaped [1, .5, 0] -> GRPO [1, 0, -1]."""
     groups = [group(0, 3, lengths=[8, 9, 10], scores=[1.0, 1.0, 1.0])]
     b = _batch_with_policy_data(groups)
-    out, _ = step.advantages(registry.get_algorithm("dapo"), b, max_new_tokens=10)
+    spec = registry.get_algorithm("dapo")
+    out, _ = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=10)
     a = 0.5 / (0.5 + 1e-6)  # mean 0.5, unbiased std sqrt((.25 + 0 + .25) / 2) = 0.5
-    first = out.data["advantages"][:, 0]
+    first = out.advantages[:, 0]
     assert torch.allclose(first, torch.tensor([a, 0.0, -a]), atol=1e-6)
-    assert out.data["advantages"][0, 8:].abs().sum() == 0  # padding of the 8-token row
-    assert torch.allclose(out.data["returns"][:, 0], torch.tensor([1.0, 0.5, 0.0]))
+    assert out.advantages[0, 8:].abs().sum() == 0  # padding of the 8-token row
+    assert torch.allclose(out.returns[:, 0], torch.tensor([1.0, 0.5, 0.0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +243,8 @@ def test_tis_weights_hand_values():
     b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
     rollout = torch.tensor([[-1.0, -2.0], [-0.3, 0.0]])
     old = torch.tensor([[-1.0 + math.log(0.5), -2.0 + math.log(3.0)], [-0.3, 5.0]])  # padding differs by 5
-    out, metrics = step.tis_weights(b.with_data(rollout_logp=rollout, old_logp=old), cap=2.0)
-    assert torch.allclose(out.data["is_weights"], torch.tensor([[0.5, 2.0], [1.0, 0.0]]))
+    out, metrics = step.tis_weights(b.with_fields(rollout_logp=rollout, old_logp=old), cap=2.0)
+    assert torch.allclose(out.is_weights, torch.tensor([[0.5, 2.0], [1.0, 0.0]]))
     assert metrics["rollout/tis_clipfrac"] == pytest.approx(1 / 3)
     assert metrics["rollout/tis_weight_mean"] == pytest.approx(3.5 / 3)
 
@@ -256,7 +259,7 @@ def test_batch_metrics_hand_counts():
     gs = [Group({"id": i}, [sample(i, 2, finished=True), sample(i, 4, finished=(i != 1))],
                 [score(1.0, acc=float(i == 0), fmt=1.0), score(0.0, acc=0.0, fmt=0.0)]) for i in range(3)]
     b = step.make_batch(gs, pad_id=0)
-    b = b.with_data(old_logp=b.data["rollout_logp"])
+    b = b.with_fields(old_logp=b.rollout_logp)
     m = step.batch_metrics(b, compare_rollout_logp=False)
     assert m["batch/rows"] == 6 and m["batch/groups"] == 3
     assert m["reward/accuracy"] == pytest.approx(1 / 6)
@@ -274,7 +277,7 @@ def test_batch_metrics_logp_diff_only_when_compared():
     b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
     rollout = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
     old = torch.tensor([[-1.25, -1.5], [-0.5, 9.0]])  # |diff| 0.25, 0.5, 0 on valid; 9 on padding
-    b = b.with_data(rollout_logp=rollout, old_logp=old)
+    b = b.with_fields(rollout_logp=rollout, old_logp=old)
     m = step.batch_metrics(b, compare_rollout_logp=True)
     assert m["rollout/logp_diff_max"] == pytest.approx(0.5)
     assert m["rollout/logp_diff_mean"] == pytest.approx(0.25)
@@ -290,9 +293,9 @@ def test_td_error_std_by_hand_for_token_gae():
     """PPO (gamma 1, reference = policy so no KL): row 0, score 1, values .2 .5 .7 -> deltas .3 .2 .3;
     row 1, score 0, values .1 .4 -> deltas .3 -.4; the metric is their (unbiased) standard deviation."""
     b = _batch_with_policy_data([group(0, 2, lengths=[3, 2], scores=[1.0, 0.0])])
-    b = b.with_data(ref_logp=b.data["old_logp"], values=torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.4, 0.0]]))
+    b = b.with_fields(ref_logp=b.old_logp, values=torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.4, 0.0]]))
     spec = registry.get_algorithm("ppo")
-    _, metrics = step.advantages(spec, b, max_new_tokens=8)
+    _, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
     deltas = torch.tensor([0.3, 0.2, 0.3, 0.3, -0.4])
     assert metrics["critic/td_error_std"] == pytest.approx(float(deltas.std()), abs=1e-6)
 

@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from sapo_ray.config import ConfigError, compose_config, validate
+from sapo_ray.config import ConfigError, compose_config
+from sapo_ray.config_checks import validate
 from sapo_ray.tracking import SINKS, Tracker, missing_logger_packages
 
 ROWS = {1: {"actor/pg_loss": 0.5, "val/accuracy": 0.25}, 2: {"actor/pg_loss": -0.125, "critic/vf_loss": 3.0}}

@@ -43,7 +43,7 @@ def test_custom_jsonl_and_dict_reward_train_then_evaluate_the_checkpoint(ray_clu
     for r in rows[1:]:
         assert r["reward/errors"] == 0 and r["reward/samples"] == 8 and math.isfinite(r["reward/chars"])
     assert "val/reward/chars" in rows[0] and "val/reward/chars" in rows[2]
-    dumped = [json.loads(l) for l in (run_dir / "generations" / "rollout_step_000001.jsonl").read_text().splitlines()]
+    dumped = [json.loads(line) for line in (run_dir / "generations" / "rollout_step_000001.jsonl").read_text().splitlines()]
     assert len(dumped) == 8 and all(d["uid"].startswith("utrain") and d["chars"] == len(d["response"]) for d in dumped)
 
     checkpoint = run_dir / "checkpoints" / "step_000002"
@@ -51,6 +51,6 @@ def test_custom_jsonl_and_dict_reward_train_then_evaluate_the_checkpoint(ray_clu
     result = run(tiny_cfg(eval_dir, "bundled:tiny-vlm", *data, "trainer.val_only=true", f"trainer.resume={checkpoint}",
                           "trainer.export_hf=false"))
     assert read_metrics(eval_dir)[-1]["step"] == 2 and result["val/accuracy_greedy"] == rows[2]["val/accuracy_greedy"]
-    generations = [json.loads(l) for l in (eval_dir / "generations" / "val_step_000002.jsonl").read_text().splitlines()]
+    generations = [json.loads(line) for line in (eval_dir / "generations" / "val_step_000002.jsonl").read_text().splitlines()]
     assert sorted(g["uid"] for g in generations if g["sampling"] == "greedy") == ["utest0", "utest1", "utest2"]
     assert not (eval_dir / "checkpoints").exists()

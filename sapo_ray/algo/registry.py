@@ -153,6 +153,11 @@ class AlgorithmSpec:
     def needs_segments(self) -> bool:
         return self.advantage == "segment_gae" or self.ratio_level == "segment" or self.loss_agg == "segment_mean"
 
+    @property
+    def needs_ref(self) -> bool:
+        """Whether a KL term (in the reward or the loss) reads the frozen reference's log-probs."""
+        return (self.kl_in_reward and self.kl_coef > 0) or (self.kl_loss and self.kl_loss_coef > 0)
+
 
 # --------------------------------------------------------------------------------------------
 # Registries

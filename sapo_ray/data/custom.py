@@ -27,10 +27,11 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sapo_ray.data.files import split_files
 from sapo_ray.data.report import DataReport, SkipRow
+from sapo_ray.data.schema import UnreadableImageError, decode_image, free_form_example
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
-KNOWN_SPLITS = ("train", "validation", "val", "test", "testmini")
 # The keys every Example has (docs of `sapo_ray.data.schema.row_to_example`); a row's columns never replace them.
 EXAMPLE_KEYS = ("pid", "data_source", "question", "query", "images", "answer", "question_type", "answer_type",
                 "precision", "choices", "unit", "metadata", "solution", "columns")
@@ -61,8 +62,6 @@ def load_custom(path: str, split: str, key: str, report: DataReport, prompt_key:
 def to_example(row: dict, index: int, file: str, prompt_key: str, answer_key: str, image_key: str,
                template=None, image_check: Callable | None = None) -> dict:
     """One row as an Example; raises `SkipRow` with the reason it cannot be used."""
-    from sapo_ray.data.datasets import UnreadableImageError, decode_image, free_form_example
-
     if not isinstance(row, dict):
         raise SkipRow("not_an_object", f"a {type(row).__name__}, not a JSON object")
     prompt = row.get(prompt_key)
@@ -119,25 +118,9 @@ def _rows(path: str, split: str, key: str, report: DataReport) -> Iterator[tuple
     if not root.exists():
         raise FileNotFoundError(f"{key}={path!r}: no such file or directory (a .jsonl, .json or .parquet file, a "
                                 "directory of them, or a hub dataset written name@split)")
-    for file in _files(root, split, key):
+    for file in split_files(root, split, key, FILE_TYPES):
         for index, row in _file_rows(file, report):
             yield str(file), index, row
-
-
-def _files(root: Path, split: str, key: str) -> list[Path]:
-    if root.is_file():
-        if root.suffix not in FILE_TYPES:
-            raise ValueError(f"{key}={str(root)!r}: a {root.suffix or 'suffixless'} file; want one of {FILE_TYPES}")
-        return [root]
-    every = sorted(f for f in root.rglob("*") if f.suffix in FILE_TYPES and f.is_file())
-    files = [f for f in every if f.stem == split or f.stem.startswith(f"{split}-")]
-    if not files and not any(f.stem.split("-")[0] in KNOWN_SPLITS for f in every):
-        files = every  # no file is named after a split: the directory is one split
-    if not files:
-        found = ", ".join(str(f.relative_to(root)) for f in every) or "none"
-        raise FileNotFoundError(f"{key}={str(root)!r}: no {'/'.join(FILE_TYPES)} file for split {split!r} "
-                                f"(want {split}.* or {split}-*.*; found: {found})")
-    return files
 
 
 def _file_rows(file: Path, report: DataReport) -> Iterator[tuple[int, dict]]:

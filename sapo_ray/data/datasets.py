@@ -15,30 +15,23 @@ their Examples get pids prefixed ``synthetic-`` and ``metadata["source"] == "syn
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import re
 from pathlib import Path
 
-from PIL import Image
 
 from sapo_ray.data import synthvista
 from sapo_ray.data.report import DataReport, SkipRow
-from sapo_ray.data.schema import row_to_example
+from sapo_ray.data.files import split_files
+from sapo_ray.data.schema import UnreadableImageError, decode_image, free_form_example, row_to_example
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("synthvista", "geometry3k", "mathvista", "custom")
 HUB_NAMES = {"geometry3k": "hiyouga/geometry3k", "mathvista": "AI4Math/MathVista"}
-KNOWN_SPLITS = ("train", "validation", "val", "test", "testmini")
 FIXTURE_KEY = b"sapo_ray"  # parquet key-value metadata written by tests/data/fixtures.py
 MATHVISTA_LICENCE = ("MathVista is a test set: its terms (CC BY-SA 4.0, 'using it for training is prohibited') "
                      "forbid training on it. Use it for evaluation only (data.val_path, for_training=False).")
-
-
-class UnreadableImageError(ValueError):
-    """An image in a row could not be decoded (corrupt bytes, missing file)."""
 
 
 def load_dataset_split(name: str, path: str | Path | None = None, split: str = "train",
@@ -130,56 +123,11 @@ def geometry3k_to_example(row: dict, split: str = "train", index: int = 0, base_
                                  "grade": "high school", "skills": ["geometry reasoning", "algebraic reasoning"]})
 
 
-def free_form_example(pid: str, data_source: str, problem: str, query: str, images: list, answer: str,
-                      metadata: dict) -> dict:
-    """An Example of a free-form question: `problem` with `<image>` placeholders (kept in the query,
-    dropped from the question), the answer's type inferred from its text."""
-    answer_type, precision = infer_answer_type(answer)
-    return {
-        "pid": pid, "data_source": data_source, "question": problem.replace("<image>", "").strip(), "query": query,
-        "images": images, "answer": answer, "question_type": "free_form", "answer_type": answer_type,
-        "precision": precision, "choices": None, "unit": None, "metadata": metadata, "solution": None,
-    }
-
-
 def mathvista_to_example(row: dict, data_source: str = "mathvista", base_dir: Path | None = None) -> dict:
     """Map a MathVista-schema row (``decoded_image`` as struct<bytes, path> or None) to an Example."""
     image = row.get("decoded_image")
     images = [] if image is None else [decode_image(image, base_dir)]
     return row_to_example(row, data_source, images=images)
-
-
-def infer_answer_type(answer: str) -> tuple[str, int | None]:
-    """Guess (answer_type, precision) of a free-form answer: integer, float (decimals) or text."""
-    if re.fullmatch(r"-?\d+", answer):
-        return "integer", None
-    if m := re.fullmatch(r"-?\d*\.(\d+)", answer):
-        return "float", len(m.group(1))
-    return "text", None
-
-
-def decode_image(value, base_dir: Path | None) -> Image.Image:
-    """Decode an image cell (struct<bytes, path>, raw bytes, a path relative to ``base_dir``, or PIL) to
-    an RGB PIL image."""
-    try:
-        if isinstance(value, Image.Image):
-            img = value
-        else:
-            if isinstance(value, (str, Path)):
-                value = {"path": str(value)}
-            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-            if data is None and path:
-                file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
-                data = file.read_bytes()
-            if not data:
-                raise UnreadableImageError("image has neither bytes nor a readable path")
-            img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except UnreadableImageError:
-        raise
-    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
 
 
 def _parquet_tables(path: str | Path, split: str, key: str):
@@ -190,18 +138,7 @@ def _parquet_tables(path: str | Path, split: str, key: str):
     if not root.exists():
         raise FileNotFoundError(f"{key}={str(path)!r}: no such file or directory. Set {key} to a parquet file "
                                 f"or a directory of parquet files (e.g. data/{split}-00000-of-00001.parquet)")
-    if root.is_file():
-        files = [root]
-    else:
-        every = sorted(root.rglob("*.parquet"))
-        files = [f for f in every if f.stem == split or f.stem.startswith(f"{split}-")]
-        if not files and not any(f.stem.split("-")[0] in KNOWN_SPLITS for f in every):
-            files = every  # unsplit directory: take all files
-        if not files:
-            found = ", ".join(str(f.relative_to(root)) for f in every) or "none"
-            raise FileNotFoundError(f"{key}={str(path)!r}: no parquet file for split {split!r} "
-                                    f"(want {split}.parquet or {split}-*.parquet; found: {found})")
-    for file in files:
+    for file in split_files(root, split, key, (".parquet",)):
         table = pq.read_table(file)
         meta = table.schema.metadata or {}
         yield table, file.parent, bool(json.loads(meta.get(FIXTURE_KEY, b"{}")).get("synthetic"))

@@ -8,7 +8,12 @@ The schema is the one of ``AI4Math/MathVista`` on the hub (``testmini.json`` plu
 
 from __future__ import annotations
 
+import io
+import re
+from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 # Top-level keys of a MathVista row on the hub, in the hub's column order.
 MATHVISTA_KEYS = (
@@ -89,3 +94,52 @@ def row_to_example(row: dict, data_source: str, images: list | None = None) -> d
         "metadata": dict(row.get("metadata") or {}),
         "solution": row.get("solution"),
     }
+
+
+class UnreadableImageError(ValueError):
+    """An image in a row could not be decoded (corrupt bytes, missing file)."""
+
+
+def free_form_example(pid: str, data_source: str, problem: str, query: str, images: list, answer: str,
+                      metadata: dict) -> dict:
+    """An Example of a free-form question: `problem` with `<image>` placeholders (kept in the query,
+    dropped from the question), the answer's type inferred from its text."""
+    answer_type, precision = infer_answer_type(answer)
+    return {
+        "pid": pid, "data_source": data_source, "question": problem.replace("<image>", "").strip(), "query": query,
+        "images": images, "answer": answer, "question_type": "free_form", "answer_type": answer_type,
+        "precision": precision, "choices": None, "unit": None, "metadata": metadata, "solution": None,
+    }
+
+
+def infer_answer_type(answer: str) -> tuple[str, int | None]:
+    """Guess (answer_type, precision) of a free-form answer: integer, float (decimals) or text."""
+    if re.fullmatch(r"-?\d+", answer):
+        return "integer", None
+    if m := re.fullmatch(r"-?\d*\.(\d+)", answer):
+        return "float", len(m.group(1))
+    return "text", None
+
+
+def decode_image(value, base_dir: Path | None) -> Image.Image:
+    """Decode an image cell (struct<bytes, path>, raw bytes, a path relative to ``base_dir``, or PIL) to
+    an RGB PIL image."""
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        else:
+            if isinstance(value, (str, Path)):
+                value = {"path": str(value)}
+            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+            if data is None and path:
+                file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
+                data = file.read_bytes()
+            if not data:
+                raise UnreadableImageError("image has neither bytes nor a readable path")
+            img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except UnreadableImageError:
+        raise
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"{type(err).__name__}: {err}") from err

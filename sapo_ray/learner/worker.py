@@ -14,6 +14,7 @@ import gc
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
-from sapo_ray.batch import Batch, pack_by_tokens
+from sapo_ray.batch import Batch, LogProbs, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.learner.vision import run_vision_in_every_forward
@@ -226,17 +227,19 @@ class FSDPWorker:
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         return [batch.select(rows) for rows in self._micro_rows(batch)]
 
-    def _forward_rows(self, batch: Batch, forward) -> dict[str, torch.Tensor]:
-        """`forward(micro) -> {name: [rows, R_micro]}` over the micro-batches (no gradient), put back
-        together as `{name: [B, R]}` in the batch's row order."""
+    def _forward_rows(self, batch: Batch, forward, outputs: int) -> list[torch.Tensor | None]:
+        """`forward(micro) -> (outputs tensors [rows, R_micro], or None)` over the micro-batches (no
+        gradient), each put back together as `[B, R]` in the batch's row order."""
         R = batch.response_ids.shape[1]
-        out: dict[str, torch.Tensor] = {}
+        out: list[torch.Tensor | None] = [None] * outputs
         for rows in self._micro_rows(batch):
             with self._autocast():
                 parts = forward(self._to_device(batch.select(rows)))
-            for name, part in parts.items():
-                full = out.setdefault(name, torch.zeros(len(batch), R))
-                full[rows, : part.shape[1]] = part.float().cpu()
+            for k, part in enumerate(parts):
+                if part is not None:
+                    if out[k] is None:
+                        out[k] = torch.zeros(len(batch), R)
+                    out[k][rows, : part.shape[1]] = part.float().cpu()
         return out
 
     def _optimizer_step(self) -> tuple[float, bool]:
@@ -274,18 +277,13 @@ class FSDPWorker:
         if agg == "token_mean":
             local = mask.sum()
         elif agg == "segment_mean":
-            local = batch.data["seg_end"].float().mul(mask).sum()
+            local = batch.seg_end.float().mul(mask).sum()
         else:
             local = (mask.sum(1) > 0).sum()
         return self._global_count(local)
 
     def _to_device(self, batch: Batch) -> Batch:
-        if self.device.type == "cpu":
-            return batch
-        move = lambda t: None if t is None else t.to(self.device)
-        return Batch(move(batch.prompt_ids), move(batch.prompt_mask), move(batch.response_ids), move(batch.response_mask),
-                     [move(p) for p in batch.pixel_values], [move(g) for g in batch.image_grid_thw],
-                     {k: move(v) for k, v in batch.data.items()})
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
@@ -380,17 +378,19 @@ class PolicyWorker(FSDPWorker):
         self._make_optimizer()
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: Batch, which: str = "policy") -> dict[str, torch.Tensor]:
-        """`old_logp` and `entropy` under the policy, or `ref_logp` under the frozen reference ([B, R] each)."""
-        model = self.model if which == "policy" else self.ref
-        model.eval()
+    def compute_logprobs(self, batch: Batch, model: Literal["policy", "reference"] = "policy") -> LogProbs:
+        """Log-probs and entropies under the policy, or log-probs under the frozen reference ([B, R] each)."""
+        if model not in ("policy", "reference"):
+            raise ValueError(f"compute_logprobs(model={model!r}): 'policy' or 'reference'")
+        policy = model == "policy"
+        module = self.model if policy else self.ref
+        module.eval()
 
-        def forward(micro: Batch) -> dict[str, torch.Tensor]:
-            logp, ent = policy_forward(model, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
-                                       with_entropy=which == "policy", layout=self._layout(False))
-            return {"old_logp": logp, "entropy": ent} if which == "policy" else {"ref_logp": logp}
+        def forward(micro: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
+                                  with_entropy=policy, layout=self._layout(False))
 
-        return self._forward_rows(batch, forward)
+        return LogProbs(*self._forward_rows(batch, forward, outputs=2))
 
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
@@ -427,14 +427,14 @@ class PolicyWorker(FSDPWorker):
                                                entropy_grad=spec.entropy_coef > 0,
                                                layout=self._layout(True))
             mask = micro.response_mask
-            seg = Segments.from_end_mask(micro.data["seg_end"].bool(), mask) if "seg_end" in micro.data else None
-            loss, m = registry.policy_loss(spec, logp, micro.data["old_logp"], micro.data["advantages"], mask,
-                                           segments=seg, is_weights=micro.data.get("is_weights"),
+            seg = Segments.from_end_mask(micro.seg_end.bool(), mask) if spec.needs_segments else None
+            loss, m = registry.policy_loss(spec, logp, micro.old_logp, micro.advantages, mask, segments=seg,
+                                           is_weights=micro.is_weights if self.cfg.rollout.tis_cap > 0 else None,
                                            norm_len=self.cfg.rollout.max_new_tokens, agg_denom=denom)
             m = {f"actor/{k}": float(v) for k, v in m.items()}
             m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
             if spec.kl_loss and spec.kl_loss_coef > 0:
-                kl_term = registry.kl_loss(spec, logp, micro.data["ref_logp"], mask,
+                kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask,
                                            agg_denom=tokens if spec.loss_agg == "segment_mean" else denom)
                 loss = loss + kl_term
                 m["actor/kl_loss"] = float(kl_term.detach())
@@ -509,25 +509,26 @@ class CriticWorker(FSDPWorker):
         self._make_optimizer()
 
     @torch.no_grad()
-    def compute_values(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def compute_values(self, batch: Batch) -> torch.Tensor:
+        """The value at every response position `[B, R]` (0 on padding)."""
         self.model.eval()
         layout = self._layout(False)
-        values = self._forward_rows(batch, lambda micro: {"values": value_forward(self.model, micro, self.image_token_id, layout)})
-        return {"values": values["values"] * batch.response_mask}
+        values, = self._forward_rows(batch, lambda micro: (value_forward(self.model, micro, self.image_token_id, layout),),
+                                     outputs=1)
+        return values * batch.response_mask
 
     def update(self, batch: Batch) -> dict[str, float]:
         """Clipped value loss on `value_mask` positions (segment anchors for SAPO, every token for PPO)."""
         self.model.train()
         stats: dict[str, list[float]] = {}
         for minibatch in self._minibatches(batch):
-            denom = self._global_count(minibatch.data["value_mask"].sum())
+            denom = self._global_count(minibatch.value_mask.sum())
             loss_sum = 0.0
             for micro in self._micro_batches(minibatch):
                 micro = self._to_device(micro)
                 with self._autocast():
                     values = value_forward(self.model, micro, self.image_token_id, self._layout(True))
-                loss, m = losses.value_loss(values, micro.data["values"], micro.data["returns"],
-                                            micro.data["value_mask"], clip=self.cfg.algorithm.value_clip,
+                loss, m = losses.value_loss(values, micro.values, micro.returns, micro.value_mask, clip=self.cfg.algorithm.value_clip,
                                             agg_denom=denom)
                 loss.backward()
                 loss_sum += float(loss.detach())

@@ -14,11 +14,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import re
 from collections.abc import Callable
 from pathlib import Path
 
-from sapo_ray.reward.extract import last_boxed
+from sapo_ray.reward.extract import last_boxed, mathvista_extraction
 from sapo_ray.reward.format import format_reward
 from sapo_ray.reward.verify import is_equivalent, plain
 
@@ -104,23 +103,6 @@ def combine(value, response: str, acc_weight: float | None, format_weight: float
             **{k: float(v) for k, v in extras.items()}}
 
 
-def _unwrap_box(box: str, example: dict) -> str:
-    """Turn a boxed answer into what MathVista's answer extractor would return for it.
-
-    Drops `$` and `\\text{}`-like wrappers; a bare letter `B`, `(B)` or `B.` stays a letter; numeric
-    answers lose units, degree and percent signs and thousands separators (`1,000 \\text{ cm}` -> `1000`).
-    """
-    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", box).replace("$", "").strip()
-    if example["question_type"] == "multi_choice":
-        letter = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
-        return letter.group(1) if letter else text
-    if example["answer_type"] in ("integer", "float"):
-        text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\?%|°|(?<=\d),(?=\d{3})", "", text).strip()
-        number = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*[A-Za-z]*\.?", text)
-        return number.group(1) if number else text
-    return text
-
-
 @register_reward("mathvista")
 @register_reward("synthvista")
 def mathvista_acc(response: str, example: dict) -> float:
@@ -130,13 +112,6 @@ def mathvista_acc(response: str, example: dict) -> float:
 
     extraction = mathvista_extraction(response, example)
     return float(judge(example, extraction)[1]) if extraction else 0.0
-
-
-def mathvista_extraction(response: str, example: dict) -> str:
-    """The answer `mathvista_acc` judges: the last box, unwrapped (`_unwrap_box`); "" without one. Written
-    as `extraction` in MathVista's result files, so that its scorer reproduces the reward."""
-    box = last_boxed(response)
-    return _unwrap_box(box, example) if box is not None and box.strip() else ""
 
 
 @register_reward("geometry3k")
@@ -150,10 +125,7 @@ def math_acc(response: str, example: dict) -> float:
     return float(plain(box) == plain(gold) or is_equivalent(box, gold))
 
 
-from sapo_ray.reward.pool import RewardPool  # noqa: E402  (pool.py imports compute_score from here)
-
 __all__ = [
-    "RewardPool",
     "compute_score",
     "format_reward",
     "get_reward_fn",

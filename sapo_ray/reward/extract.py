@@ -36,3 +36,27 @@ def last_boxed(text: str | bytes | None) -> str | None:
         if depth == 0:
             return text[start.end() : brace.start()]
     return None
+
+
+def _unwrap_box(box: str, example: dict) -> str:
+    """Turn a boxed answer into what MathVista's answer extractor would return for it.
+
+    Drops `$` and `\\text{}`-like wrappers; a bare letter `B`, `(B)` or `B.` stays a letter; numeric
+    answers lose units, degree and percent signs and thousands separators (`1,000 \\text{ cm}` -> `1000`).
+    """
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", box).replace("$", "").strip()
+    if example["question_type"] == "multi_choice":
+        letter = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
+        return letter.group(1) if letter else text
+    if example["answer_type"] in ("integer", "float"):
+        text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\?%|°|(?<=\d),(?=\d{3})", "", text).strip()
+        number = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*[A-Za-z]*\.?", text)
+        return number.group(1) if number else text
+    return text
+
+
+def mathvista_extraction(response: str, example: dict) -> str:
+    """The answer `mathvista_acc` judges: the last box, unwrapped (`_unwrap_box`); "" without one. Written
+    as `extraction` in MathVista's result files, so that its scorer reproduces the reward."""
+    box = last_boxed(response)
+    return _unwrap_box(box, example) if box is not None and box.strip() else ""

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sapo_ray.reward.extract import last_boxed
+from sapo_ray.reward.extract import last_boxed, mathvista_extraction
 
 # Breakdown keys of the official score files, in their order; `skills` holds a list per problem.
 SCORE_KEYS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade", "skills")
@@ -183,8 +183,6 @@ RESULT_KEYS = ("question", "query", "answer", "question_type", "answer_type", "p
 def result_file(records: list[tuple[dict, str]]) -> dict[str, dict]:
     """MathVista's output-file layout (pid -> problem with `response` and `extraction`) for
     `(example, response)` pairs, one per problem; `score_results` scores it as the trainer's reward does."""
-    from sapo_ray.reward import mathvista_extraction
-
     return {example["pid"]: {**{k: example.get(k) for k in RESULT_KEYS}, "pid": example["pid"], "response": response,
                              "extraction": mathvista_extraction(response, example)}
             for example, response in records}

@@ -8,7 +8,8 @@ import pytest
 
 from sapo_ray.data import synthvista
 from fixtures import write_geometry3k_fixture, write_mathvista_fixture
-from sapo_ray.data.datasets import infer_answer_type, load_dataset_split
+from sapo_ray.data.datasets import load_dataset_split
+from sapo_ray.data.schema import infer_answer_type
 from sapo_ray.data.schema import MATHVISTA_KEYS
 
 CONTRACT_KEYS = {"pid", "data_source", "question", "query", "images", "answer", "question_type", "answer_type",

@@ -51,9 +51,9 @@ def logged_step(n: int):
         r["step"] >= n for r in read_metrics(run_dir))
 
 
-def train(cfg, during=None) -> "Trainer":
+def train(cfg, during=None):
     """`sapo_ray.main.run` in this process, with `during(trainer)` called once the actors exist."""
-    from sapo_ray.config import validate
+    from sapo_ray.config_checks import validate
     from sapo_ray.trainer import Trainer
 
     validate(cfg)
@@ -74,7 +74,7 @@ def test_a_killed_rollout_worker_is_replaced_and_the_run_finishes(ray_cluster, t
     """SIGKILL to the rollout worker during step 3 of 6: a new worker with the current weights redoes the
     lost generation; all 6 steps are logged with `faults/restarts` 1."""
     cfg = tiny_cfg(tmp_path, "bundled:tiny-vlm", "trainer.steps=6", "trainer.export_hf=false")
-    train(cfg, lambda t: kill_when(tmp_path, logged_step(2), lambda: t.rollout[0]))
+    train(cfg, lambda t: kill_when(tmp_path, logged_step(2), lambda: t.rollouts.workers[0]))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert rows[-1]["faults/restarts"] == 1.0 and rows[2]["faults/restarts"] == 0.0
@@ -112,7 +112,7 @@ def test_a_hung_rollout_worker_is_treated_as_dead_after_the_timeout(ray_cluster,
         def watch():
             while not logged_step(1)(tmp_path):
                 time.sleep(0.05)
-            frozen.append(pid_of(trainer.rollout[0]))
+            frozen.append(pid_of(trainer.rollouts.workers[0]))
             os.kill(frozen[0], signal.SIGSTOP)
 
         thread = threading.Thread(target=watch, daemon=True)

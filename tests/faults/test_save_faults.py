@@ -26,7 +26,7 @@ def command(run_dir: Path, *overrides: str) -> list[str]:
 
 def steps_logged(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(l)["step"] for l in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.slow

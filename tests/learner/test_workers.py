@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import ray
 import torch
 
 from helpers import learner_cfg, rollout_cfg, sample_batch
 from sapo_ray.algo import registry
-from sapo_ray.learner.group import WorkerGroup
+from sapo_ray.learner.group import CriticGroup, PolicyGroup
 from sapo_ray.learner.worker import PolicyWorker
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.utils import actor_env
@@ -21,10 +19,10 @@ def _train_batch(path, spec):
     mask = batch.response_mask
     gen = torch.Generator().manual_seed(0)
     seg = registry.make_segments(spec, mask, entropy=torch.rand(mask.shape, generator=gen))
-    data = {"old_logp": batch.data["rollout_logp"], "advantages": torch.randn(mask.shape, generator=gen) * mask}
+    data = {"old_logp": batch.rollout_logp, "advantages": torch.randn(mask.shape, generator=gen) * mask}
     if seg is not None:
         data["seg_end"] = seg.end_mask
-    return batch.with_data(**data), engine.pad_id
+    return batch.with_fields(**data), engine.pad_id
 
 
 def test_two_fsdp_ranks_match_one_rank_update(ray_cluster, random_tiny_models):
@@ -34,9 +32,9 @@ def test_two_fsdp_ranks_match_one_rank_update(ray_cluster, random_tiny_models):
     batch, _ = _train_batch(path, spec)
     states, metrics = [], []
     for world in (1, 2):
-        group = WorkerGroup(PolicyWorker, learner_cfg(path, world_size=world))
-        metrics.append(group.call_sharded("update", batch)[0])
-        states.append(group.call("full_state_dict")[0])
+        group = PolicyGroup(learner_cfg(path, world_size=world))
+        metrics.append(group.update(batch).get()[0])
+        states.append(group.full_state_dict())
         group.shutdown()
     from sapo_ray.models import load_policy
 
@@ -52,9 +50,9 @@ def test_frozen_vision_tower_keeps_its_weights(ray_cluster, random_tiny_models):
     path = random_tiny_models["vlm"]
     spec = registry.get_algorithm("sapo")
     batch, _ = _train_batch(path, spec)
-    group = WorkerGroup(PolicyWorker, learner_cfg(path, freeze_vision_tower=True))
-    group.call_sharded("update", batch)
-    state = group.call("full_state_dict")[0]
+    group = PolicyGroup(learner_cfg(path, freeze_vision_tower=True))
+    group.update(batch).get()
+    state = group.full_state_dict()
     group.shutdown()
     from sapo_ray.models import load_policy
 
@@ -74,12 +72,12 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     path = random_tiny_models["vlm"]
     spec = registry.get_algorithm("rloo")
     batch, pad_id = _train_batch(path, spec)
-    group = WorkerGroup(PolicyWorker, learner_cfg(path, algorithm="rloo"))
+    group = PolicyGroup(learner_cfg(path, algorithm="rloo"))
     rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(1)}).remote(
         rollout_cfg(path, max_batch_size=64))
-    before = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
-    group.call_sharded("update", batch)
-    after = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
+    before = group.compute_logprobs(batch).get().logp
+    group.update(batch).get()
+    after = group.compute_logprobs(batch).get().logp
     mask = batch.response_mask.bool()
     assert float((after - before).abs()[mask].max()) > 1e-3, "the update did not change the policy"
 
@@ -98,11 +96,11 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     prompts = [encode(processor, e) for e in load_dataset_split("synthvista", None, "train", n=3, seed=5)]
     samples = ray.get(rollout.generate.remote(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3)))
     fresh = Batch.from_samples(samples, pad_id)
-    learner = group.gather_tensors("compute_logprobs", fresh, "policy")
+    learner = group.compute_logprobs(fresh).get()
     m = fresh.response_mask.bool()
-    diff = float((learner["old_logp"] - fresh.data["rollout_logp"]).abs()[m].max())
+    diff = float((learner.logp - fresh.rollout_logp).abs()[m].max())
     assert diff < 1e-4, f"engine and learner log-probs disagree by {diff} after the sync"
-    diff = float((learner["entropy"] - fresh.data["rollout_entropy"]).abs()[m].max())
+    diff = float((learner.entropy - fresh.rollout_entropy).abs()[m].max())
     assert diff < 1e-4, f"engine and learner entropies disagree by {diff} after the sync"
     ray.kill(rollout)
     group.shutdown()
@@ -118,23 +116,23 @@ def test_bf16_model_keeps_float32_master_weights(ray_cluster, random_tiny_models
 
     path = random_tiny_models["vlm"]
     batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
-    group = WorkerGroup(PolicyWorker, learner_cfg(path, model={"dtype": "bfloat16"}, optim=OptimConfig(lr=1e-6)))
-    before = group.call("full_state_dict")[0]
+    group = PolicyGroup(learner_cfg(path, model={"dtype": "bfloat16"}, optim=OptimConfig(lr=1e-6)))
+    before = group.full_state_dict()
     assert all(t.dtype == torch.float32 for t in before.values())
-    metrics = group.call_sharded("update", batch)[0]
+    metrics = group.update(batch).get()[0]
     assert metrics["actor/skipped_steps"] == 0
-    after = group.call("full_state_dict")[0]
+    after = group.full_state_dict()
     total = sum(t.numel() for t in after.values())
     moved = sum(int((after[k] != before[k]).sum()) for k in after)
     moved_bf16 = sum(int((after[k].bfloat16() != before[k].bfloat16()).sum()) for k in after)
     assert moved > 0.5 * total, f"only {moved} of {total} weights moved at lr 1e-6"
     # The same step rounded to bf16 would have left most weights where they were.
     assert moved_bf16 < 0.2 * moved
-    group.call("save_checkpoint", str(tmp_path / "ckpt"))
+    group.save_checkpoint(str(tmp_path / "ckpt"))
     meta = dcp.FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
     stored = {m.properties.dtype for k, m in meta.items() if k.startswith("model.") and hasattr(m, "properties")}
     assert stored == {torch.float32}
-    buckets = group.call("engine_state_dict")[0]
+    buckets = group.engine_state_dict()
     assert all(t.dtype == torch.bfloat16 for t in buckets.values() if t.is_floating_point())
     group.shutdown()
 
@@ -181,17 +179,16 @@ def test_ranks_built_on_the_meta_device_receive_rank0s_weights_and_buffers(role,
     """World size 2: only rank 0 reads the checkpoint, rank 1 builds on the meta device and is filled
     by broadcast. Every weight equals the checkpoint's, and both ranks score a batch exactly as the
     plainly loaded model does (which needs the non-persistent rotary buffers too)."""
-    from sapo_ray.learner.worker import CriticWorker
     from sapo_ray.models import load_policy
     from sapo_ray.models.value import ValueModel
 
     path = random_tiny_models["vlm"]
     batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
-    worker_cls, method, key = (PolicyWorker, "compute_logprobs", "old_logp") if role == "actor" else (
-        CriticWorker, "compute_values", "values")
-    group = WorkerGroup(worker_cls, learner_cfg(path, role=role, world_size=2))
-    state = group.call("full_state_dict")[0]
-    sharded = group.gather_tensors(method, batch)[key]
+    group_cls = PolicyGroup if role == "actor" else CriticGroup
+    score = lambda group: group.compute_logprobs(batch).get().logp if role == "actor" else group.compute_values(batch).get()
+    group = group_cls(learner_cfg(path, role=role, world_size=2))
+    state = group.full_state_dict()
+    sharded = score(group)
     group.shutdown()
     torch.manual_seed(0)
     plain = load_policy(path) if role == "actor" else ValueModel.from_pretrained(path)
@@ -200,8 +197,8 @@ def test_ranks_built_on_the_meta_device_receive_rank0s_weights_and_buffers(role,
     for k in reference:
         if role == "actor" or not k.startswith("value_head"):  # a fresh head: drawn from the seeded init
             torch.testing.assert_close(state[k], reference[k], rtol=0, atol=0, msg=k)
-    single = WorkerGroup(worker_cls, learner_cfg(path, role=role, world_size=1))
-    expected = single.gather_tensors(method, batch)[key]
+    single = group_cls(learner_cfg(path, role=role, world_size=1))
+    expected = score(single)
     single.shutdown()
     torch.testing.assert_close(sharded, expected, rtol=0, atol=1e-5)
 
@@ -210,8 +207,8 @@ def _budget_batch(path):
     """A SAPO batch with critic targets, and a token budget that packs about two of its rows per micro-batch."""
     batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
     mask = batch.response_mask
-    batch = batch.with_data(values=torch.zeros(mask.shape), returns=batch.data["advantages"],
-                            value_mask=batch.data["seg_end"].float())
+    batch = batch.with_fields(values=torch.zeros(mask.shape), returns=batch.advantages,
+                            value_mask=batch.seg_end.float())
     return batch, 2 * int((batch.prompt_mask.sum(1) + mask.sum(1)).max()) + 1
 
 
@@ -248,9 +245,9 @@ def test_token_budget_over_two_ranks_keeps_row_order_and_counts(ray_cluster, ran
     batch, budget = _budget_batch(path)
     results = []
     for tokens in (0, budget):
-        group = WorkerGroup(PolicyWorker, learner_cfg(path, world_size=2, max_tokens_per_micro_batch=tokens))
-        scored = group.gather_tensors("compute_logprobs", batch, "policy")["old_logp"]
-        metrics = group.call_sharded("update", batch)[0]
+        group = PolicyGroup(learner_cfg(path, world_size=2, max_tokens_per_micro_batch=tokens))
+        scored = group.compute_logprobs(batch).get().logp
+        metrics = group.update(batch).get()[0]
         results.append((scored, metrics))
         group.shutdown()
     (scored0, m0), (scored1, m1) = results
@@ -267,7 +264,7 @@ def test_non_finite_advantages_skip_the_optimizer_steps_and_count_them_in_a_row(
 
     path = random_tiny_models["vlm"]
     batch, _ = _train_batch(path, registry.get_algorithm("sapo"))
-    bad = batch.with_data(advantages=batch.data["advantages"].masked_fill(batch.response_mask.bool(), float("nan")))
+    bad = batch.with_fields(advantages=batch.advantages.masked_fill(batch.response_mask.bool(), float("nan")))
     with local_process_group():
         worker = PolicyWorker(0, 1, learner_cfg(path, mini_batch_size=4))
         worker.setup()
@@ -299,7 +296,11 @@ def test_every_layout_gives_the_padded_rows_outputs_and_gradients(kind, random_t
             for layout in ("padded", "shared_prompt", "packed"):
                 worker = cls(0, 1, learner_cfg(path, role=role, mini_batch_size=len(batch), layout=layout))
                 worker.setup()
-                scored = worker.compute_logprobs(batch) if role == "actor" else worker.compute_values(batch)
+                if role == "actor":
+                    out = worker.compute_logprobs(batch)
+                    scored = {"logp": out.logp, "entropy": out.entropy}
+                else:
+                    scored = {"values": worker.compute_values(batch)}
                 grads: dict[str, torch.Tensor] = {}
                 worker.optimizer.step = lambda: grads.update(
                     {n: p.grad.full_tensor().clone() for n, p in worker.model.named_parameters() if p.grad is not None})
@@ -323,11 +324,11 @@ def _ragged(batch):
     mask = batch.response_mask.clone()
     for b in range(1, len(batch), 2):
         mask[b, int(mask[b].sum()) // 3 :] = 0
-    seg = registry.make_segments(registry.get_algorithm("sapo"), mask, entropy=batch.data["advantages"].abs())
-    data = {k: v * mask if v.dim() == 2 and v.is_floating_point() else v for k, v in batch.data.items()}
-    data.update(seg_end=seg.end_mask, value_mask=seg.end_mask.float())
+    seg = registry.make_segments(registry.get_algorithm("sapo"), mask, entropy=batch.advantages.abs())
+    cut = {k: v * mask if v.dim() == 2 and v.is_floating_point() else v for k, v in batch.filled().items()}
+    cut.update(seg_end=seg.end_mask, value_mask=seg.end_mask.float())
     ids = torch.where(mask.bool(), batch.response_ids, torch.zeros_like(batch.response_ids))
-    return replace(batch, response_ids=ids, response_mask=mask, data=data)
+    return batch.with_fields(response_ids=ids, response_mask=mask, **cut)
 
 
 def _budget_batch_text(path):
@@ -338,7 +339,7 @@ def _budget_batch_text(path):
     gen = torch.Generator().manual_seed(0)
     seg = registry.make_segments(spec, mask, entropy=torch.rand(mask.shape, generator=gen))
     advantages = torch.randn(mask.shape, generator=gen) * mask
-    return batch.with_data(old_logp=batch.data["rollout_logp"], advantages=advantages, seg_end=seg.end_mask,
+    return batch.with_fields(old_logp=batch.rollout_logp, advantages=advantages, seg_end=seg.end_mask,
                            values=torch.zeros(mask.shape), returns=advantages, value_mask=seg.end_mask.float()), None
 
 
@@ -357,8 +358,8 @@ def _mixed_batch(path):
     batch = Batch.from_samples(samples, engine.pad_id)
     mask = batch.response_mask
     gen = torch.Generator().manual_seed(0)
-    return batch.with_data(group_index=torch.tensor([s.prompt_index for s in samples]),
-                           old_logp=batch.data["rollout_logp"], values=torch.zeros(mask.shape), value_mask=mask,
+    return batch.with_fields(group_index=torch.tensor([s.prompt_index for s in samples]),
+                           old_logp=batch.rollout_logp, values=torch.zeros(mask.shape), value_mask=mask,
                            returns=torch.randn(mask.shape, generator=gen) * mask,
                            advantages=torch.randn(mask.shape, generator=gen) * mask)
 
@@ -368,19 +369,17 @@ def test_a_rank_without_images_runs_the_vision_collectives_too(role, layout, ray
     """FSDP gathers and reduces the vision blocks by collectives: a rank whose rows hold no image must run
     them as the rank with images does (before, gloo aborted on the mismatch; NCCL hangs). 2 ranks, one
     without images, update exactly as 1 rank with all the rows."""
-    from sapo_ray.learner.worker import CriticWorker
-
     path = random_tiny_models["vlm"]
     batch = _mixed_batch(path)
     states = []
     for world in (1, 2):
-        group = WorkerGroup(PolicyWorker if role == "actor" else CriticWorker,
+        group = (PolicyGroup if role == "actor" else CriticGroup)(
                             learner_cfg(path, role=role, algorithm="rloo" if role == "actor" else "ppo", world_size=world,
                                         layout=layout), timeout_s=120)
         if role == "actor":
-            group.submit_gather("compute_logprobs", batch, "policy").get()
-        group.call_sharded("update", batch)
-        states.append(group.call("full_state_dict")[0])
+            group.compute_logprobs(batch).get()
+        group.update(batch).get()
+        states.append(group.full_state_dict())
         group.shutdown()
     if role == "actor":  # the vision tower trained (the image rows' gradient reached it) on both
         from sapo_ray.models import load_policy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sapo_ray.reward import RewardPool
+from sapo_ray.reward.pool import RewardPool
 
 MISBEHAVE = f"{Path(__file__).with_name('hooks.py')}:misbehave"
 TIMEOUT_S = 1.5
@@ -216,7 +216,7 @@ def test_close_and_garbage_collection_kill_the_workers(tmp_path):
 
 OWNER = """
 import sys
-from sapo_ray.reward import RewardPool
+from sapo_ray.reward.pool import RewardPool
 
 hooks, tmp, how = sys.argv[1:]
 base = {"data_source": "geometry3k", "answer": "3"}

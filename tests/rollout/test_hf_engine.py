@@ -49,8 +49,8 @@ def test_rollout_logprobs_and_entropies_equal_the_learner_forward():
     with torch.no_grad():
         logp, entropy = policy_forward(engine.model, batch, 0.7, engine.banned, engine.image_token_id)
     mask = batch.response_mask.bool()
-    assert float((logp - batch.data["rollout_logp"]).abs()[mask].max()) < 1e-4
-    assert float((entropy - batch.data["rollout_entropy"]).abs()[mask].max()) < 1e-4
+    assert float((logp - batch.rollout_logp).abs()[mask].max()) < 1e-4
+    assert float((entropy - batch.rollout_entropy).abs()[mask].max()) < 1e-4
 
 
 def test_greedy_is_the_argmax_path():
@@ -119,7 +119,7 @@ def test_the_checkpoints_sampling_defaults_never_reach_generation(tmp_path):
     # the share (near) 0. Sampling noise over the ~1000 positions is under 0.01.
     expected = float((1 - probs.max(-1).values)[mask].mean())
     assert expected > 0.03 and abs(not_argmax - expected) < 0.03, (not_argmax, expected)
-    assert float((logp - batch.data["rollout_logp"]).abs()[mask].max()) < 1e-4
+    assert float((logp - batch.rollout_logp).abs()[mask].max()) < 1e-4
     n = int(mask.sum())
     gap = float(logp[mask].mean() + entropy[mask].mean())
     spread = float((logp[mask] + entropy[mask]).std()) / n ** 0.5
@@ -153,7 +153,7 @@ def test_chunks_keep_a_prompts_samples_together_and_respect_the_batch_limit():
     batch = Batch.from_samples(samples, engine.pad_id)
     with torch.no_grad():
         logp, _ = policy_forward(engine.model, batch, 0.7, engine.banned, engine.image_token_id)
-    assert float((logp - batch.data["rollout_logp"]).abs()[batch.response_mask.bool()].max()) < 1e-4
+    assert float((logp - batch.rollout_logp).abs()[batch.response_mask.bool()].max()) < 1e-4
 
 
 def test_dropping_ended_rows_changes_nothing_but_the_work():

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from helpers import TINY_OVERRIDES, rollout_cfg
-from sapo_ray.config import ConfigError, compose_config, resolve_model_path, validate
+from sapo_ray.config import ConfigError, compose_config, resolve_model_path
+from sapo_ray.config_checks import validate
 from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.batch import Prompt, SamplingParams
 from sapo_ray.rollout.engine import HFEngine, build_engine, encode_prompt
@@ -131,7 +132,7 @@ def test_sampled_logp_is_the_learner_distribution(engines):
     with torch.no_grad():
         logp, _ = policy_forward(hf.model, batch, 0.7, hf.banned, None, with_entropy=False)
     mask = batch.response_mask.bool()
-    assert float((logp - batch.data["rollout_logp"]).abs()[mask].max()) < LOGP_ATOL
+    assert float((logp - batch.rollout_logp).abs()[mask].max()) < LOGP_ATOL
 
 
 
@@ -280,10 +281,10 @@ def test_tis_weights_are_truncated_ratios():
     samples = [Sample([1], [5, 6, 7], [-1.0, -2.0, -0.5], [0.0] * 3, "", True, 0),
                Sample([1], [5], [-3.0], [0.0], "", True, 0)]
     batch = Batch.from_samples(samples, pad_id=0)
-    batch = batch.with_data(old_logp=torch.tensor([[-1.5, -1.0, -0.5], [-2.5, 0.0, 0.0]]))
+    batch = batch.with_fields(old_logp=torch.tensor([[-1.5, -1.0, -0.5], [-2.5, 0.0, 0.0]]))
     out, metrics = tis_weights(batch, cap=2.0)
     expected = torch.tensor([[math.exp(-0.5), 2.0, 1.0], [math.exp(0.5), 0.0, 0.0]])
-    assert torch.allclose(out.data["is_weights"], expected)
+    assert torch.allclose(out.is_weights, expected)
     assert metrics["rollout/tis_clipfrac"] == pytest.approx(0.25)
 
 
