@@ -65,7 +65,9 @@ def precision_warnings(cfg) -> list[str]:
     """What the config computes that its numbers make meaningless: a clip range inside the gap between the
     engine's log-probs, used as the old ones, and the learner's (GSPO's 3e-4 / 4e-4 clips on that noise)."""
     a, actor = cfg.algorithm, cfg.actor
-    differs = (cfg.model.dtype != "float32" or actor.num_gpus > 0 or cfg.rollout.engine != "hf"
+    from sapo_ray.rollout.engine import engine_traits
+
+    differs = (cfg.model.dtype != "float32" or actor.num_gpus > 0 or not engine_traits(cfg.rollout.engine).learner_kernels
                or precision.use_bf16(actor.autocast_bf16))
     if actor.recompute_old_logp or not differs or min(a.clip_low, a.clip_high) > 5 * PRECISION_GAP:
         return []
@@ -123,11 +125,7 @@ def validate(cfg) -> None:
     _check(not (r.max_staleness and r.enable_sleep_mode),
            "rollout.max_staleness=1 samples while the learners train, so the engines cannot sleep meanwhile: "
            "set rollout.enable_sleep_mode=false (and give the engines memory of their own)")
-    _check(not r.enable_sleep_mode or (r.engine == "vllm" and r.num_gpus > 0),
-           "rollout.enable_sleep_mode frees GPU memory of the vllm engine: it needs rollout.engine=vllm and "
-           f"rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
-    if r.engine == "vllm":
-        _validate_vllm(cfg)
+    _check_engine(cfg)
     for key in ("max_pixels", "min_pixels"):
         _check(d[key] is None or d[key] > 0, f"data.{key}={d[key]} must be > 0, or null for the processor's own")
     _check(d.max_pixels is None or d.min_pixels is None or d.min_pixels <= d.max_pixels,
@@ -183,16 +181,28 @@ def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
                f"data.max_prompt_length + rollout.max_new_tokens = {longest} (or 0 for micro_batch_size rows)")
 
 
-def _validate_vllm(cfg) -> None:
+def _check_engine(cfg) -> None:
+    """What the engine's traits ask of the config (`sapo_ray.rollout.engine.EngineTraits`)."""
+    from sapo_ray.rollout.engine import ENGINES
+
     r = cfg.rollout
-    _check(cfg.actor.recompute_old_logp, "rollout.engine=vllm returns no per-token entropies (segments need them): "
-                                         "set actor.recompute_old_logp=true")
-    _check(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} must be >= 1")
-    _check(r.tensor_parallel_size == 1 or r.num_gpus >= r.tensor_parallel_size,
-           f"rollout.tensor_parallel_size={r.tensor_parallel_size} shards each engine over that many GPUs: "
-           f"set rollout.num_gpus >= it (got {r.num_gpus})")
+    traits = ENGINES[r.engine].traits
+    sleepers = sorted(name for name, e in ENGINES.items() if e.traits.sleep_mode)
+    _check(not r.enable_sleep_mode or (traits.sleep_mode and r.num_gpus > 0),
+           f"rollout.enable_sleep_mode frees the GPU memory of an engine that can sleep ({', '.join(sleepers)}) and "
+           f"needs rollout.num_gpus > 0 (got engine={r.engine}, num_gpus={r.num_gpus})")
+    _check(traits.entropies or cfg.actor.recompute_old_logp,
+           f"rollout.engine={r.engine} returns no per-token entropies (segments need them): set actor.recompute_old_logp=true")
     _check(r.images_per_prompt >= 1, f"rollout.images_per_prompt={r.images_per_prompt} must be >= 1")
-    _check(0 < r.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
-    _check(not 0 < r.num_gpus < 1 or r.gpu_memory_utilization <= r.num_gpus,
-           f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is the share of the whole GPU vLLM reserves: "
-           f"keep it within the engine's share rollout.num_gpus={r.num_gpus} (the rest belongs to the learners)")
+    if traits.tensor_parallel:
+        _check(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} must be >= 1")
+        _check(r.tensor_parallel_size == 1 or r.num_gpus >= r.tensor_parallel_size,
+               f"rollout.tensor_parallel_size={r.tensor_parallel_size} shards each engine over that many GPUs: "
+               f"set rollout.num_gpus >= it (got {r.num_gpus})")
+    if traits.memory_pool:
+        _check(0 < r.gpu_memory_utilization <= 1,
+               f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
+        _check(not 0 < r.num_gpus < 1 or r.gpu_memory_utilization <= r.num_gpus,
+               f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is the share of the whole GPU the engine "
+               f"reserves: keep it within the engine's share rollout.num_gpus={r.num_gpus} (the rest belongs to the "
+               "learners)")

@@ -58,11 +58,11 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which this "
                           "Python does not have: pip install flash-attn (CUDA machines; the `flash` extra), or "
                           "use model.attn_implementation=sdpa")
-    if cfg.rollout.engine == "vllm":
-        from sapo_ray.rollout.engine import VLLM_INSTALL_HINT
+    from sapo_ray.rollout.engine import engine_traits
 
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(VLLM_INSTALL_HINT)
+    traits = engine_traits(cfg.rollout.engine)
+    if traits.package and importlib.util.find_spec(traits.package) is None:
+        raise ConfigError(traits.install_hint)
 
 
 def init_ray(cfg: DictConfig) -> bool:

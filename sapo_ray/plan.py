@@ -152,7 +152,9 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
 def engine_memory(shape: ModelShape, cfg) -> dict[str, float]:
     """One rollout engine on its GPU(s), per GPU, in GiB."""
     r = cfg.rollout
-    if r.engine == "vllm":
+    from sapo_ray.rollout.engine import engine_traits
+
+    if engine_traits(r.engine).memory_pool:
         return {"context": CONTEXT_GB, "reserved": r.gpu_memory_utilization * cfg.cluster.gpu_memory_gb}
     size = DTYPE_BYTES[cfg.model.dtype]
     seq = cfg.data.max_prompt_length + r.max_new_tokens

@@ -31,7 +31,7 @@ from sapo_ray.models.tokens import TokenIds
 from sapo_ray.remote import ActorFailure
 from sapo_ray.reward.pool import RewardPool
 from sapo_ray.reward.scorer import Scorer
-from sapo_ray.rollout.engine import encode_prompt
+from sapo_ray.rollout.engine import encode_prompt, engine_traits
 from sapo_ray.rollouts import Rollout, RolloutGroup
 from sapo_ray.signals import StopSignals
 from sapo_ray.sync import WeightSync
@@ -55,6 +55,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.trainer.max_ckpt_to_keep)
         self.step = 0
         self.spec = algorithm_spec(cfg)
+        self.engine = engine_traits(cfg.rollout.engine)
         self.policy_version = 0  # policy updates so far; a rollout's staleness is how many it missed
         self.restarts = 0  # actors replaced after dying or going silent (trainer.max_actor_restarts)
         self.in_flight: Rollout | None = None  # the next step's first draw, sampling during this step
@@ -109,7 +110,7 @@ class Trainer:
         self.learners = Learners.start(cfg, self.spec.needs_critic, self.placement, cfg.cluster.simulate_gpus > 0,
                                        cfg.trainer.rpc_timeout_s)
         self.actor, self.critic = self.learners.actor, self.learners.critic
-        ranks_per_engine = r.tensor_parallel_size if r.engine == "vllm" else 1
+        ranks_per_engine = r.tensor_parallel_size if self.engine.tensor_parallel else 1
         self.weight_sync = WeightSync(self.actor, self.rollouts.workers, r.weight_sync, r.sync_bucket_mb * 2**20,
                                       ranks_per_engine, wait=self.rollouts.wait)
 
@@ -157,7 +158,7 @@ class Trainer:
     def submit(self, examples: list[dict], params: SamplingParams, stream: tuple) -> Rollout:
         """Start sampling `examples` on the engines (prompts over `data.max_prompt_length` are left out and counted)."""
         d = self.cfg.data
-        encoded = [(encode_prompt(self.processor, ex, d.instruction, keep_images=self.cfg.rollout.engine == "vllm"), ex)
+        encoded = [(encode_prompt(self.processor, ex, d.instruction, keep_images=self.engine.raw_images), ex)
                    for ex in examples]
         kept = [(p, ex) for p, ex in encoded if len(p.ids) <= d.max_prompt_length]
         return self.rollouts.generate([p for p, _ in kept], params, stream, [ex for _, ex in kept],

@@ -1,12 +1,15 @@
-"""Micro-batches by token budget (`sapo_ray.batch.pack_by_tokens`) and the padding they leave."""
+"""The typed batch (fields filled by phases, rows kept aligned), micro-batches by token budget
+(`sapo_ray.batch.pack_by_tokens`) and the padding they leave, and rank outputs put back together."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapo_ray.batch import pack_by_tokens
+from sapo_ray.batch import Batch, LogProbs, MissingField, Sample, pack_by_tokens
+from sapo_ray.learner.group import concat_rows
 
 
 def cost(rows, prompts, responses):
@@ -105,3 +108,45 @@ def test_distinct_prompts_compare_tokens_and_images():
     first, share = batch.distinct_prompts()
     assert first == [0, 1, 3, 5, 6, 7]
     assert share.tolist() == [0, 1, 0, 2, 2, 3, 4, 5]
+
+
+def _scored_batch() -> Batch:
+    """Three rows (responses of 3, 1 and 2 tokens) with the reward's fields filled."""
+    samples = [Sample([1, 2], [5, 6, 7], [-0.1, -0.2, -0.3], [1.0, 1.1, 1.2], "a", True, 0),
+               Sample([3], [8], [-0.4], [0.5], "b", False, 1),
+               Sample([4, 4, 4], [9, 9], [-0.5, -0.6], [0.7, 0.8], "c", True, 1)]
+    batch = Batch.from_samples(samples, pad_id=0)
+    return batch.with_fields(scores=torch.tensor([1.0, 0.0, 0.5]), group_index=torch.tensor([0, 1, 1]))
+
+
+def test_a_field_read_before_its_phase_fails_with_its_name_and_filler():
+    batch = _scored_batch()
+    with pytest.raises(MissingField, match=r"Batch\.values is not filled: the critic's forward"):
+        batch.values
+    with pytest.raises(MissingField, match=r"Batch\.advantages .*step\.advantages"):
+        batch.select([0]).advantages
+    assert set(batch.filled()) == {"rollout_logp", "rollout_entropy", "scores", "group_index"}
+    filled = batch.with_fields(values=torch.ones(3, 3))
+    assert torch.equal(filled.values, torch.ones(3, 3)) and "values" not in batch.filled()  # a copy
+
+
+def test_select_keeps_every_field_aligned_and_trims_padding():
+    """Rows 2 and 1: their per-row and per-token fields move with them, and the columns no selected row
+    uses (the third response token, the first prompt column) are cut from every per-token field."""
+    batch = _scored_batch().with_fields(advantages=torch.arange(9.0).view(3, 3))
+    part = batch.select([2, 1])
+    assert part.response_ids.tolist() == [[9, 9], [8, 0]] and part.prompt_ids.tolist() == [[4, 4, 4], [0, 0, 3]]
+    assert part.advantages.tolist() == [[6.0, 7.0], [3.0, 4.0]]
+    torch.testing.assert_close(part.rollout_logp, torch.tensor([[-0.5, -0.6], [-0.4, 0.0]]))
+    assert part.scores.tolist() == [0.5, 0.0] and part.group_index.tolist() == [1, 1]
+    assert set(part.filled()) == set(batch.filled())
+
+
+def test_rank_outputs_concatenate_back_to_the_batch_rows():
+    """Two ranks' log-probs over row shards trimmed to 2 and 1 columns, padded back to the batch's 3."""
+    parts = [LogProbs(torch.ones(2, 2), torch.full((2, 2), 2.0)), LogProbs(torch.ones(1, 1), torch.full((1, 1), 2.0))]
+    out = concat_rows(parts, 3)
+    assert out.logp.tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 0]]
+    assert out.entropy.tolist() == [[2, 2, 0], [2, 2, 0], [2, 0, 0]]
+    assert concat_rows([torch.ones(1, 1), torch.ones(1, 3)], 3).tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert concat_rows([LogProbs(torch.ones(1, 1))], 2).entropy is None

@@ -168,6 +168,24 @@ def test_validation_reads_the_registries():
         del ENGINES["mine"], losses.POLICY_LOSSES["mine"]
 
 
+def test_validation_asks_the_engines_traits_not_their_names():
+    """An engine registered without entropies needs the recomputed old log-probs; one that does not compute
+    with the learner's kernels brings the precision warning to GSPO's tight clip, as vLLM does."""
+    from sapo_ray.config_checks import precision_warnings
+    from sapo_ray.rollout.engine import ENGINES, EngineTraits, RegisteredEngine
+
+    ENGINES["mine"] = RegisteredEngine(ENGINES["hf"].build, EngineTraits(entropies=False))
+    try:
+        with pytest.raises(ConfigError, match="rollout.engine=mine returns no per-token entropies"):
+            validate(compose_cfg("rollout.engine=mine"))
+        validate(compose_cfg("rollout.engine=mine", "actor.recompute_old_logp=true"))
+        gspo = ("algorithm=gspo", "actor.autocast_bf16=false")
+        assert precision_warnings(compose_cfg(*gspo)) == []
+        assert "actor.recompute_old_logp=true" in precision_warnings(compose_cfg(*gspo, "rollout.engine=mine"))[0]
+    finally:
+        del ENGINES["mine"]
+
+
 def test_dapo_overlong_buffer_adapts_to_the_length_limit():
     """DAPO's preset leaves the buffer to the length limit (a fifth of it); an explicit one is checked."""
     cfg = compose_cfg("algorithm=dapo", "rollout.max_new_tokens=96")

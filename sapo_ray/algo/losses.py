@@ -7,6 +7,7 @@ response tokens. Masked statistics are NaN-free: positions outside the mask are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +20,8 @@ __all__ = [
     "POLICY_LOSSES",
     "register_ratio_level",
     "register_loss_agg",
+    "agg_units",
+    "LossAgg",
     "register_policy_loss",
     "masked_sum",
     "masked_mean",
@@ -107,7 +110,24 @@ RatioFn = Callable[[torch.Tensor, torch.Tensor, "Segments | None"], torch.Tensor
 RATIO_LEVELS: dict[str, RatioFn] = {}
 # A loss aggregation: fn(loss_mat, valid, *, segments, norm_len, agg_denom) -> scalar.
 AggFn = Callable[..., torch.Tensor]
-LOSS_AGGS: dict[str, AggFn] = {}
+# What an aggregation's outer mean counts: fn(valid [B, T] bool, segments) -> number of units.
+UnitsFn = Callable[[torch.Tensor, "Segments | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossAgg:
+    """A registered loss aggregation: how a per-token loss becomes a scalar (`reduce`), the units its outer
+    mean divides by (`units`: tokens, non-empty rows or segments; summed over a whole mini-batch and its
+    ranks, they make accumulated micro-batch gradients equal one big batch's), whether it needs segments,
+    and the aggregation a per-token KL term added to the loss uses (None: this one)."""
+
+    reduce: AggFn
+    units: UnitsFn
+    needs_segments: bool = False
+    kl_agg: str | None = None
+
+
+LOSS_AGGS: dict[str, LossAgg] = {}
 # A policy loss: fn(log_s, adv, valid, *, clip_low, clip_high, dual_clip) -> (per-token loss, {metric: bool mask});
 # each mask's share of the valid tokens is reported under its name.
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -126,8 +146,36 @@ def _registrar(table: dict, kind: str):
 
 
 register_ratio_level = _registrar(RATIO_LEVELS, "ratio level")
-register_loss_agg = _registrar(LOSS_AGGS, "loss aggregation")
 register_policy_loss = _registrar(POLICY_LOSSES, "policy loss")
+
+
+def register_loss_agg(name: str, units: UnitsFn, needs_segments: bool = False, kl_agg: str | None = None):
+    """Register the decorated `reduce` function as loss aggregation `name` (`LossAgg`)."""
+    def decorator(fn: AggFn) -> AggFn:
+        if name in LOSS_AGGS and LOSS_AGGS[name].reduce is not fn:
+            raise ValueError(f"loss aggregation {name!r} is already registered ({LOSS_AGGS[name]})")
+        LOSS_AGGS[name] = LossAgg(fn, units, needs_segments, kl_agg)
+        return fn
+    return decorator
+
+
+def agg_units(agg: str, mask: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+    """How many units (tokens, non-empty rows or segments) of `mask` the aggregation `agg` averages over."""
+    return _lookup(LOSS_AGGS, agg, "loss aggregation").units(mask.bool(), segments)
+
+
+def _tokens(valid: torch.Tensor, segments=None) -> torch.Tensor:
+    return valid.sum()
+
+
+def _rows(valid: torch.Tensor, segments=None) -> torch.Tensor:
+    return (valid.sum(1) > 0).sum()
+
+
+def _segments(valid: torch.Tensor, segments: Segments | None) -> torch.Tensor:
+    if segments is None:
+        raise ValueError("agg='segment_mean' needs segments=")
+    return segments.end_mask.float().mul(valid).sum()
 
 
 def _lookup(table: dict, name: str, kind: str):
@@ -161,11 +209,11 @@ def aggregate(
     ``agg_denom`` replaces the micro-batch count in the outer mean (tokens, rows or segments of
     the whole mini-batch) so that gradients accumulated over micro-batches equal one big batch.
     """
-    fn = _lookup(LOSS_AGGS, agg, "loss aggregation")
-    return fn(loss_mat, mask.bool(), segments=segments, norm_len=norm_len, agg_denom=agg_denom)
+    reduce = _lookup(LOSS_AGGS, agg, "loss aggregation").reduce
+    return reduce(loss_mat, mask.bool(), segments=segments, norm_len=norm_len, agg_denom=agg_denom)
 
 
-@register_loss_agg("token_mean")
+@register_loss_agg("token_mean", units=_tokens)
 def _token_mean(loss_mat, valid, *, agg_denom=None, **_) -> torch.Tensor:
     denom = torch.count_nonzero(valid).clamp(min=1) if agg_denom is None else agg_denom
     return masked_sum(loss_mat, valid) / denom
@@ -176,21 +224,22 @@ def _row_mean(per_row: torch.Tensor, lengths: torch.Tensor, agg_denom) -> torch.
     return per_row.sum() / denom
 
 
-@register_loss_agg("seq_mean_token_mean")
+@register_loss_agg("seq_mean_token_mean", units=_rows)
 def _seq_mean_token_mean(loss_mat, valid, *, agg_denom=None, **_) -> torch.Tensor:
     lengths = valid.sum(dim=1, dtype=torch.int32).long()
     per_row = masked_sum(loss_mat, valid, dim=1) / lengths.clamp(min=1).to(loss_mat.dtype)
     return _row_mean(per_row, lengths, agg_denom)
 
 
-@register_loss_agg("seq_mean_token_sum_norm")
+@register_loss_agg("seq_mean_token_sum_norm", units=_rows)
 def _seq_mean_token_sum_norm(loss_mat, valid, *, norm_len=None, agg_denom=None, **_) -> torch.Tensor:
     lengths = valid.sum(dim=1, dtype=torch.int32).long()
     per_row = masked_sum(loss_mat, valid, dim=1) / float(norm_len if norm_len is not None else loss_mat.shape[-1])
     return _row_mean(per_row, lengths, agg_denom)
 
 
-@register_loss_agg("segment_mean")
+# A per-token KL term beside it is a token mean: a KL has no segment structure.
+@register_loss_agg("segment_mean", units=_segments, needs_segments=True, kl_agg="token_mean")
 def _segment_mean(loss_mat, valid, *, segments=None, agg_denom=None, **_) -> torch.Tensor:
     if segments is None:
         raise ValueError("agg='segment_mean' needs segments=")

@@ -27,6 +27,7 @@ import torch
 from sapo_ray.algo import advantages as adv_mod
 from sapo_ray.algo import kl as kl_mod
 from sapo_ray.algo import losses
+from sapo_ray.algo import segments as seg_mod
 from sapo_ray.algo.segments import SEGMENTERS, Segments, register_segmenter, segment
 
 __all__ = [
@@ -151,7 +152,8 @@ class AlgorithmSpec:
 
     @property
     def needs_segments(self) -> bool:
-        return self.advantage == "segment_gae" or self.ratio_level == "segment" or self.loss_agg == "segment_mean"
+        agg = losses.LOSS_AGGS.get(self.loss_agg)
+        return self.advantage == "segment_gae" or self.ratio_level == "segment" or (agg is not None and agg.needs_segments)
 
     @property
     def needs_ref(self) -> bool:
@@ -236,24 +238,13 @@ def _group(spec: AlgorithmSpec, *, rewards, mask, group_index, **_) -> tuple[tor
 # --------------------------------------------------------------------------------------------
 
 
-_SEGMENTER_INPUTS: dict[str, tuple[str, ...]] = {
-    "entropy_topk": ("entropy",),
-    "low_prob": ("logprobs",),
-    "newline": ("token_texts", "token_ids", "tokenizer"),
-    "step_marker": ("token_texts", "token_ids", "tokenizer"),
-    "token": (),
-    "sequence": (),
-    "fixed": (),
-}
-
-
 def missing_segment_options(spec: AlgorithmSpec) -> list[str]:
     """The options without a default that the spec's segmenter takes and ``segment_options`` does not
     give (``fixed`` needs ``n``, ``low_prob`` needs ``rho``), read from its signature. Inputs that the
     trainer passes (the batch's entropies, log-probs, token texts) and ``frac`` are not options."""
     if not spec.needs_segments or spec.segmenter not in SEGMENTERS:
         return []
-    passed = {"mask", "left_aligned", "frac"}.union(*_SEGMENTER_INPUTS.values())
+    passed = {"mask", "left_aligned", "frac", *seg_mod.INPUTS}
     params = inspect.signature(SEGMENTERS[spec.segmenter]).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty
             and p.name not in passed and p.name not in spec.segment_options]
@@ -261,7 +252,8 @@ def missing_segment_options(spec: AlgorithmSpec) -> list[str]:
 
 def needs_token_texts(spec: AlgorithmSpec) -> bool:
     """Whether the spec's segmenter reads the decoded response tokens (``token_texts``)."""
-    return spec.needs_segments and "token_texts" in _SEGMENTER_INPUTS.get(spec.segmenter, ("token_texts",))
+    inputs = seg_mod.SEGMENTER_INPUTS.get(spec.segmenter, seg_mod.SegmenterInputs())
+    return spec.needs_segments and "token_texts" in (seg_mod.INPUTS if inputs.reads is None else inputs.reads)
 
 
 def make_segments(spec: AlgorithmSpec, mask: torch.Tensor, **inputs: Any) -> Segments | None:
@@ -274,14 +266,14 @@ def make_segments(spec: AlgorithmSpec, mask: torch.Tensor, **inputs: Any) -> Seg
     if not spec.needs_segments:
         return None
     options = dict(spec.segment_options)
-    if spec.segmenter == "entropy_topk":
+    declared = seg_mod.SEGMENTER_INPUTS.get(spec.segmenter, seg_mod.SegmenterInputs())
+    if declared.frac:
         options.setdefault("frac", spec.frac)
-    # Built-in strategies take only their own inputs; a custom strategy receives all of them.
-    wanted = _SEGMENTER_INPUTS.get(spec.segmenter)
+    # A segmenter gets the inputs it declares (all of them if it declares none).
+    wanted = declared.reads
     passed = {k: v for k, v in inputs.items() if (wanted is None or k in wanted) and v is not None}
-    needed = {"entropy_topk": "entropy", "low_prob": "logprobs"}.get(spec.segmenter)
-    if needed is not None and needed not in passed:
-        raise ValueError(f"segmentation {spec.segmenter!r} of algorithm {spec.name!r} needs {needed}= (old policy)")
+    if declared.needs is not None and declared.needs not in passed:
+        raise ValueError(f"segmentation {spec.segmenter!r} of algorithm {spec.name!r} needs {declared.needs}= (old policy)")
     return segment(spec.segmenter, mask=mask, **options, **passed)
 
 
@@ -361,7 +353,7 @@ def kl_loss(
     """``kl_loss_coef * KL`` aggregated like the policy loss (token mean for segment_mean), 0 if off."""
     if not spec.kl_loss:
         return logp.new_zeros(())
-    agg = "token_mean" if spec.loss_agg == "segment_mean" else spec.loss_agg
+    agg = losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg
     return spec.kl_loss_coef * kl_mod.kl_loss(logp, ref_logp, mask, spec.kl_loss_kind, agg=agg, agg_denom=agg_denom)
 
 

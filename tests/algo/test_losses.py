@@ -290,3 +290,17 @@ def test_a_registered_policy_loss_is_used_through_the_spec():
         assert float(clipped) == pytest.approx(-(1.0 * 1.2 + -3.0 * 1.0) / 2)  # the preset clips at 1.2
     finally:
         del losses.POLICY_LOSSES["test_unclipped"]
+
+
+def test_each_aggregation_counts_its_own_units_by_hand():
+    """Rows of 3, 0 and 2 valid tokens; ends after tokens 0 and 2 of row 0 and token 1 of row 2: 5 tokens,
+    2 non-empty rows, 3 segments. Only `segment_mean` needs the segments, and a KL term beside it is a
+    token mean."""
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    seg = Segments.from_end_mask(torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool), mask)
+    expected = {"token_mean": 5, "seq_mean_token_mean": 2, "seq_mean_token_sum_norm": 2, "segment_mean": 3}
+    assert {agg: int(losses.agg_units(agg, mask, seg)) for agg in losses.LOSS_AGGS} == expected
+    assert [agg for agg, entry in losses.LOSS_AGGS.items() if entry.needs_segments] == ["segment_mean"]
+    assert losses.LOSS_AGGS["segment_mean"].kl_agg == "token_mean"
+    with pytest.raises(ValueError, match="needs segments"):
+        losses.agg_units("segment_mean", mask)

@@ -198,3 +198,38 @@ def test_topk_count_convention():
     assert got == [1, 1, 1, 3, 30]
     assert segments.topk_count(torch.tensor([100]), 0.07).tolist() == [7]
     assert math.ceil(0.07 * 100) == 8  # the float trap the tolerance avoids
+
+
+def test_segmenters_declare_what_they_read_and_get_only_that():
+    """The registry hands a segmenter the inputs it declared (a custom one that declares nothing gets all),
+    fails on a missing required input naming it, and refuses a declared input no batch holds."""
+    from sapo_ray.algo import registry
+
+    seen = {}
+
+    @segments.register_segmenter("test_reads_logprobs", reads=("logprobs",), needs="logprobs")
+    def _reads(mask, *, logprobs):
+        seen["declared"] = logprobs
+        return torch.zeros_like(mask, dtype=torch.bool)
+
+    @segments.register_segmenter("test_reads_all")
+    def _all(mask, **inputs):
+        seen["all"] = sorted(inputs)
+        return torch.zeros_like(mask, dtype=torch.bool)
+
+    try:
+        mask = torch.ones(1, 3)
+        spec = registry.get_algorithm("sapo").replace(segmenter="test_reads_logprobs")
+        registry.make_segments(spec, mask, entropy=torch.ones(1, 3), logprobs=torch.zeros(1, 3))
+        assert torch.equal(seen["declared"], torch.zeros(1, 3))
+        with pytest.raises(ValueError, match="test_reads_logprobs.*needs logprobs="):
+            registry.make_segments(spec, mask, entropy=torch.ones(1, 3))
+        assert not registry.needs_token_texts(spec)
+        spec = spec.replace(segmenter="test_reads_all")
+        registry.make_segments(spec, mask, entropy=torch.ones(1, 3), logprobs=torch.zeros(1, 3))
+        assert seen["all"] == ["entropy", "logprobs"] and registry.needs_token_texts(spec)
+        with pytest.raises(ValueError, match="reads \\['values'\\], which no batch holds"):
+            segments.register_segmenter("test_bad", reads=("values",))
+    finally:
+        for name in ("test_reads_logprobs", "test_reads_all"):
+            del segments.SEGMENTERS[name], segments.SEGMENTER_INPUTS[name]
