@@ -163,7 +163,7 @@ def validate(cfg) -> None:
 
 def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
     """A full step's rows must split evenly over every learner group's ranks. Steps that lose groups
-    (too-long prompts, dynamic sampling) are then trimmed by whole groups (`sapo_ray.step.trim_groups`),
+    (too-long prompts, dynamic sampling) are then trimmed by whole groups (`sapo_ray.bookkeeping.trim_groups`),
     which always leaves a multiple of the ranks (possibly none)."""
     r, d = cfg.rollout, cfg.data
     rows = d.prompts_per_step * r.n

@@ -25,9 +25,7 @@ def check_environment(cfg: DictConfig) -> None:
     """What an experiment needs that this machine may lack: fail fast, naming it."""
     import torch
 
-    from sapo_ray.trainer import model_path
-
-    path = Path(model_path(cfg))
+    path = Path(resolve_model_path(cfg.model.path))
     if not (path / "config.json").exists():
         raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json there); "
                           "download the model and set model.path to its directory")

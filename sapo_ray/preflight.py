@@ -14,6 +14,19 @@ from sapo_ray.tracking import flatten
 log = logging.getLogger(__name__)
 
 
+def placement_plan(cfg, needs_critic: bool):
+    """The placement of the actors (`sapo_ray.placement.plan`), checked: without one (CPU runs) the cluster
+    must have the CPUs they ask for; with GPUs the memory plan must fit."""
+    from sapo_ray import placement
+
+    plan = placement.plan(cfg, needs_critic)
+    if plan is None:
+        check_resources(cfg, needs_critic)
+    elif any(b.get("GPU") for b in plan.bundles):
+        check_memory(cfg)
+    return plan
+
+
 def check_resources(cfg, needs_critic: bool) -> None:
     """Fail with the numbers when the actors cannot all fit (Ray would otherwise wait forever)."""
     groups = [("rollout", cfg.rollout.num_workers, cfg.rollout), ("actor", cfg.actor.world_size, cfg.actor)]

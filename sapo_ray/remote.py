@@ -9,9 +9,14 @@ is a bug, not a fault, and propagates as Ray raises it.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
+
+from sapo_ray.errors import StopRun
+
+log = logging.getLogger(__name__)
 
 
 class ActorFailure(RuntimeError):
@@ -41,3 +46,18 @@ def wait_all(refs: list, names: list[str], timeout_s: float) -> list:
             except ray.exceptions.RayActorError as err:
                 raise ActorFailure(names[i], f"the actor died ({type(err).__name__}: {str(err)[:300]})") from err
     return results
+
+
+class Restarts:
+    """The run's budget of actor replacements (`trainer.max_actor_restarts`), shared by every group that
+    replaces its dead actors."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def spend(self, failure: ActorFailure) -> None:
+        """Count one replacement for `failure`; raises `StopRun` once the budget is used up."""
+        self.used += 1
+        if self.used > self.limit:
+            raise StopRun(f"{failure}; trainer.max_actor_restarts={self.limit} restarts are used up") from failure
+        log.warning("%s; restarting it (restart %d of trainer.max_actor_restarts=%d)", failure, self.used, self.limit)

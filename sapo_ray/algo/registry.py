@@ -1,18 +1,21 @@
 """Algorithm table and registries (SAPO_SPEC.md section 6).
 
-A trainer never branches on an algorithm's name: it looks the :class:`AlgorithmSpec` up in
-``ALGORITHMS`` (or :func:`get_algorithm`, with config overrides) and calls
+Nothing outside the registries branches on an algorithm's, estimator's, aggregation's or segmenter's
+name: the trainer looks the :class:`AlgorithmSpec` up in ``ALGORITHMS`` (or :func:`get_algorithm`,
+with config overrides) and the step calls (`sapo_ray.bookkeeping`, `sapo_ray.learner.worker`)::
 
+    keep   = dynamic_sampling_groups(acc, group_index)    # per group; only if spec.dynamic_sampling
     scores = shape_scores(spec, scores, response_lengths, max_response_len)   # DAPO overlong penalty
-    keep   = dynamic_sampling_keep(scores, group_index)   # per sample; only if spec.dynamic_sampling
-    seg    = make_segments(spec, mask, entropy=old_entropy)          # None when not needed
+    seg    = make_segments(spec, mask, entropy=..., logprobs=..., token_texts=...)   # None when not needed
     adv, returns = compute_advantages(spec, scores=..., mask=..., values=..., segments=seg, ...)
-    loss, metrics = policy_loss(spec, logp, old_logp, adv, mask, segments=seg)
-    vf_mask = critic_mask(spec, mask, seg)                         # anchors for SAPO
+    vf_mask = critic_mask(spec, mask, seg)                         # anchors for segment GAE
+    loss, metrics = policy_loss(spec, logp, old_logp, adv, mask, segments=seg, agg_denom=...)
+    kl = kl_loss(spec, logp, ref_logp, mask, agg_denom=...)        # aggregated as the loss aggregation says
 
 A new algorithm is an ``AlgorithmSpec`` passed to :func:`register_algorithm`; a new advantage
 estimator is a function decorated with ``@register_advantage(name)``; a new segmentation is a
-function decorated with ``@register_segmenter(name)`` (defined in ``segments``).
+function decorated with ``@register_segmenter(name, reads=...)`` (``segments``); losses, ratio levels
+and aggregations register in ``losses``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ __all__ = [
     "kl_loss",
     "shape_scores",
     "overlong_penalty",
-    "dynamic_sampling_keep",
     "dynamic_sampling_groups",
 ]
 
@@ -391,17 +393,6 @@ def shape_scores(
     pen = overlong_penalty(response_lengths, max_response_len, spec.overlong_buffer(max_response_len),
                            spec.overlong_penalty_factor)
     return scores + pen.to(scores.device, scores.dtype if scores.is_floating_point() else torch.float32)
-
-
-def dynamic_sampling_keep(scores: torch.Tensor, group_index: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
-    """DAPO dynamic sampling: BoolTensor ``[B]``, False for every sample of a group whose scores are
-
-    all equal (all correct or all wrong: zero group advantage, no gradient). The decision is made
-    per group and broadcast to the group's samples, so ``batch[keep]`` filters whole groups;
-    :func:`dynamic_sampling_groups` gives one bool per group.
-    """
-    dense, _ = adv_mod.group_ids(group_index, device=scores.device)
-    return dynamic_sampling_groups(scores, group_index)[dense]
 
 
 def dynamic_sampling_groups(scores: torch.Tensor, group_index: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:

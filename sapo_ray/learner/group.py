@@ -220,6 +220,19 @@ class Learners:
         for group in self.groups().values():
             group.offload()
 
+    @contextmanager
+    def timeout(self, seconds: float):
+        """Every call of the block bounded by `seconds` instead of the groups' own timeouts."""
+        groups = list(self.groups().values())
+        saved = [g.timeout_s for g in groups]
+        for g in groups:
+            g.timeout_s = seconds
+        try:
+            yield
+        finally:
+            for g, t in zip(groups, saved):
+                g.timeout_s = t
+
     def release_cache(self) -> None:
         """Every group's cached free GPU memory back to the device (before an engine wakes)."""
         for group in self.groups().values():

@@ -26,6 +26,12 @@ class Scorer:
         self.failing_steps = 0
         self.errors_seen: set[str] = set()  # error messages already logged
 
+    @classmethod
+    def from_config(cls, reward) -> "Scorer":
+        """The scorer of config section `reward` (`sapo_ray.config.RewardConfig`)."""
+        return cls(RewardPool(reward.num_workers, reward.timeout_s, reward.custom, reward.acc_weight,
+                              reward.format_weight, reward.batch), reward.max_error_rate)
+
     def score(self, samples: list[Sample], examples: list[dict], prefix: str = "") -> tuple[list[dict], dict, dict]:
         """Each sample's scores (`examples[sample.prompt_index]` its example); the counts
         `{prefix}reward/errors|timeouts|samples`, and the mean of each of the reward function's own numbers
@@ -40,6 +46,9 @@ class Scorer:
         extras = sorted({k for x in scores for k in x} - set(REQUIRED))
         means = {f"{prefix}reward/{k}": float(np.mean([x[k] for x in scores if k in x])) for k in extras}
         return scores, counts, means
+
+    def close(self) -> None:
+        self.pool.close()
 
     def check(self, errors: float, timeouts: float, samples: float) -> float:
         """The step's error rate; raises `StopRun` when it is the `FAILING_STEPS`-th step running over

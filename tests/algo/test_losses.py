@@ -259,14 +259,6 @@ def test_explained_variance_by_hand():
     assert f(losses.explained_variance(torch.ones(1, 4), values, lmask([4], 4))) == 0.0  # Var(R) = 0
 
 
-def test_entropy_from_logits_by_hand():
-    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]], dtype=D)
-    # uniform over 2: ln 2 ; p = [0.25, 0.75]: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335
-    torch.testing.assert_close(
-        losses.entropy_from_logits(logits), torch.tensor([math.log(2.0), 0.5623351446188083], dtype=D)
-    )
-
-
 def test_a_registered_policy_loss_is_used_through_the_spec():
     """`AlgorithmSpec.policy_loss` names a function in `losses.POLICY_LOSSES`: a plain (unclipped) policy
     gradient registered here gives -mean(A * s) by hand, with its own metric, through `registry.policy_loss`."""

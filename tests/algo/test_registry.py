@@ -142,14 +142,10 @@ def test_overlong_penalty_by_hand():
 def test_dynamic_sampling_drops_all_equal_groups():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
     labels = ["p", "p", "q", "q", "r", "r", "s", "s"]
-    # p all 1, q mixed, r all 0, s all 0.5: only q's samples are kept
-    keep = registry.dynamic_sampling_keep(scores, labels)
-    assert keep.tolist() == [False, False, True, True, False, False, False, False]
-    # per group, in order of first appearance
+    # p all 1, q mixed, r all 0, s all 0.5: only q is kept; per group, in order of first appearance
     assert registry.dynamic_sampling_groups(scores, labels).tolist() == [False, True, False, False]
-    # tensor ids: per sample as above; per group in sorted id order -> id 1 (mixed), id 3 (all 1)
+    # tensor ids: per group in sorted id order -> id 1 (mixed), id 3 (all 1)
     ids = torch.tensor([3, 3, 1, 1])
-    assert registry.dynamic_sampling_keep(scores[:4], ids).tolist() == [False, False, True, True]
     assert registry.dynamic_sampling_groups(scores[:4], ids).tolist() == [True, False]
 
 

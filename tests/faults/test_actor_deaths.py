@@ -92,7 +92,7 @@ def test_a_killed_policy_rank_is_rebuilt_from_the_checkpoint_and_the_run_matches
     saved = lambda run_dir: (run_dir / "checkpoints" / "latest").exists()
     trainer = train(tiny_cfg(killed, "bundled:tiny-vlm", *common),
                     lambda t: kill_when(killed, saved, lambda: t.actor.workers[0]))
-    assert trainer.restarts == 1
+    assert trainer.restarts.used == 1
     expected, got = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
     for want, have in zip(expected[3:], got[3:]):
@@ -121,7 +121,7 @@ def test_a_hung_rollout_worker_is_treated_as_dead_after_the_timeout(ray_cluster,
 
     trainer = train(cfg, freeze)  # without the timeout it would wait forever (the test's own timeout ends it)
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and trainer.restarts == 1
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and trainer.restarts.used == 1
     with pytest.raises(ProcessLookupError):  # the frozen process was killed, not left behind
         for _ in range(100):
             os.kill(frozen[0], 0)

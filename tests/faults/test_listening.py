@@ -73,7 +73,7 @@ def probe(run_dir: str) -> dict:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        synced = trainer.weight_sync()["sync/bytes"]
+        synced = trainer.rollouts.weight_sync()["sync/bytes"]
         sockets, processes = listening_sockets()
     finally:
         trainer.close()

@@ -276,7 +276,7 @@ def test_vllm_image_processor_matches_the_learners(max_pixels):
 def test_tis_weights_are_truncated_ratios():
     """rollout.tis_cap: w = min(exp(old_logp - rollout_logp), cap) on valid tokens, 0 on padding."""
     from sapo_ray.batch import Batch, Sample
-    from sapo_ray.step import tis_weights
+    from sapo_ray.bookkeeping import tis_weights
 
     samples = [Sample([1], [5, 6, 7], [-1.0, -2.0, -0.5], [0.0] * 3, "", True, 0),
                Sample([1], [5], [-3.0], [0.0], "", True, 0)]

@@ -1,4 +1,4 @@
-"""The step's bookkeeping (`sapo_ray.step`): grouping, DAPO filtering, trimming, batching, advantages,
+"""The step's bookkeeping (`sapo_ray.bookkeeping`): grouping, DAPO filtering, trimming, batching, advantages,
 TIS weights and batch metrics, on small hand-built samples with hand-computed expectations."""
 
 import math
@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapo_ray import step
+from sapo_ray import bookkeeping
 from sapo_ray.algo import registry
 from sapo_ray.batch import Sample
-from sapo_ray.step import Group
+from sapo_ray.bookkeeping import Group
 
 
 def sample(prompt_index: int, length: int = 2, tag: int = 0, finished: bool = True, prompt_len: int = 3) -> Sample:
@@ -44,7 +44,7 @@ def test_group_samples_orders_by_prompt_and_keeps_arrival_order():
     arrival = [2, 0, 2, 1, 0, 2]  # prompt 3 has no sample
     samples = [sample(p, tag=j) for j, p in enumerate(arrival)]
     scores = [score(float(j)) for j in range(len(arrival))]
-    groups = step.group_samples(samples, scores, examples)
+    groups = bookkeeping.group_samples(samples, scores, examples)
     assert [g.example["id"] for g in groups] == [0, 1, 2]
     assert [[s.text for s in g.samples] for g in groups] == [["s1", "s4"], ["s3"], ["s0", "s2", "s5"]]
     assert [[x["score"] for x in g.scores] for g in groups] == [[1.0, 4.0], [3.0], [0.0, 2.0, 5.0]]
@@ -53,9 +53,9 @@ def test_group_samples_orders_by_prompt_and_keeps_arrival_order():
 
 def test_group_samples_empty_and_mismatch():
     """No samples gives no groups; samples and scores of different lengths raise."""
-    assert step.group_samples([], [], [{"id": 0}]) == []
+    assert bookkeeping.group_samples([], [], [{"id": 0}]) == []
     with pytest.raises(ValueError):
-        step.group_samples([sample(0), sample(0)], [score(1.0)], [{"id": 0}])
+        bookkeeping.group_samples([sample(0), sample(0)], [score(1.0)], [{"id": 0}])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,15 +70,15 @@ def test_informative_groups_filters_on_accuracy_not_score():
     mixed = group(2, 3, accs=[0.0, 1.0, 0.0])
     format_only = Group({"id": 3}, [sample(3, tag=1), sample(3, tag=2)],
                         [score(0.1, acc=0.0, fmt=1.0), score(0.0, acc=0.0, fmt=0.0)])
-    kept = step.informative_groups([all_right, all_wrong, mixed, format_only])
+    kept = bookkeeping.informative_groups([all_right, all_wrong, mixed, format_only])
     assert len(kept) == 1 and kept[0] is mixed
-    assert step.informative_groups([]) == []
+    assert bookkeeping.informative_groups([]) == []
 
 
 def test_informative_groups_keeps_order():
     """Several informative groups come back in their input order."""
     gs = [group(i, 2, accs=[float(i % 2), 1.0 - i % 2] if i != 2 else [1.0, 1.0]) for i in range(5)]
-    assert step.informative_groups(gs) == [gs[0], gs[1], gs[3], gs[4]]
+    assert bookkeeping.informative_groups(gs) == [gs[0], gs[1], gs[3], gs[4]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_informative_groups_keeps_order():
 def test_trim_groups_hand_cases(count, max_groups, world, expected):
     """Groups of 3 rows: hand-counted number of whole groups kept from the front."""
     groups = [group(i, 3) for i in range(count)]
-    kept = step.trim_groups(groups, max_groups, world)
+    kept = bookkeeping.trim_groups(groups, max_groups, world)
     assert kept == groups[:expected]
     assert isinstance(kept, list)
 
@@ -113,7 +113,7 @@ def _best_prefix(sizes: list[int], max_groups: int, world: int) -> int:
 def test_trim_groups_property_equal_groups(n, count, max_groups, world):
     """Equal-size groups: the result is the longest whole-group prefix within max_groups whose rows split evenly."""
     groups = [group(i, n) for i in range(count)]
-    kept = step.trim_groups(groups, max_groups, world)
+    kept = bookkeeping.trim_groups(groups, max_groups, world)
     assert len(kept) <= max_groups
     assert all(a is b for a, b in zip(kept, groups))  # a prefix, the same objects
     assert all(len(g) == n for g in kept)  # no group cut
@@ -126,10 +126,55 @@ def test_trim_groups_property_equal_groups(n, count, max_groups, world):
 def test_trim_groups_property_mixed_sizes(sizes, max_groups, world):
     """Groups of different sizes: still the longest valid prefix, no group split."""
     groups = [group(i, n) for i, n in enumerate(sizes)]
-    kept = step.trim_groups(groups, max_groups, world)
+    kept = bookkeeping.trim_groups(groups, max_groups, world)
     assert all(a is b for a, b in zip(kept, groups))
     assert [len(g) for g in kept] == sizes[: len(kept)]
     assert len(kept) == _best_prefix(sizes, max_groups, world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Draws
+# ----------------------------------------------------------------------------------------------
+
+
+def _draw(first_prompt: int, accs: list[list[float]]):
+    """A draw's samples (2 per prompt), scores and examples: prompt k's accuracies `accs[k]`."""
+    samples, scores = [], []
+    for k, pair in enumerate(accs):
+        for j, a in enumerate(pair):
+            samples.append(sample(k, tag=10 * (first_prompt + k) + j))
+            scores.append(score(a, a))
+    return samples, scores, [{"id": first_prompt + k} for k in range(len(accs))]
+
+
+def test_dynamic_sampling_draws_until_the_batch_is_full_and_counts_across_draws():
+    """DAPO, 3 groups wanted: the first draw keeps 2 of 3 groups (one all right), the second 2 of 3 (one all
+    wrong); the batch takes the first 3 kept groups, whole. Failure counts add up over the draws, the
+    reward's extra means are the last draw's, and the first draw's mean score is kept."""
+    draws = bookkeeping.Draws(target=3, dynamic_sampling=True)
+    full = draws.add(*_draw(0, [[1, 0], [1, 1], [0, 1]]), too_long=1,
+                     counts={"reward/errors": 1.0, "reward/timeouts": 0.0, "reward/samples": 6.0}, means={"reward/x": 0.25},
+                     staleness=1)
+    assert not full
+    full = draws.add(*_draw(3, [[0, 0], [1, 0], [0, 1]]), too_long=0,
+                     counts={"reward/errors": 0.0, "reward/timeouts": 2.0, "reward/samples": 6.0}, means={"reward/x": 0.75})
+    assert full
+    batch, m = draws.batch(rows_multiple=2, pad_id=0)
+    assert [g.example["id"] for g in draws.groups] == [0, 2, 4, 5]
+    assert batch.group_index.tolist() == [0, 0, 1, 1, 2, 2] and batch.response_ids[:, 0].tolist() == [1, 101, 2001, 2101, 4001, 4101]
+    assert m["rollout/dropped_groups"] == 2 and m["data/prompt_too_long"] == 1 and m["rollout/trimmed_groups"] == 0
+    assert (m["reward/errors"], m["reward/timeouts"], m["reward/samples"], m["reward/x"]) == (1.0, 2.0, 12.0, 0.75)
+    assert m["rollout/first_draw_score_mean"] == pytest.approx(4 / 6) and m["rollout/skipped_update"] == 0
+    assert m["rollout/staleness"] == 1.0  # the first draw's (the second's weights are the current ones)
+
+
+def test_draws_without_a_usable_group_skip_the_update():
+    """Groups of 2 rows cannot split over 4 ranks one group at a time: with 1 group wanted, nothing is left."""
+    draws = bookkeeping.Draws(target=1, dynamic_sampling=False)
+    assert draws.add(*_draw(0, [[1, 0]]), too_long=0, counts={}, means={})
+    batch, m = draws.batch(rows_multiple=4, pad_id=0)
+    assert batch is None and m["rollout/skipped_update"] == 1.0 and m["batch/rows"] == 0.0
+    assert m["rollout/trimmed_groups"] == 1.0 and "rollout/first_draw_score_mean" not in m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +187,7 @@ def test_make_batch_rows_fields_and_masks():
     g0 = Group({"id": 7}, [sample(7, 3, tag=1, finished=True), sample(7, 1, tag=2, finished=False)],
                [score(1.1, 1.0, 1.0), score(0.0, 0.0, 0.0)])
     g1 = Group({"id": 2}, [sample(2, 2, tag=3, finished=True, prompt_len=5)], [score(0.1, 0.0, 1.0)])
-    b = step.make_batch([g0, g1], pad_id=-1)
+    b = bookkeeping.make_batch([g0, g1], pad_id=-1)
     assert len(b) == 3
     assert b.group_index.tolist() == [0, 0, 1]
     assert b.group_index.dtype == torch.long
@@ -162,7 +207,7 @@ def test_make_batch_rows_fields_and_masks():
 
 
 def _batch_with_policy_data(groups: list[Group]):
-    b = step.make_batch(groups, pad_id=0)
+    b = bookkeeping.make_batch(groups, pad_id=0)
     # The reference as the policy (GRPO's KL loss reads it in the learner; the advantages do not).
     return b.with_fields(old_logp=b.rollout_logp, entropy=b.rollout_entropy, ref_logp=b.rollout_logp)
 
@@ -172,7 +217,7 @@ def test_advantages_grpo_hand_values():
     groups = [group(0, 2, lengths=[3, 1], scores=[1.0, 0.0]), group(1, 2, lengths=[2, 2], scores=[0.1, 0.1])]
     b = _batch_with_policy_data(groups)
     spec = registry.get_algorithm("grpo")
-    out, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
+    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)  # [1, 0]: mean 0.5, unbiased std sqrt(0.5)
     expected = torch.tensor([[a, a, a], [-a, 0, 0], [0, 0, 0], [0, 0, 0]])
     assert torch.allclose(out.advantages, expected, atol=1e-6)
@@ -188,7 +233,7 @@ def test_advantages_sapo_parity_with_registry():
     """SAPO: advantages/returns/seg_end/value_mask equal the registry's own calls; metrics are present."""
     torch.manual_seed(0)
     groups = [group(0, 2, lengths=[5, 3], scores=[1.0, 0.0]), group(1, 1, lengths=[4], scores=[0.5])]
-    b = step.make_batch(groups, pad_id=0)
+    b = bookkeeping.make_batch(groups, pad_id=0)
     shape = b.response_mask.shape
     mask = b.response_mask
     old_logp = -torch.rand(shape) * mask
@@ -196,7 +241,7 @@ def test_advantages_sapo_parity_with_registry():
     b = b.with_fields(old_logp=old_logp, ref_logp=ref_logp, entropy=torch.rand(shape) * mask,
                     values=torch.randn(shape) * mask)
     spec = registry.get_algorithm("sapo")
-    out, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
+    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
 
     seg = registry.make_segments(spec, mask, entropy=b.entropy, logprobs=old_logp)
     adv, ret = registry.compute_advantages(spec, scores=b.scores, mask=mask, values=b.values,
@@ -225,7 +270,7 @@ def test_advantages_dapo_uses_shaped_scores():
     groups = [group(0, 3, lengths=[8, 9, 10], scores=[1.0, 1.0, 1.0])]
     b = _batch_with_policy_data(groups)
     spec = registry.get_algorithm("dapo")
-    out, _ = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=10)
+    out, _ = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=10)
     a = 0.5 / (0.5 + 1e-6)  # mean 0.5, unbiased std sqrt((.25 + 0 + .25) / 2) = 0.5
     first = out.advantages[:, 0]
     assert torch.allclose(first, torch.tensor([a, 0.0, -a]), atol=1e-6)
@@ -240,10 +285,10 @@ def test_advantages_dapo_uses_shaped_scores():
 
 def test_tis_weights_hand_values():
     """Ratios 0.5, 3, 1 capped at 2 -> 0.5, 2, 1 on valid tokens, 0 on padding; clipfrac 1/3."""
-    b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
+    b = bookkeeping.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
     rollout = torch.tensor([[-1.0, -2.0], [-0.3, 0.0]])
     old = torch.tensor([[-1.0 + math.log(0.5), -2.0 + math.log(3.0)], [-0.3, 5.0]])  # padding differs by 5
-    out, metrics = step.tis_weights(b.with_fields(rollout_logp=rollout, old_logp=old), cap=2.0)
+    out, metrics = bookkeeping.tis_weights(b.with_fields(rollout_logp=rollout, old_logp=old), cap=2.0)
     assert torch.allclose(out.is_weights, torch.tensor([[0.5, 2.0], [1.0, 0.0]]))
     assert metrics["rollout/tis_clipfrac"] == pytest.approx(1 / 3)
     assert metrics["rollout/tis_weight_mean"] == pytest.approx(3.5 / 3)
@@ -258,9 +303,9 @@ def test_batch_metrics_hand_counts():
     """3 groups x 2 rows: 6 rows, 3 groups, mean accuracy/format/lengths/clip ratio by hand."""
     gs = [Group({"id": i}, [sample(i, 2, finished=True), sample(i, 4, finished=(i != 1))],
                 [score(1.0, acc=float(i == 0), fmt=1.0), score(0.0, acc=0.0, fmt=0.0)]) for i in range(3)]
-    b = step.make_batch(gs, pad_id=0)
+    b = bookkeeping.make_batch(gs, pad_id=0)
     b = b.with_fields(old_logp=b.rollout_logp)
-    m = step.batch_metrics(b, compare_rollout_logp=False)
+    m = bookkeeping.batch_metrics(b, compare_rollout_logp=False)
     assert m["batch/rows"] == 6 and m["batch/groups"] == 3
     assert m["reward/accuracy"] == pytest.approx(1 / 6)
     assert m["reward/format"] == pytest.approx(0.5)
@@ -274,14 +319,14 @@ def test_batch_metrics_hand_counts():
 
 def test_batch_metrics_logp_diff_only_when_compared():
     """`rollout/logp_diff_*` appear only with compare_rollout_logp, with hand max/mean over valid tokens."""
-    b = step.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
+    b = bookkeeping.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
     rollout = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
     old = torch.tensor([[-1.25, -1.5], [-0.5, 9.0]])  # |diff| 0.25, 0.5, 0 on valid; 9 on padding
     b = b.with_fields(rollout_logp=rollout, old_logp=old)
-    m = step.batch_metrics(b, compare_rollout_logp=True)
+    m = bookkeeping.batch_metrics(b, compare_rollout_logp=True)
     assert m["rollout/logp_diff_max"] == pytest.approx(0.5)
     assert m["rollout/logp_diff_mean"] == pytest.approx(0.25)
-    assert "rollout/logp_diff_max" not in step.batch_metrics(b, compare_rollout_logp=False)
+    assert "rollout/logp_diff_max" not in bookkeeping.batch_metrics(b, compare_rollout_logp=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,13 +340,13 @@ def test_td_error_std_by_hand_for_token_gae():
     b = _batch_with_policy_data([group(0, 2, lengths=[3, 2], scores=[1.0, 0.0])])
     b = b.with_fields(ref_logp=b.old_logp, values=torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.4, 0.0]]))
     spec = registry.get_algorithm("ppo")
-    _, metrics = step.advantages(spec, b, step.segments(spec, b), max_new_tokens=8)
+    _, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
     deltas = torch.tensor([0.3, 0.2, 0.3, 0.3, -0.4])
     assert metrics["critic/td_error_std"] == pytest.approx(float(deltas.std()), abs=1e-6)
 
 
 def test_stability_counts_spikes_and_latches_collapse():
-    s = step.Stability()
+    s = bookkeeping.Stability()
     norms = [1.0, 1.2, 0.9, 4.0, 1.0, 3.5, 2.9]
     out = [s.update({"actor/grad_norm": g, "response_length/mean": 40.0, "actor/entropy": 0.5}) for g in norms]
     # 4.0 > 3 x median(1, 1.2, .9) = 3; 3.5 > 3 x median(1, 1.2, .9, 4, 1) = 3; 2.9 is not.
@@ -311,7 +356,7 @@ def test_stability_counts_spikes_and_latches_collapse():
     assert s.update({"response_length/mean": 21.0})["actor/collapsed"] == 0  # above half of the first 40
     assert s.update({"response_length/mean": 19.0})["actor/collapsed"] == 1
     assert s.update({"response_length/mean": 40.0})["actor/collapsed"] == 1  # once collapsed, it stays
-    assert step.Stability().update({"actor/entropy": 0.04})["actor/collapsed"] == 1
+    assert bookkeeping.Stability().update({"actor/entropy": 0.04})["actor/collapsed"] == 1
 
 
 def test_stability_continues_from_its_saved_state():
@@ -319,18 +364,18 @@ def test_stability_continues_from_its_saved_state():
     from dataclasses import asdict
 
     steps = [{"actor/grad_norm": g, "response_length/mean": 30.0 - i} for i, g in enumerate([1, 2, 1, 9, 1, 8])]
-    whole = step.Stability()
+    whole = bookkeeping.Stability()
     expected = [whole.update(m) for m in steps]
-    first = step.Stability()
+    first = bookkeeping.Stability()
     got = [first.update(m) for m in steps[:3]]
-    resumed = step.Stability(**asdict(first))
+    resumed = bookkeeping.Stability(**asdict(first))
     got += [resumed.update(m) for m in steps[3:]]
     assert got == expected
 
 
 def test_memory_metrics_keep_host_and_gpu_apart():
     """Host and GPU peaks are separate numbers, each the largest over a role's actors; no GPU key on CPUs."""
-    m = step.memory_metrics({"actor": [{"host": 900.0, "gpu": 30_000.0}, {"host": 1200.0, "gpu": 20_000.0}],
+    m = bookkeeping.memory_metrics({"actor": [{"host": 900.0, "gpu": 30_000.0}, {"host": 1200.0, "gpu": 20_000.0}],
                                     "rollout": [{"host": 700.0}]})
     assert m == {"perf/peak_host_mb/actor": 1200.0, "perf/peak_gpu_mb/actor": 30_000.0,
                  "perf/peak_host_mb/rollout": 700.0}

@@ -1,17 +1,16 @@
 """The bookkeeping of one training step, as pure functions (no Ray, no I/O).
 
-The trainer calls them in this order::
+The trainer (`Trainer.train_step`) calls them in this order::
 
-    groups  = group_samples(samples, scores, examples)      # per prompt, in prompt order
-    groups  = informative_groups(groups)                    # DAPO's dynamic sampling only
-    groups  = trim_groups(groups, prompts_per_step, world)  # whole groups, rows divisible by the ranks
-    batch   = make_batch(groups, pad_id)
-    ...old/ref log-probs and values from the actors...
-    batch, metrics = tis_weights(batch, cap)                              # optional
-    seg            = segments(spec, batch, token_texts)                   # segment-level algorithms
-    batch, metrics = advantages(spec, batch, seg, max_new_tokens)         # + the critic's mask
-    metrics = batch_metrics(batch)
-    metrics = stability.update(metrics)                                   # run-level, kept in checkpoints
+    draws = Draws(prompts_per_step, dynamic_sampling)
+    draws.add(samples, scores, examples, ...)   # each draw: group_samples, DAPO's informative_groups
+    batch, metrics = draws.batch(ranks, pad_id) # trim_groups: whole groups, rows divisible by the ranks; make_batch
+    ...old/ref log-probs and values from the learners...
+    batch, metrics = tis_weights(batch, cap)                        # rollout.tis_cap > 0
+    seg            = segments(spec, batch, token_texts)             # segment-level algorithms
+    batch, metrics = advantages(spec, batch, seg, max_new_tokens)   # + the critic's mask
+    ...critic and policy updates; check_skipped_steps(metrics, limit)...
+    metrics = stability.update({**metrics, **batch_metrics(batch)}) # run-level, kept in checkpoints
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import math
 import statistics
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from sapo_ray.algo import kl as kl_mod
@@ -27,6 +27,7 @@ from sapo_ray.algo import losses, registry
 from sapo_ray.algo.registry import AlgorithmSpec
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, Sample
+from sapo_ray.errors import StopRun
 
 
 @dataclass
@@ -75,6 +76,50 @@ def trim_groups(groups: list[Group], max_groups: int, world_size: int) -> list[G
     while kept and sum(len(g) for g in kept) % world_size:
         kept = kept[:-1]
     return kept
+
+
+@dataclass
+class Draws:
+    """A step's draws of scored prompt groups until `target` groups are kept (DAPO's dynamic sampling keeps
+    the groups with a signal and draws again), and the draws' metrics."""
+
+    target: int
+    dynamic_sampling: bool
+    groups: list[Group] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("data/prompt_too_long", "reward/errors", "reward/timeouts", "reward/samples", "rollout/dropped_groups",
+         "rollout/skipped_update"), 0.0))
+    count: int = 0
+
+    def add(self, samples: list[Sample], scores: list[dict], examples: list[dict], too_long: int,
+            counts: dict[str, float], means: dict[str, float], staleness: int = 0) -> bool:
+        """One draw: its samples' scores, its `too_long` prompts left out, the reward's failure `counts`
+        (summed over draws) and extra `means` (the last draw's), and how many policy updates its sampling
+        weights missed (`rollout/staleness`, the first draw's); True once `target` groups are kept."""
+        if self.count == 0:
+            self.metrics["rollout/staleness"] = float(staleness)
+        self.metrics["data/prompt_too_long"] += too_long
+        self.metrics.update({k: self.metrics[k] + n for k, n in counts.items()})
+        self.metrics.update(means)
+        drawn = group_samples(samples, scores, examples)
+        if self.dynamic_sampling:
+            if self.count == 0:
+                self.metrics["rollout/first_draw_score_mean"] = float(np.mean([x["score"] for x in scores])) if scores else 0.0
+            kept = informative_groups(drawn)
+            self.metrics["rollout/dropped_groups"] += len(drawn) - len(kept)
+            drawn = kept
+        self.count += 1
+        self.groups += drawn
+        return len(self.groups) >= self.target
+
+    def batch(self, rows_multiple: int, pad_id: int) -> tuple[Batch | None, dict[str, float]]:
+        """The first `target` whole groups whose rows split over `rows_multiple` ranks (`trim_groups`) as a
+        batch, and the draws' metrics; None when no group is left (the step skips its update)."""
+        trimmed = trim_groups(self.groups, self.target, rows_multiple)
+        metrics = {**self.metrics, "rollout/trimmed_groups": float(min(len(self.groups), self.target) - len(trimmed))}
+        if not trimmed:
+            return None, {**metrics, "rollout/skipped_update": 1.0, "batch/rows": 0.0, "batch/groups": 0.0}
+        return make_batch(trimmed, pad_id), metrics
 
 
 def make_batch(groups: list[Group], pad_id: int) -> Batch:
@@ -187,6 +232,13 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
     return m
 
 
+def perf_metrics(batch: Batch, seconds: float, peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Tokens (prompt and response) per second over the step's `seconds`, and `memory_metrics(peaks)`."""
+    tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
+    return {"perf/throughput": tokens / seconds, "perf/response_tokens": float(batch.response_mask.sum()),
+            **memory_metrics(peaks)}
+
+
 def memory_metrics(peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """`perf/peak_host_mb/<role>` and, where the role's actors report one, `perf/peak_gpu_mb/<role>`: the
     largest over the role's actors (`peaks[role]`: each actor's `sapo_ray.utils.peak_memory_mb()`)."""
@@ -240,3 +292,20 @@ class Stability:
             out["actor/grad_norm_spikes"] = float(self.spikes)
         out["actor/collapsed"] = float(self.collapsed)
         return out
+
+
+def token_texts(tokenizer, batch: Batch) -> list[list[str]]:
+    """Each valid response token decoded on its own (the text segmenters' input)."""
+    return [[tokenizer.decode([t]) for t in row[: int(m.sum())].tolist()]
+            for row, m in zip(batch.response_ids, batch.response_mask)]
+
+
+def check_skipped_steps(metrics: dict[str, float], limit: int) -> None:
+    """Raise `StopRun` when a learner skipped more than `limit` (`trainer.max_skipped_steps`, 0: never)
+    optimizer steps in a row for a non-finite gradient: the run would spin without learning."""
+    for role in ("actor", "critic"):
+        in_a_row = metrics.get(f"{role}/skipped_in_a_row", 0.0)
+        if limit and in_a_row > limit:
+            raise StopRun(f"{role}: the last {in_a_row:.0f} optimizer steps were all skipped for a non-finite "
+                          f"gradient norm (trainer.max_skipped_steps={limit}); the losses or advantages are not "
+                          f"finite: check the rewards (reward/errors, critic/score/mean) and the learning rate")
