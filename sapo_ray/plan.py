@@ -25,8 +25,8 @@ no-grad pass: one block's activations and the logits without their gradient); `u
 and the critic's updates side by side; `sync`: the engine wakes (`rollout.enable_sleep_mode`) to take the
 weights, after the learners handed their update's cache back, one bucket gathered on the actor. An
 engine asleep holds its context only. A GPU's total is the largest of its phases. It is an estimate
-from the shapes, not a measurement: allocator fragmentation, NCCL buffers and the vision tower's
-activations come on top. Exit status 2 when a GPU is over `cluster.gpu_memory_gb`; the trainer runs the
+from the shapes, not a measurement: allocator fragmentation and NCCL buffers come on top. The vision
+tower's activations are counted for `rollout.images_per_prompt` images of at most `data.max_pixels` per row. Exit status 2 when a GPU is over `cluster.gpu_memory_gb`; the trainer runs the
 same check before it creates actors.
 """
 
@@ -47,8 +47,9 @@ PHASES = ("generate", "forward", "update", "sync")
 CONTEXT_GB = 0.5
 # A learner's terms held whenever its state is on the GPU, and those of each phase on top.
 LEARNER_STATE = ("weights", "gradients", "optimizer", "reference")
-LEARNER_PHASE = {"generate": (), "forward": ("gathered", "forward_activations", "forward_logits"),
-                 "update": ("gathered", "activations", "logits", "root_grad"), "sync": ("sync_gathered",)}
+LEARNER_PHASE = {"generate": (), "forward": ("gathered", "forward_vision", "forward_activations", "forward_logits"),
+                 "update": ("gathered", "vision_activations", "activations", "logits", "root_grad"),
+                 "sync": ("sync_gathered",)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ class ModelShape:
     kv_dim: int  # key/value heads x head dimension
     layers: int
     vocab: int
+    # The vision tower (0 layers for a text-only model): its blocks' widths, and how pixels become patches
+    # (`patch_size` px square) and patches become the language model's image tokens (`merge_size`^2 each).
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    vision_layers: int = 0
+    patch_size: int = 14
+    merge_size: int = 2
 
 
 def model_shape(path: str) -> ModelShape:
@@ -93,6 +101,9 @@ def model_shape(path: str) -> ModelShape:
         block_params=max((count(m.parameters()) for m in units), default=0),
         hidden=text.hidden_size, intermediate=text.intermediate_size, kv_dim=text.num_key_value_heads * head_dim,
         layers=text.num_hidden_layers, vocab=text.vocab_size,
+        **({"vision_hidden": vision.hidden_size, "vision_intermediate": vision.intermediate_size,
+            "vision_layers": vision.depth, "patch_size": vision.patch_size, "merge_size": vision.spatial_merge_size}
+           if (vision := getattr(config, "vision_config", None)) is not None else {}),
     )
 
 
@@ -113,6 +124,27 @@ def block_activation_bytes(shape: ModelShape, tokens: int) -> float:
     return tokens * 2 * (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
 
 
+def vision_patches(shape: ModelShape, cfg, rows: int) -> int:
+    """The most patches the vision tower embeds for `rows` prompts: `rollout.images_per_prompt` images each
+    of at most `data.max_pixels` (the whole prompt when unset), and never more image tokens than
+    `data.max_prompt_length` holds (each is `merge_size`^2 patches)."""
+    per_row = cfg.data.max_prompt_length * shape.merge_size**2
+    per_image = cfg.data.max_pixels // shape.patch_size**2 if cfg.data.max_pixels else per_row
+    return rows * min(cfg.rollout.images_per_prompt * per_image, per_row)
+
+
+def vision_activation_bytes(shape: ModelShape, patches: int, checkpointing: bool, trained: bool) -> float:
+    """What the vision tower keeps of `patches` patches for the backward pass, in bf16: as the decoder's
+    blocks (`activation_bytes`), with keys and values as wide as the hidden size (no grouped heads). A frozen
+    tower (`trained=False`) keeps nothing for a backward pass: one block's at a time."""
+    block = patches * 2 * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)
+    if not trained:
+        return block
+    if checkpointing:
+        return patches * shape.vision_layers * 2 * shape.vision_hidden + block
+    return shape.vision_layers * block
+
+
 def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[str, float]:
     """One rank of `role` (actor or critic): resident state and the activation peak, in GiB."""
     g, m = cfg[role], cfg.model
@@ -129,6 +161,11 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
     # A no-grad forward keeps no block's activations: one block's at a time.
     out["forward_activations"] = block_activation_bytes(shape, tokens)
+    if shape.vision_layers:
+        patches = vision_patches(shape, cfg, g.micro_batch_size)
+        out["vision_activations"] = vision_activation_bytes(shape, patches, m.gradient_checkpointing,
+                                                            trained=not g.freeze_vision_tower)
+        out["forward_vision"] = vision_activation_bytes(shape, patches, m.gradient_checkpointing, trained=False)
     # The root unit (embeddings, lm_head, norms, vision patch embedding and merger) gathers whole and its
     # gradient is reduced whole: unsharded in the compute dtype, plus the float32 copy the reduce-scatter
     # takes under mixed precision.
@@ -144,6 +181,9 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
         positions = g.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
         out["logits"] = (2 * compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
         out["forward_logits"] = (compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
+        if g.layout == "packed":  # the rows' logits gathered out of the packed sequence: one more copy
+            out["logits"] += compute * positions * shape.vocab
+            out["forward_logits"] += compute * positions * shape.vocab
         # The sync gathers the full weights a bucket at a time on the actor ranks (the critic waits).
         out["sync_gathered"] = out["gathered"] + cfg.rollout.sync_bucket_mb * 2**20
     return {"context": CONTEXT_GB, **{k: v / GiB for k, v in out.items()}}

@@ -60,7 +60,8 @@ def test_experiment_plan_one_of_each_role_per_gpu_and_fits(capsys):
     assert phases["generate"] == pytest.approx(20.5 + state["actor"] + state["critic"], abs=0.05)
     assert phases["update"] == pytest.approx(
         0.5 + state["actor"] + state["critic"] + 2 * mem["actor/gathered"] + mem["actor/activations"]
-        + mem["critic/activations"] + mem["actor/logits"] + mem["actor/root_grad"] + mem["critic/root_grad"], abs=0.05)
+        + mem["critic/activations"] + mem["actor/vision_activations"] + mem["critic/vision_activations"]
+        + mem["actor/logits"] + mem["actor/root_grad"] + mem["critic/root_grad"], abs=0.05)
     assert phases["sync"] == pytest.approx(20.5 + state["actor"] + state["critic"] + mem["actor/gathered"] + 0.25, abs=0.05)
     assert mem["total"] == pytest.approx(max(phases.values()), abs=0.01)
     assert p["gpus"][0]["peak_phase"] == max(phases, key=phases.get)
@@ -118,3 +119,39 @@ def test_the_7b_experiment_fits_with_headroom(capsys):
     assert code == 0 and p["fits"] and p["params_b"] == pytest.approx(8.292, abs=1e-3)
     assert all(g["memory_gb"]["total"] <= 0.9 * 80 for g in p["gpus"])
     assert p["gpus"][0]["memory_gb"]["rollout/reserved"] == pytest.approx(0.3 * 80)
+
+
+def test_vision_tower_activations_by_hand():
+    """3B's tower: 32 blocks of width 1280 (MLP 3420), 14 px patches merged 2 x 2 into an image token. The
+    experiment's 4-row micro-batch of one 768-token image each (602112 px) is 4 x 3072 patches. With
+    checkpointing the tower keeps each block's input (2 x 1280 bytes a patch) and one block's
+    2 x (8 x 1280 + 4 x 3420) bytes a patch; without, every block's; frozen, one block's at a time.
+    Unset `data.max_pixels` leaves the prompt's length as the bound (1024 tokens: 4096 patches a row)."""
+    from sapo_ray.config import compose_config
+
+    shape = plan_mod.model_shape("bundled:configs/qwen2_5_vl_3b")
+    assert (shape.vision_layers, shape.vision_hidden, shape.vision_intermediate, shape.patch_size,
+            shape.merge_size) == (32, 1280, 3420, 14, 2)
+    cfg = compose_config(*EXPERIMENT)
+    assert plan_mod.vision_patches(shape, cfg, 4) == 12288
+    block = 12288 * 2 * (8 * 1280 + 4 * 3420)
+    assert plan_mod.vision_activation_bytes(shape, 12288, checkpointing=True, trained=True) == 12288 * 32 * 2 * 1280 + block
+    assert plan_mod.vision_activation_bytes(shape, 12288, checkpointing=False, trained=True) == 32 * block
+    assert plan_mod.vision_activation_bytes(shape, 12288, checkpointing=True, trained=False) == block
+    assert plan_mod.vision_patches(shape, compose_config(*EXPERIMENT, "data.max_pixels=null"), 4) == 4 * 4096
+    terms = plan_mod.learner_memory(shape, cfg, "critic", with_ref=False)
+    assert terms["vision_activations"] * GiB == pytest.approx(12288 * 32 * 2 * 1280 + block)
+    assert terms["forward_vision"] * GiB == pytest.approx(block)
+
+
+def test_the_packed_layout_adds_one_copy_of_the_logits():
+    """`layout=packed` gathers the rows' logits out of the packed sequence: micro-batch 4 x 2049 positions
+    x 151936 entries in bf16 more, in the update and in the no-grad forward."""
+    from sapo_ray.config import compose_config
+
+    shape = plan_mod.model_shape("bundled:configs/qwen2_5_vl_3b")
+    padded = plan_mod.learner_memory(shape, compose_config(*EXPERIMENT), "actor", with_ref=False)
+    packed = plan_mod.learner_memory(shape, compose_config(*EXPERIMENT, "actor.layout=packed"), "actor", with_ref=False)
+    copy = 2 * 4 * 2049 * 151936 / GiB
+    assert packed["logits"] - padded["logits"] == pytest.approx(copy)
+    assert packed["forward_logits"] - padded["forward_logits"] == pytest.approx(copy)
