@@ -20,23 +20,23 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_
 # Each algorithm's actor lr in the main table: of the grid's 1e-5, 2e-5 (the demo's) and 4e-5, the one with
 # the highest final sampled validation accuracy on seed 0 (benchmarks/RESULTS.md).
 DEMO_LR=2e-5
-declare -A BEST_LR=([sapo]=$DEMO_LR [grpo]=$DEMO_LR [ppo]=$DEMO_LR [gspo]=4e-5)
+declare -A BEST_LR=([sapo]=$DEMO_LR [grpo]=$DEMO_LR [ppo]=$DEMO_LR [gspo]=4e-5 [soft_sapo]=$DEMO_LR)
 
 # A run's name: <algorithm>[-lr<lr> unless the demo's]-seed<N>.
 name() { if [[ $2 == "$DEMO_LR" ]]; then echo "$1-seed$3"; else echo "$1-lr$2-seed$3"; fi; }
 
 runs() {
   # Each algorithm at the demo's learning rate, seeds 0-2; the others on seed 0.
-  for alg in sapo grpo ppo gspo; do
+  for alg in sapo grpo ppo gspo soft_sapo; do
     for seed in 0 1 2; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
   done
   for alg in dapo rloo dr_grpo vc_ppo; do echo "$alg-seed0 algorithm=$alg seed=0"; done
   # Learning-rate grid on seed 0 (the demo's 2e-5 is the main table's).
-  for alg in sapo grpo ppo gspo; do
+  for alg in sapo grpo ppo gspo soft_sapo; do
     for lr in 1e-5 4e-5; do echo "$alg-lr$lr-seed0 algorithm=$alg actor.optim.lr=$lr seed=0"; done
   done
   # Main table: seeds 1-2 at the grid's best lr where it is not the demo's.
-  for alg in sapo grpo ppo gspo; do
+  for alg in sapo grpo ppo gspo soft_sapo; do
     lr=${BEST_LR[$alg]}
     [[ $lr == "$DEMO_LR" ]] && continue
     for seed in 1 2; do echo "$(name "$alg" "$lr" "$seed") algorithm=$alg actor.optim.lr=$lr seed=$seed"; done
@@ -74,11 +74,11 @@ tables() {
   local main=() dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
   # Main table: every algorithm at the demo's lr, and the four at the grid's best where it differs.
-  for alg in sapo grpo ppo gspo; do
+  for alg in sapo grpo ppo gspo soft_sapo; do
     [[ ${BEST_LR[$alg]} == "$DEMO_LR" ]] && continue
     for seed in 0 1 2; do main+=("$STUDY/$(name "$alg" "${BEST_LR[$alg]}" "$seed")/"); done
   done
-  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|gspo-recompute|dapo|rloo|dr_grpo|vc_ppo)-seed[0-9]+$ ]] && main+=("$d"); done
+  for d in "${dirs[@]}"; do [[ $(basename "$d") =~ ^(sapo|grpo|ppo|gspo|gspo-recompute|dapo|rloo|dr_grpo|vc_ppo|soft_sapo)-seed[0-9]+$ ]] && main+=("$d"); done
   for metric in val/accuracy val/accuracy_greedy; do
     "$PYTHON" -m sapo_ray.compare "${main[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
   done

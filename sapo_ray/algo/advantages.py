@@ -263,7 +263,8 @@ def group_advantage(
       * ``grpo``:    ``(R_i - mean_g) / (std_g + eps)`` (``std`` unbiased, as ``torch.std``)
       * ``dr_grpo``: ``R_i - mean_g``
       * ``rloo``:    ``R_i - mean_{j != i} R_j = n / (n - 1) * (R_i - mean_g)``
-    Every group needs ``n >= 2`` samples (rollout ``n >= 2``); a smaller group raises.
+    A group whose scores are all equal gets exactly 0. Every group needs ``n >= 2`` samples (rollout
+    ``n >= 2``); a smaller group raises.
     """
     if kind not in GROUP_KINDS:
         raise ValueError(f"unknown group advantage kind {kind!r}; choose one of {GROUP_KINDS}")
@@ -284,7 +285,11 @@ def group_advantage(
             f"the group of sample {example} has {int(count[bad])}"
         )
     mean = per_group_sum(scores) / count
-    centred = scores - mean[dense]
+    # A group whose scores are all equal has no signal: exactly 0, where rounding would leave a residue of
+    # ~1e-8 that GRPO's division by a std of the same size inflates to ~0.05 (verl keeps that residue).
+    hi = torch.full((G,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amax")
+    lo = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amin")
+    centred = torch.where((hi == lo)[dense], scores.new_zeros(()), scores - mean[dense])
     if kind == "grpo":
         var = per_group_sum(centred.square()) / (count - 1)
         adv = centred / (var.sqrt()[dense] + eps)

@@ -53,9 +53,12 @@ def kl_loss(
     kind: str = "k3",
     agg: str = "token_mean",
     agg_denom: float | torch.Tensor | None = None,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
-    """GRPO's optional KL loss: ``aggregate(estimate(logp, ref_logp, kind), mask, agg)``.
+    """GRPO's optional KL loss: ``aggregate(estimate(logp, ref_logp, kind), mask, agg)``, with the policy
+    loss's ``norm_len`` (Dr.GRPO's constant length; without it a row's sum would be divided by the width of
+    each micro-batch, a weight that changes from one to the next).
 
     Multiply by the coefficient (``kl_loss_coef``) in the caller. Gradients flow through ``logp``.
     """
-    return aggregate(estimate(logp, ref_logp, kind), mask, agg, agg_denom=agg_denom)
+    return aggregate(estimate(logp, ref_logp, kind), mask, agg, norm_len=norm_len, agg_denom=agg_denom)

@@ -296,7 +296,7 @@ def _sequence_ratio(lr, valid, segments) -> torch.Tensor:
 
 @register_policy_loss("clipped")
 def clipped_surrogate(log_s, adv, valid, *, clip_low: float, clip_high: float,
-                      dual_clip: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      dual_clip: float | None, **_) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate with an optional dual clip, per token (``adv`` is 0 on padding)::
 
         pg = max(-A * s, -A * clip(s, 1 - clip_low, 1 + clip_high))
@@ -320,6 +320,27 @@ def clipped_surrogate(log_s, adv, valid, *, clip_low: float, clip_high: float,
     return pg, masks
 
 
+@register_policy_loss("soft_gate")
+def soft_gate(log_s, adv, valid, *, tau_pos: float, tau_neg: float, **_) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Soft Adaptive Policy Optimization's gate in place of the clip (Gao et al., arXiv 2511.20347;
+    verl's ``loss_mode=sapo``), per token::
+
+        f(s) = sigmoid(tau (s - 1)) * 4 / tau,   tau = tau_pos if A > 0 else tau_neg
+        pg   = -f(s) * A
+
+    Its gradient is ``-A * 4 sigmoid (1 - sigmoid) * s * grad log s``: the plain policy gradient at
+    ``s = 1``, fading smoothly as the ratio leaves 1 (faster for a larger ``tau``). Mask: ``pg_gate_faded``,
+    the tokens whose gradient weight ``4 sigmoid (1 - sigmoid)`` is below one half.
+    """
+    if not (tau_pos > 0 and tau_neg > 0):
+        raise ValueError(f"tau_pos and tau_neg must be > 0, got {tau_pos} and {tau_neg}")
+    ratio = torch.exp(log_s)
+    tau = torch.where(adv > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype), torch.as_tensor(tau_neg, dtype=ratio.dtype))
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    pg = -gate * (4.0 / tau) * adv
+    return pg, {"pg_gate_faded": (4 * gate * (1 - gate) < 0.5).detach() & valid}
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -335,11 +356,14 @@ def policy_loss(
     norm_len: float | None = None,
     agg_denom: float | torch.Tensor | None = None,
     kind: str = "clipped",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The registered policy loss ``kind`` at ratio level ``level``, aggregated by ``agg`` (SAPO_SPEC.md 3-4).
 
     ``s = exp(log_ratio(...))`` per valid token; the per-token loss (``clipped``: PPO's dual-clip
-    surrogate, see :func:`clipped_surrogate`) is multiplied by ``is_weights`` (optional per-token
+    surrogate, see :func:`clipped_surrogate`; ``soft_gate``: :func:`soft_gate` with ``tau_pos`` and
+    ``tau_neg``) is multiplied by ``is_weights`` (optional per-token
     truncated-IS weights for a rollout/learner mismatch; treated as constants), then aggregated.
 
     Returns ``(loss, metrics)``; metrics are detached 0-dim tensors: the loss's masks as shares of
@@ -350,7 +374,8 @@ def policy_loss(
     valid = mask.bool()
     log_s = log_ratio(logp, old_logp, valid, level, segments)  # 0 on padding
     adv = _zero_outside(adv.detach(), valid)  # so every padding term is exactly 0
-    pg, masks = fn(log_s, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    pg, masks = fn(log_s, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
+                   tau_neg=tau_neg)
     if is_weights is not None:
         pg = pg * is_weights.detach()
     loss = aggregate(pg, valid, agg, segments=segments, norm_len=norm_len, agg_denom=agg_denom)

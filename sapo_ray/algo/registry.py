@@ -76,13 +76,18 @@ class AlgorithmSpec:
     needs_group: bool
     """Needs ``n >= 2`` samples per prompt (group baselines)."""
     policy_loss: str = "clipped"
-    """Per-token policy loss in ``losses.POLICY_LOSSES`` (``clipped``: PPO's surrogate with a dual clip)."""
+    """Per-token policy loss in ``losses.POLICY_LOSSES`` (``clipped``: PPO's surrogate with a dual clip;
+    ``soft_gate``: Soft Adaptive Policy Optimization's sigmoid gate)."""
     clip_low: float = 0.2
     """``eps_low``: the ratio is clipped below at ``1 - clip_low``."""
     clip_high: float = 0.2
     """``eps_high``: the ratio is clipped above at ``1 + clip_high`` (clip-higher when > clip_low)."""
     dual_clip: float | None = 3.0
     """Dual-clip constant ``c`` for ``A < 0`` (``None`` disables)."""
+    tau_pos: float = 1.0
+    """``policy_loss=soft_gate``: the gate's temperature for positive advantages (verl's default)."""
+    tau_neg: float = 1.05
+    """``policy_loss=soft_gate``: its temperature for negative advantages (larger: their gradient fades sooner)."""
     group_kind: str | None = None
     """For ``advantage='group'``: one of ``advantages.GROUP_KINDS`` (``grpo``, ``dr_grpo``, ``rloo``)."""
     group_eps: float = 1e-6
@@ -335,6 +340,8 @@ def policy_loss(
         norm_len=norm_len,
         agg_denom=agg_denom,
         kind=spec.policy_loss,
+        tau_pos=spec.tau_pos,
+        tau_neg=spec.tau_neg,
     )
 
 
@@ -351,12 +358,15 @@ def kl_loss(
     ref_logp: torch.Tensor,
     mask: torch.Tensor,
     agg_denom: float | torch.Tensor | None = None,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
-    """``kl_loss_coef * KL`` aggregated like the policy loss (token mean for segment_mean), 0 if off."""
+    """``kl_loss_coef * KL`` aggregated like the policy loss, with its ``norm_len`` (token mean beside
+    segment_mean: `losses.LossAgg.kl_agg`), 0 if off."""
     if not spec.kl_loss:
         return logp.new_zeros(())
     agg = losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg
-    return spec.kl_loss_coef * kl_mod.kl_loss(logp, ref_logp, mask, spec.kl_loss_kind, agg=agg, agg_denom=agg_denom)
+    return spec.kl_loss_coef * kl_mod.kl_loss(logp, ref_logp, mask, spec.kl_loss_kind, agg=agg, agg_denom=agg_denom,
+                                              norm_len=norm_len)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +447,14 @@ register_algorithm(AlgorithmSpec(
 register_algorithm(AlgorithmSpec(
     name="grpo", advantage="group", group_kind="grpo", ratio_level="token", loss_agg="token_mean",
     needs_critic=False, needs_group=True, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+    kl_loss=True, kl_loss_coef=0.001, kl_loss_kind="k3",
+))
+# Soft Adaptive Policy Optimization (Gao et al., arXiv 2511.20347; "sapo" in verl, EasyR1, AReaL and TRL,
+# named soft_sapo here beside our segment-aligned sapo): GRPO's advantages and KL loss with a sigmoid gate
+# in place of the clip, aggregated as verl does (seq-mean-token-mean).
+register_algorithm(AlgorithmSpec(
+    name="soft_sapo", advantage="group", group_kind="grpo", ratio_level="token", loss_agg="seq_mean_token_mean",
+    needs_critic=False, needs_group=True, policy_loss="soft_gate", tau_pos=1.0, tau_neg=1.05,
     kl_loss=True, kl_loss_coef=0.001, kl_loss_kind="k3",
 ))
 # Dr.GRPO: no std normalisation, token sums over a constant length (pass norm_len).

@@ -187,14 +187,20 @@ class FSDPWorker:
     def _minibatches(self, batch: Batch):
         """This rank's mini-batches for one `update`: `ppo_epochs` passes over `batch`, each cut into
         `mini_batch_size / world_size` rows, in a fresh seeded order per pass when `shuffle` is set."""
+        for rows in self._minibatch_rows(batch):
+            yield batch.select(rows)
+
+    def _minibatch_rows(self, batch: Batch) -> list[list[int]]:
+        """The rows of `_minibatches`, pass after pass (the order seeded by the optimizer step count)."""
         g = self.cfg.learner
         mini = max(1, g.mini_batch_size // self.world_size)
         seed = derive_seed(self.cfg.seed, "shuffle", self.cfg.role, int(self.scheduler.last_epoch))
         gen = torch.Generator().manual_seed(seed)
+        rows = []
         for _ in range(g.ppo_epochs):
             order = torch.randperm(len(batch), generator=gen) if g.shuffle else torch.arange(len(batch))
-            for m0 in range(0, len(batch), mini):
-                yield batch.select(order[m0 : m0 + mini])
+            rows += [order[m0 : m0 + mini].tolist() for m0 in range(0, len(batch), mini)]
+        return rows
 
     def _micro_rows(self, batch: Batch) -> list[list[int]]:
         """The rows of each micro-batch: `micro_batch_size` at a time, or packed by length into
@@ -216,6 +222,17 @@ class FSDPWorker:
                 rows = pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, int(t), together)
         return rows
 
+    def _first_pass_rows(self, batch: Batch) -> list[list[int]]:
+        """The rows of each micro-batch of `update`'s first pass over `batch` (its first mini-batches, before
+        any optimizer step), as indices into `batch`."""
+        rows, seen = [], 0
+        for index in self._minibatch_rows(batch):
+            if seen >= len(batch):  # the second pass (`ppo_epochs`) comes after optimizer steps
+                break
+            rows += [[index[r] for r in micro] for micro in self._micro_rows(batch.select(index))]
+            seen += len(index)
+        return rows
+
     def _layout(self, training: bool) -> str:
         """The forward passes' `learner.layout`; padded rows instead of a shared prompt's cache in a
         backward pass that recomputes activations."""
@@ -227,12 +244,14 @@ class FSDPWorker:
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         return [batch.select(rows) for rows in self._micro_rows(batch)]
 
-    def _forward_rows(self, batch: Batch, forward, outputs: int) -> list[torch.Tensor | None]:
-        """`forward(micro) -> (outputs tensors [rows, R_micro], or None)` over the micro-batches (no
-        gradient), each put back together as `[B, R]` in the batch's row order."""
+    def _forward_rows(self, batch: Batch, forward, outputs: int,
+                      micro_rows: list[list[int]] | None = None) -> list[torch.Tensor | None]:
+        """`forward(micro) -> (outputs tensors [rows, R_micro], or None)` over the micro-batches (`micro_rows`,
+        by default `_micro_rows(batch)`; no gradient), each put back together as `[B, R]` in the batch's row
+        order."""
         R = batch.response_ids.shape[1]
         out: list[torch.Tensor | None] = [None] * outputs
-        for rows in self._micro_rows(batch):
+        for rows in self._micro_rows(batch) if micro_rows is None else micro_rows:
             with self._autocast():
                 parts = forward(self._to_device(batch.select(rows)))
             for k, part in enumerate(parts):
@@ -380,12 +399,16 @@ class PolicyWorker(FSDPWorker):
         policy = model == "policy"
         module = self.model if policy else self.ref
         module.eval()
+        # The policy's old log-probs are computed as `update`'s first pass will compute the new ones (the same
+        # micro-batches, layout and precision): the first ratio is exactly 1, not 1 up to the rounding of
+        # matmuls of other shapes.
+        layout = self._layout(training=policy)
 
         def forward(micro: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
             return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
-                                  with_entropy=policy, layout=self._layout(False))
+                                  with_entropy=policy, layout=layout)
 
-        return LogProbs(*self._forward_rows(batch, forward, outputs=2))
+        return LogProbs(*self._forward_rows(batch, forward, 2, self._first_pass_rows(batch) if policy else None))
 
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
@@ -431,7 +454,8 @@ class PolicyWorker(FSDPWorker):
             m = {f"actor/{k}": float(v) for k, v in m.items()}
             m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
             if kl_active:
-                kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask, agg_denom=kl_denom)
+                kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask, agg_denom=kl_denom,
+                                           norm_len=self.cfg.rollout.max_new_tokens)
                 loss = loss + kl_term
                 m["actor/kl_loss"] = float(kl_term.detach())
             entropy_sum = losses.masked_sum(entropy, mask)

@@ -238,3 +238,19 @@ def test_group_index_as_tensor_and_singleton_groups_raise():
         advantages.group_advantage(torch.tensor([1.0, 0.0, 1.0]), [0, 0, 1], lmask([1, 1, 1], 1), "grpo")
     with pytest.raises(ValueError, match="kind"):
         advantages.group_advantage(SCORES, GROUPS, lmask([1] * 5, 1), "ppo")
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_a_group_of_equal_scores_gets_exactly_zero(kind):
+    """Eight scores of 0.9 and eight of 0.1 + 0.2 in float32: their group sums divided by 8 do not round back
+    to the score (a residue of 6e-8 and 3e-8), which GRPO's division by a std of the same size inflated to
+    0.056 and 0.029 (as verl still does). Equal scores carry no signal: exactly 0, while the mixed group
+    beside them keeps its advantages."""
+    scores = torch.tensor([0.9] * 8 + [0.1 + 0.2] * 8 + [1.0, 0.0], dtype=torch.float32)
+    group = torch.tensor([0] * 8 + [1] * 8 + [2, 2])
+    first = scores[:8] - torch.zeros(1).index_add_(0, torch.zeros(8, dtype=torch.long), scores[:8]) / 8
+    assert float(first.abs().max()) > 0  # the residue the fix removes
+    adv = advantages.group_advantage(scores, group, torch.ones(18, 3), kind=kind)
+    assert adv[:16].abs().max() == 0
+    expected = {"grpo": 0.5 / (math.sqrt(0.5) + 1e-6), "dr_grpo": 0.5, "rloo": 1.0}[kind]
+    assert adv[16:, 0].tolist() == pytest.approx([expected, -expected], abs=1e-6)

@@ -47,3 +47,17 @@ def test_kl_loss_masked_mean_and_gradient():
     torch.testing.assert_close(
         logp.grad, torch.tensor([[0.3934693402873666 / 2, -0.6487212707001282 / 2, 0.0]], dtype=D)
     )
+
+
+def test_dr_grpos_kl_loss_takes_the_policy_losss_length_normaliser():
+    """Dr.GRPO aggregates `mean_rows(sum_t l / norm_len)`: with `algorithm.kl_loss=true` its KL term divides by
+    the same `norm_len` (the response length limit, 32 here) as the policy loss, not by the width of the
+    micro-batch (12): rows of 12 and 5 tokens with k1 = 0.5 per token give (6 / 32 + 2.5 / 32) / 2."""
+    from sapo_ray.algo import registry
+
+    spec = registry.get_algorithm("dr_grpo", kl_loss=True, kl_loss_coef=1.0, kl_loss_kind="k1")
+    mask = (torch.arange(12).unsqueeze(0) < torch.tensor([[12], [5]])).float()
+    logp, ref = torch.full((2, 12), -1.0, dtype=torch.float64), torch.full((2, 12), -1.5, dtype=torch.float64)
+    term = registry.kl_loss(spec, logp, ref, mask, norm_len=32)
+    assert float(term) == pytest.approx((6 / 32 + 2.5 / 32) / 2, abs=1e-12)
+    assert float(registry.kl_loss(spec, logp, ref, mask)) == pytest.approx((6 / 12 + 2.5 / 12) / 2, abs=1e-12)

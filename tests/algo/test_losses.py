@@ -296,3 +296,55 @@ def test_each_aggregation_counts_its_own_units_by_hand():
     assert losses.LOSS_AGGS["segment_mean"].kl_agg == "token_mean"
     with pytest.raises(ValueError, match="needs segments"):
         losses.agg_units("segment_mean", mask)
+
+
+# ---- the soft gate (Soft Adaptive Policy Optimization) ------------------------------------------
+
+
+def _verl_sapo_loss(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05):
+    """verl's `compute_policy_loss_sapo` (verl/trainer/ppo/core_algos.py, loss_mode=sapo), restated from its
+    definition: token ratio from the clamped log ratio, tau by the advantage's sign, the gate
+    sigmoid(tau (r - 1)) 4 / tau, loss -gate A, aggregated seq-mean-token-mean."""
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    taus = torch.where(adv > 0, torch.tensor(tau_pos, dtype=adv.dtype), torch.tensor(tau_neg, dtype=adv.dtype))
+    pg = -(torch.sigmoid(taus * (ratio - 1.0)) * 4.0 / taus) * adv
+    m = mask.to(pg.dtype)
+    per_row = (pg * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return per_row.sum() / (m.sum(-1) > 0).sum()
+
+
+def test_soft_gate_by_hand():
+    """At r = 1 the gate is 2 / tau and its gradient the plain policy gradient (4 sigmoid (1 - sigmoid) = 1);
+    at r = e^2 with A = 1 (tau_pos = 1) the gate is 4 sigmoid(e^2 - 1) and its gradient weight
+    4 sigmoid (1 - sigmoid) e^2, the gate part (0.007) under one half: that token counts as faded."""
+    logp = torch.tensor([[0.0, 2.0]], dtype=D, requires_grad=True)
+    old = torch.zeros(1, 2, dtype=D)
+    adv = torch.tensor([[-2.0, 1.0]], dtype=D)
+    loss, m = losses.policy_loss(logp, old, adv, torch.ones(1, 2), level="token", agg="token_mean", kind="soft_gate",
+                                 tau_pos=1.0, tau_neg=1.05)
+    sig = 1 / (1 + math.exp(-(math.exp(2) - 1)))
+    assert f(loss.detach()) == pytest.approx((-(2 / 1.05) * -2.0 + -(4 * sig) * 1.0) / 2, abs=1e-12)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([2.0 / 2, -4 * sig * (1 - sig) * math.exp(2) / 2], abs=1e-12)
+    assert f(m["pg_gate_faded"]) == 0.5
+    with pytest.raises(ValueError, match="tau_pos and tau_neg must be > 0"):
+        losses.policy_loss(logp, old, adv, torch.ones(1, 2), level="token", kind="soft_gate", tau_pos=0.0)
+
+
+def test_soft_gate_equals_verls_sapo_loss_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        B, T = 6, 9
+        mask = lmask(torch.randint(0, T + 1, (B,), generator=gen).tolist(), T)
+        old = -torch.rand(B, T, generator=gen, dtype=D) * 3
+        logp = (old + torch.randn(B, T, generator=gen, dtype=D) * 0.5).requires_grad_(True)
+        adv = torch.randn(B, 1, generator=gen, dtype=D).expand(B, T).clone()
+        adv[0] = 0.0  # A = 0 takes tau_neg, as in verl
+        tau_pos, tau_neg = 0.5 + trial / 10, 1.0 + trial / 7
+        ours, _ = losses.policy_loss(logp, old, adv, mask, level="token", agg="seq_mean_token_mean", kind="soft_gate",
+                                     tau_pos=tau_pos, tau_neg=tau_neg)
+        (g_ours,) = torch.autograd.grad(ours, logp)
+        ref = _verl_sapo_loss(logp, old, adv, mask, tau_pos, tau_neg)
+        (g_ref,) = torch.autograd.grad(ref, logp)
+        assert f(ours.detach()) == pytest.approx(f(ref.detach()), abs=1e-6)
+        torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ def lmask(lengths, T):
 
 
 def test_table_matches_the_spec():
-    assert set(ALGORITHMS) == {"sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo"}
+    assert set(ALGORITHMS) == {"sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "soft_sapo"}
     sapo = ALGORITHMS["sapo"]
     assert (sapo.advantage, sapo.ratio_level, sapo.loss_agg) == ("segment_gae", "segment", "token_mean")
     assert (sapo.clip_low, sapo.clip_high, sapo.dual_clip) == (0.2, 0.28, 3.0)
@@ -38,6 +38,9 @@ def test_table_matches_the_spec():
     dapo = ALGORITHMS["dapo"]
     assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg, dapo.ratio_level) == (0.2, 0.28, "token_mean", "token")
     assert dapo.dynamic_sampling and dapo.overlong_penalty and dapo.group_kind == "grpo"
+    soft = ALGORITHMS["soft_sapo"]  # GRPO's advantages and KL loss, the soft gate, verl's aggregation
+    assert (soft.policy_loss, soft.tau_pos, soft.tau_neg, soft.loss_agg) == ("soft_gate", 1.0, 1.05, "seq_mean_token_mean")
+    assert (soft.advantage, soft.group_kind, soft.ratio_level, soft.kl_loss) == ("group", "grpo", "token", True)
     for spec in ALGORITHMS.values():
         assert spec.advantage in registry.ADVANTAGES and spec.loss_agg in losses.LOSS_AGGS
         assert spec.ratio_level in losses.RATIO_LEVELS and spec.segmenter in SEGMENTERS
