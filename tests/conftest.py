@@ -43,8 +43,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def random_tiny_models(tmp_path_factory):
-    """Randomly initialised tiny VLM and LM directories (the shipped tokenizer, fresh weights)."""
-    from sapo_ray.models.tiny import build_tiny_lm, build_tiny_vlm
+    """Randomly initialised tiny model directories (fresh weights): the Qwen2.5-VL-family VLM and its text-only
+    twin (a tokenizer trained as the shipped one was), and a Qwen3-VL (the shipped tokenizer)."""
+    from sapo_ray.models.tiny import build_tiny_lm, build_tiny_qwen3_vl, build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny")
-    return {"vlm": build_tiny_vlm(str(root / "vlm"), seed=0), "lm": build_tiny_lm(str(root / "lm"), seed=0)}
+    return {"vlm": build_tiny_vlm(str(root / "vlm"), seed=0), "lm": build_tiny_lm(str(root / "lm"), seed=0),
+            "qwen3_vl": build_tiny_qwen3_vl(str(root / "qwen3_vl"), seed=0, tokenizer="bundled:tiny-vlm")}

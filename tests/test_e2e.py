@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_cfg
-ALGORITHMS = ["sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo"]
+ALGORITHMS = ["sapo", "ppo", "vc_ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "soft_sapo"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -26,7 +26,8 @@ def test_algorithm_runs(algorithm, ray_cluster, tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     step = rows[-1]
-    expected = {"actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
+    masks = {"soft_sapo": "actor/pg_gate_faded"}  # the soft gate clips nothing: its mask is the faded tokens
+    expected = {"actor/pg_loss", masks.get(algorithm, "actor/pg_clipfrac"), "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
                 "critic/score/mean", "response_length/mean", "timing_s/gen", "timing_s/forward", "timing_s/update",
                 "timing_s/update_weights", "perf/throughput", "val/accuracy", "val/accuracy_greedy"}
     if algorithm in ("sapo", "ppo", "vc_ppo"):

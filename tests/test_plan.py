@@ -24,6 +24,19 @@ def test_shapes_of_the_shipped_configs():
     assert (s3.params, s3.hidden, s3.layers, s3.vocab, s3.kv_dim, s3.lm_head_params) == (P_3B, 2048, 36, 151936, 256, 0)
     s7 = plan_mod.model_shape("bundled:configs/qwen2_5_vl_7b")
     assert s7.params == 8_292_166_656 and s7.lm_head_params == 152064 * 3584  # 7B: untied lm_head
+    q4, q8 = plan_mod.model_shape("bundled:configs/qwen3_vl_4b"), plan_mod.model_shape("bundled:configs/qwen3_vl_8b")
+    assert (q4.params, q4.hidden, q4.layers, q4.kv_dim, q4.lm_head_params) == (4_437_815_808, 2560, 36, 1024, 0)
+    assert (q4.vision_layers, q4.vision_hidden, q4.patch_size) == (24, 1024, 16)
+    assert (q8.params, q8.hidden, q8.lm_head_params, q8.vision_layers, q8.vision_hidden) == (
+        8_767_123_696, 4096, 151936 * 4096, 27, 1152)
+
+
+def test_the_qwen3_vl_8b_plan_fits_with_headroom(capsys):
+    """Qwen3-VL-8B on the 7B experiment's placement (engines at 0.3 of 80 GiB): at least 10% headroom."""
+    code = plan_mod.main(["+experiment=mathvista_7b", "model=qwen3_vl_8b", "model.path=bundled:configs/qwen3_vl_8b",
+                          "cluster.simulate_gpus=8", "--json"])
+    p = json.loads(capsys.readouterr().out)
+    assert code == 0 and p["fits"] and all(g["memory_gb"]["total"] <= 0.9 * 80 for g in p["gpus"])
 
 
 def test_experiment_plan_one_of_each_role_per_gpu_and_fits(capsys):

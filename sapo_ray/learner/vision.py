@@ -48,10 +48,12 @@ def run_vision_in_every_forward(model: torch.nn.Module) -> bool:
         pixels, grid = blank_image(visual, vision_config)
         out = visual(pixels, grid_thw=grid)
         features = out.pooler_output if hasattr(out, "pooler_output") else out[0]
+        # Qwen3-VL's DeepStack mergers feed the language model too: their parameters need a gradient as well.
+        total = features.sum() + sum(f.sum() for f in getattr(out, "deepstack_features", None) or [])
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:  # the caller gave token ids to the language model: nothing to add the zero to
             return None
-        return args, {**kwargs, "inputs_embeds": embeds + 0.0 * features.sum().to(embeds.dtype)}
+        return args, {**kwargs, "inputs_embeds": embeds + 0.0 * total.to(embeds.dtype)}
 
     model.register_forward_pre_hook(forward_begins, with_kwargs=True)
     visual.register_forward_hook(tower_ran)

@@ -17,9 +17,10 @@ END_OF_TURN = "<|im_end|>"
 
 
 class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2-VL / Qwen2.5-VL processor with images only (no video processor, so no torchvision).
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor with images only (no video processor, so no torchvision).
 
-    Image handling is identical for both families: `<|image_pad|>` is expanded to
+    Image handling is identical for the three families (Qwen3-VL's patches are 16 px, its processor's
+    `patch_size` says so): `<|image_pad|>` is expanded to
     `prod(image_grid_thw) / merge_size**2` tokens and `mm_token_type_ids` marks them (the model
     needs those ids to build its 3-D rope positions: pass them to `forward` and `generate`).
     """
@@ -78,7 +79,7 @@ def load_processor(path: str, max_pixels: int | None = None, min_pixels: int | N
     tokenizer = load_tokenizer(path)
     processor = ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
     stock = getattr(image_processor, "processor_class", None) or tokenizer.init_kwargs.get("processor_class")
-    if stock in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+    if stock in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor"):
         processor.stock_class = stock
     return processor
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2Tokenizer
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2Tokenizer, Qwen3VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from sapo_ray.models.loading import build_from_config
@@ -110,10 +110,35 @@ def tiny_vlm_config(tok, hidden: int = 256, layers: int = 4, vision_depth: int =
     vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=4,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=IMAGE_SIZE,
                   out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1])
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [("image_token_id", "<|image_pad|>"),
-           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-           ("vision_end_token_id", "<|vision_end|>")]}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids, **_token_ids(tok))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_vision_token_ids(tok),
+                            **_token_ids(tok))
+
+
+def _vision_token_ids(tok) -> dict:
+    return {k: tok.convert_tokens_to_ids(t) for k, t in [("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>")]}
+
+
+def tiny_qwen3_vl_config(tok, hidden: int = 64, layers: int = 2, vision_depth: int = 2,
+                         vision_dim: int = 32) -> Qwen3VLConfig:
+    """Qwen3-VL config: text `hidden` x `layers` (head 16, interleaved multimodal RoPE), vision
+    `vision_depth` x `vision_dim` with a DeepStack merger after its first block, patch 16, merge 2."""
+    half = 16 // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    text = tiny_lm_config(tok, hidden, layers).to_dict()
+    text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope,
+                                              "mrope_interleaved": True})
+    vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden, deepstack_visual_indexes=[0],
+                  num_position_embeddings=64)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_vision_token_ids(tok))
+
+
+def qwen3_vl_image_processor() -> Qwen2VLImageProcessorPil:
+    """Qwen3-VL's image processor for synthvista's 112x112 images: 16 px patches, resized to 96 or 128 px."""
+    return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=IMAGE_SIZE ** 2, patch_size=16, temporal_patch_size=2,
+                                    merge_size=2)
 
 
 def image_processor() -> Qwen2VLImageProcessorPil:
@@ -151,6 +176,18 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, tokenizer=None) -> str:
     torch.manual_seed(seed)
     model = build_from_config(tiny_vlm_config(tok))
     processor = ImageOnlyQwenVLProcessor(image_processor(), tok, chat_template=tok.chat_template)
+    return _save(model, tok, out_dir, processor)
+
+
+def build_tiny_qwen3_vl(out_dir: str, seed: int = 0, tokenizer=None) -> str:
+    """Write a randomly initialised tiny Qwen3-VL (~0.3M params: DeepStack, interleaved multimodal RoPE, 16 px
+    patches) with tokenizer and processor to `out_dir`; returns `out_dir`. `tokenizer` as for
+    :func:`build_tiny_vlm`."""
+    tok = _tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    model = build_from_config(tiny_qwen3_vl_config(tok))
+    processor = ImageOnlyQwenVLProcessor(qwen3_vl_image_processor(), tok, chat_template=tok.chat_template)
+    processor.stock_class = "Qwen3VLProcessor"
     return _save(model, tok, out_dir, processor)
 
 

@@ -364,12 +364,13 @@ def _mixed_batch(path):
                            advantages=torch.randn(mask.shape, generator=gen) * mask)
 
 
-@pytest.mark.parametrize("role, layout", [("actor", "padded"), ("actor", "shared_prompt"), ("critic", "packed")])
-def test_a_rank_without_images_runs_the_vision_collectives_too(role, layout, ray_cluster, random_tiny_models):
+@pytest.mark.parametrize("model, role, layout", [("vlm", "actor", "padded"), ("vlm", "actor", "shared_prompt"),
+                                                ("vlm", "critic", "packed"), ("qwen3_vl", "actor", "padded")])
+def test_a_rank_without_images_runs_the_vision_collectives_too(model, role, layout, ray_cluster, random_tiny_models):
     """FSDP gathers and reduces the vision blocks by collectives: a rank whose rows hold no image must run
     them as the rank with images does (before, gloo aborted on the mismatch; NCCL hangs). 2 ranks, one
-    without images, update exactly as 1 rank with all the rows."""
-    path = random_tiny_models["vlm"]
+    without images, update exactly as 1 rank with all the rows (Qwen3-VL: its DeepStack mergers too)."""
+    path = random_tiny_models[model]
     batch = _mixed_batch(path)
     states = []
     for world in (1, 2):
