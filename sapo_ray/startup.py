@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sapo_ray.config import algorithm_spec
 from sapo_ray.precision import Decision, normalize
 from sapo_ray.utils import cpu_model
 
@@ -48,7 +49,8 @@ def summary(cfg, *, model: str, params: int, architecture: str, data: dict[str, 
                 + (f", a checkpoint every {t.save_every}" if t.save_every > 0 else ", a checkpoint at the end"))
     lines = [
         ("model", f"{model} ({architecture}, {params / 1e6:.1f}M parameters)"),
-        ("algorithm", f"{a.name}: {a.advantage} advantages, {a.ratio_level}-level ratio, segmenter {a.segmenter}"),
+        ("algorithm", f"{a.name}: {a.advantage} advantages, {a.ratio_level}-level ratio, {a.policy_loss} loss"
+                      + (f", segmenter {a.segmenter}" if algorithm_spec(cfg).needs_segments else "")),
         *((f"data/{role}", text) for role, text in data.items()),
         ("machine", machine),
         ("precision", precision),
