@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_
 # Each algorithm's actor lr in the main table: of the grid's 1e-5, 2e-5 (the demo's) and 4e-5, the one with
 # the highest final sampled validation accuracy on seed 0 (benchmarks/RESULTS.md).
 DEMO_LR=2e-5
-declare -A BEST_LR=([sapo]=$DEMO_LR [grpo]=$DEMO_LR [ppo]=$DEMO_LR [gspo]=4e-5 [soft_sapo]=$DEMO_LR)
+declare -A BEST_LR=([sapo]=$DEMO_LR [grpo]=$DEMO_LR [ppo]=$DEMO_LR [gspo]=4e-5 [soft_sapo]=4e-5)
 
 # A run's name: <algorithm>[-lr<lr> unless the demo's]-seed<N>.
 name() { if [[ $2 == "$DEMO_LR" ]]; then echo "$1-seed$3"; else echo "$1-lr$2-seed$3"; fi; }
