@@ -117,12 +117,12 @@ class Batch:
     image_grid_thw: list[torch.Tensor | None]
     rollout_logp: torch.Tensor = Filled("the rollout engine")  # [B, R] log-prob of each token under the engine
     rollout_entropy: torch.Tensor = Filled("the rollout engine")  # [B, R] entropy of the engine's distribution
-    # The reward, grouped by prompt (`step.make_batch`).
-    scores: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, the reward's score
-    acc: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, 1 if the answer is right
-    format: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] float, 1 if the format is right
-    finished: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] bool, ended by an end-of-turn token
-    group_index: torch.Tensor = Filled("the reward (step.make_batch)")  # [B] long, the row's prompt group
+    # The reward, grouped by prompt (`bookkeeping.make_batch`).
+    scores: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] float, the reward's score
+    acc: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] float, 1 if the answer is right
+    format: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] float, 1 if the format is right
+    finished: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] bool, ended by an end-of-turn token
+    group_index: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] long, the row's prompt group
     # The old policy: the learner's recomputed forward (`actor.recompute_old_logp`) or the engine's numbers.
     old_logp: torch.Tensor = Filled("the old policy's forward (trainer, forward stage)")  # [B, R]
     entropy: torch.Tensor = Filled("the old policy's forward (trainer, forward stage)")  # [B, R]
@@ -130,13 +130,13 @@ class Batch:
     ref_logp: torch.Tensor = Filled("the reference forward (algorithms with a KL term)")  # [B, R]
     # The critic (algorithms with one).
     values: torch.Tensor = Filled("the critic's forward (algorithms with a critic)")  # [B, R] V at every position
-    # The advantage estimator (`step.advantages`).
-    advantages: torch.Tensor = Filled("the advantage estimator (step.advantages)")  # [B, R]
-    returns: torch.Tensor = Filled("the advantage estimator (step.advantages)")  # [B, R] the critic's targets
-    seg_end: torch.Tensor = Filled("the segmenter (step.advantages, segment-level algorithms)")  # [B, R] 1 at segment ends
-    value_mask: torch.Tensor = Filled("step.advantages (algorithms with a critic)")  # [B, R] the critic's loss positions
+    # The advantage estimator (`bookkeeping.advantages`).
+    advantages: torch.Tensor = Filled("the advantage estimator (bookkeeping.advantages)")  # [B, R]
+    returns: torch.Tensor = Filled("the advantage estimator (bookkeeping.advantages)")  # [B, R] the critic's targets
+    seg_end: torch.Tensor = Filled("the segmenter (bookkeeping.advantages, segment-level algorithms)")  # [B, R] 1 at segment ends
+    value_mask: torch.Tensor = Filled("bookkeeping.advantages (algorithms with a critic)")  # [B, R] the critic's loss positions
     # Truncated importance sampling (`rollout.tis_cap`).
-    is_weights: torch.Tensor = Filled("step.tis_weights (rollout.tis_cap > 0)")  # [B, R]
+    is_weights: torch.Tensor = Filled("bookkeeping.tis_weights (rollout.tis_cap > 0)")  # [B, R]
 
     @classmethod
     def from_samples(cls, samples: list[Sample], pad_id: int) -> "Batch":
@@ -152,8 +152,8 @@ class Batch:
         )
 
     def filled(self) -> dict[str, torch.Tensor]:
-        """The per-row and per-token fields filled so far, by name (the tensors after `image_grid_thw`)."""
-        return {f.name: self.__dict__[f.name] for f in fields(self)[6:] if self.__dict__[f.name] is not None}
+        """The per-row and per-token fields (`Filled`) filled so far, by name."""
+        return {name: self.__dict__[name] for name in FILLED if self.__dict__[name] is not None}
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -230,6 +230,10 @@ class Batch:
             # Text-only: positions from the mask, so left padding does not shift them.
             inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
         return inputs
+
+
+# The fields a phase fills, in declaration order.
+FILLED = tuple(name for name, value in vars(Batch).items() if isinstance(value, Filled))
 
 
 def pack_by_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,

@@ -43,9 +43,6 @@ class RolloutGroup:
         self.weight_sync: WeightSync | None = None  # and the learners' context, once connected
         self.learners_on_device: Callable[[], AbstractContextManager] | None = None
 
-    def __len__(self) -> int:
-        return len(self.workers)
-
     def connect(self, learners) -> None:
         """The weight sync from `learners` (a `sapo_ray.learner.group.Learners`) into these engines, and the
         learners' way onto their devices: what a sync, and a replacement's first one, need."""

@@ -88,7 +88,7 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         resumed_from = self.maybe_resume()
         self.learners.offload()  # the first validation generates before any learner phase
-        log.info("%s", startup.block(cfg, path, plan, precision, data.reports, self.critic is not None, self.run_dir,
+        log.info("%s", startup.block(cfg, path, plan, precision, data.reports, self.learners.critic is not None, self.run_dir,
                                      resumed_from, self.step))
 
     def _start_learners(self) -> None:
@@ -96,7 +96,6 @@ class Trainer:
         cfg = self.cfg
         self.learners = Learners.start(cfg, self.spec.needs_critic, self.placement, cfg.cluster.simulate_gpus > 0,
                                        cfg.trainer.rpc_timeout_s)
-        self.actor, self.critic = self.learners.actor, self.learners.critic
         self.rollouts.connect(self.learners)
 
     # -- faults --------------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ class Trainer:
                                                       cfg.rollout.max_new_tokens)
                 metrics.update(m)
                 # 5. Critic and policy updates, at the same time (the policy waits out `critic_warmup`).
-                train_actor = not self.critic or self.step >= spec.critic_warmup
+                train_actor = not self.learners.critic or self.step >= spec.critic_warmup
                 self.learners_ahead = True  # until the step is counted (`run_step`)
                 with timer("update", timing):
                     metrics.update(self.update(batch, train_actor))
@@ -199,22 +198,23 @@ class Trainer:
     def forward(self, batch: Batch) -> Batch:
         """The batch with the old policy's log-probs and entropies (recomputed, or the engine's), the
         reference's log-probs and the critic's values, as the algorithm needs them."""
-        old = self.actor.compute_logprobs(batch, model="policy") if self.cfg.actor.recompute_old_logp else None
-        ref = self.actor.compute_logprobs(batch, model="reference") if self.spec.needs_ref else None
-        values = self.critic.compute_values(batch) if self.critic else None
+        actor, critic = self.learners.actor, self.learners.critic
+        old = actor.compute_logprobs(batch, model="policy") if self.cfg.actor.recompute_old_logp else None
+        ref = actor.compute_logprobs(batch, model="reference") if self.spec.needs_ref else None
+        values = critic.compute_values(batch) if critic else None
         old = old.get() if old else LogProbs(batch.rollout_logp, batch.rollout_entropy)
         return batch.with_fields(old_logp=old.logp, entropy=old.entropy, ref_logp=ref.get().logp if ref else None,
                                  values=values.get() if values else None)
 
     def update(self, batch: Batch, train_actor: bool) -> dict:
         """The critic's and (unless warming up the critic) the policy's update; their metrics."""
-        critic = self.critic.update(batch) if self.critic else None
-        actor = self.actor.update(batch) if train_actor else None
+        critic = self.learners.critic.update(batch) if self.learners.critic else None
+        actor = self.learners.actor.update(batch) if train_actor else None
         metrics = {}
         for pending in filter(None, (critic, actor)):
             parts = pending.get()
             metrics.update({k: float(np.mean([p[k] for p in parts])) for k in parts[0]})
-        return metrics if train_actor else {**metrics, "actor/lr": self.actor.lr()}
+        return metrics if train_actor else {**metrics, "actor/lr": self.learners.actor.lr()}
 
     def validate(self) -> dict:
         return validation.validate(self.cfg, self.step, self.val_examples, self.rollouts.generate, self.scorer, self.run_dir)
@@ -244,7 +244,7 @@ class Trainer:
             raise self.stop.reason(err) from None
         if cfg.export_hf:
             with self.learners.on_device():
-                self.actor.export_hf(str(self.run_dir / "hf_policy"))
+                self.learners.actor.export_hf(str(self.run_dir / "hf_policy"))
         return last_val
 
     def run_step(self) -> dict:

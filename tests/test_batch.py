@@ -123,7 +123,7 @@ def test_a_field_read_before_its_phase_fails_with_its_name_and_filler():
     batch = _scored_batch()
     with pytest.raises(MissingField, match=r"Batch\.values is not filled: the critic's forward"):
         batch.values
-    with pytest.raises(MissingField, match=r"Batch\.advantages .*step\.advantages"):
+    with pytest.raises(MissingField, match=r"Batch\.advantages .*bookkeeping\.advantages"):
         batch.select([0]).advantages
     assert set(batch.filled()) == {"rollout_logp", "rollout_entropy", "scores", "group_index"}
     filled = batch.with_fields(values=torch.ones(3, 3))

@@ -182,8 +182,12 @@ def test_validation_asks_the_engines_traits_not_their_names():
         gspo = ("algorithm=gspo", "actor.autocast_bf16=false")
         assert precision_warnings(compose_cfg(*gspo)) == []
         assert "actor.recompute_old_logp=true" in precision_warnings(compose_cfg(*gspo, "rollout.engine=mine"))[0]
+        # An engine of another name that computes with the learner's kernels, as hf does: no warning.
+        ENGINES["twin"] = RegisteredEngine(ENGINES["hf"].build, EngineTraits(learner_kernels=True))
+        assert precision_warnings(compose_cfg(*gspo, "rollout.engine=twin")) == []
     finally:
         del ENGINES["mine"]
+        ENGINES.pop("twin", None)
 
 
 def test_dapo_overlong_buffer_adapts_to_the_length_limit():

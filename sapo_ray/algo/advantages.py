@@ -250,6 +250,13 @@ def group_ids(
 
 
 @torch.no_grad()
+def equal_groups(scores: torch.Tensor, dense: torch.Tensor, G: int) -> torch.Tensor:
+    """BoolTensor ``[G]``: True for a group (dense ids ``[B]`` from :func:`group_ids`) whose scores are all equal."""
+    hi = torch.full((G,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amax")
+    lo = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amin")
+    return hi == lo
+
+
 def group_advantage(
     scores: torch.Tensor,
     group_index: torch.Tensor | Sequence[Hashable],
@@ -287,9 +294,7 @@ def group_advantage(
     mean = per_group_sum(scores) / count
     # A group whose scores are all equal has no signal: exactly 0, where rounding would leave a residue of
     # ~1e-8 that GRPO's division by a std of the same size inflates to ~0.05 (verl keeps that residue).
-    hi = torch.full((G,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amax")
-    lo = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(0, dense, scores, "amin")
-    centred = torch.where((hi == lo)[dense], scores.new_zeros(()), scores - mean[dense])
+    centred = torch.where(equal_groups(scores, dense, G)[dense], scores.new_zeros(()), scores - mean[dense])
     if kind == "grpo":
         var = per_group_sum(centred.square()) / (count - 1)
         adv = centred / (var.sqrt()[dense] + eps)

@@ -411,10 +411,7 @@ def dynamic_sampling_groups(scores: torch.Tensor, group_index: torch.Tensor | Se
     ``advantages.group_ids`` numbers them: sorted ids for a tensor, first appearance for labels.
     """
     dense, G = adv_mod.group_ids(group_index, device=scores.device)
-    s = scores.to(torch.float64)
-    hi = torch.full((G,), float("-inf"), dtype=s.dtype, device=s.device).scatter_reduce(0, dense, s, "amax")
-    lo = torch.full((G,), float("inf"), dtype=s.dtype, device=s.device).scatter_reduce(0, dense, s, "amin")
-    return hi > lo
+    return ~adv_mod.equal_groups(scores, dense, G)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from sapo_ray.batch import Batch, LogProbs
-from sapo_ray.config import LearnerWorkerConfig
+from sapo_ray.config import LearnerWorkerConfig, learner_worker_config
 from sapo_ray.learner.worker import CriticWorker, FSDPWorker, PolicyWorker
 from sapo_ray.remote import wait_all
 from sapo_ray.utils import actor_env
@@ -73,10 +73,7 @@ class WorkerGroup:
     # -- how a call reaches the ranks -------------------------------------------------------------
     def _each(self, method: Callable, *args) -> list:
         """`method` (a worker method) on every rank with the same arguments; the per-rank results."""
-        return self.wait(self._start(method, *args))
-
-    def _start(self, method: Callable, *args) -> list:
-        return [getattr(w, method.__name__).remote(*args) for w in self.workers]
+        return self.wait([getattr(w, method.__name__).remote(*args) for w in self.workers])
 
     def _sharded(self, method: Callable, batch: Batch, *args, finish: Callable[[list], T] = lambda parts: parts) -> Pending[T]:
         """`method` on every rank with its row shard of `batch` (rank r: rows `[r n / W, (r + 1) n / W)`)."""
@@ -189,9 +186,7 @@ class Learners:
 
     @classmethod
     def start(cls, cfg, needs_critic: bool, placement=None, hide_gpus: bool = False, timeout_s: float = 3600.0) -> "Learners":
-        """The groups of run config `cfg` (`sapo_ray.config.learner_worker_config` gives each its config)."""
-        from sapo_ray.config import learner_worker_config
-
+        """The groups of run config `cfg` (`learner_worker_config` gives each its config)."""
         actor = PolicyGroup(learner_worker_config(cfg, "actor"), placement, hide_gpus, timeout_s)
         critic = CriticGroup(learner_worker_config(cfg, "critic"), placement, hide_gpus, timeout_s) if needs_critic else None
         return cls(actor, critic)

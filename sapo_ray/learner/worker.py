@@ -244,21 +244,18 @@ class FSDPWorker:
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         return [batch.select(rows) for rows in self._micro_rows(batch)]
 
-    def _forward_rows(self, batch: Batch, forward, outputs: int,
-                      micro_rows: list[list[int]] | None = None) -> list[torch.Tensor | None]:
-        """`forward(micro) -> (outputs tensors [rows, R_micro], or None)` over the micro-batches (`micro_rows`,
-        by default `_micro_rows(batch)`; no gradient), each put back together as `[B, R]` in the batch's row
-        order."""
+    def _forward_rows(self, batch: Batch, forward, micro_rows: list[list[int]] | None = None) -> list[torch.Tensor | None]:
+        """`forward(micro) -> (tensors [rows, R_micro], or None)` over the micro-batches (`micro_rows`, by default
+        `_micro_rows(batch)`; no gradient), each output put back together as `[B, R]` in the batch's row order."""
         R = batch.response_ids.shape[1]
-        out: list[torch.Tensor | None] = [None] * outputs
+        out: list[torch.Tensor | None] = []
         for rows in self._micro_rows(batch) if micro_rows is None else micro_rows:
             with self._autocast():
                 parts = forward(self._to_device(batch.select(rows)))
-            for k, part in enumerate(parts):
+            out = out or [None if part is None else torch.zeros(len(batch), R) for part in parts]
+            for full, part in zip(out, parts):
                 if part is not None:
-                    if out[k] is None:
-                        out[k] = torch.zeros(len(batch), R)
-                    out[k][rows, : part.shape[1]] = part.float().cpu()
+                    full[rows, : part.shape[1]] = part.float().cpu()
         return out
 
     def _optimizer_step(self) -> tuple[float, bool]:
@@ -408,7 +405,7 @@ class PolicyWorker(FSDPWorker):
             return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
                                   with_entropy=policy, layout=layout)
 
-        return LogProbs(*self._forward_rows(batch, forward, 2, self._first_pass_rows(batch) if policy else None))
+        return LogProbs(*self._forward_rows(batch, forward, self._first_pass_rows(batch) if policy else None))
 
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
@@ -433,10 +430,11 @@ class PolicyWorker(FSDPWorker):
     def _update_minibatch(self, minibatch: Batch) -> dict[str, float]:
         """Accumulate the micro-batches' gradients, then one optimizer step; the mini-batch's metrics."""
         spec = self.cfg.algorithm
-        denom = self._global_units(minibatch, spec.loss_agg)
-        tokens = self._global_units(minibatch, "token_mean")
+        units: dict[str, float] = {}  # each aggregation's count once: one all-reduce each, however often it is used
+        count = lambda agg: units[agg] if agg in units else units.setdefault(agg, self._global_units(minibatch, agg))
+        denom, tokens = count(spec.loss_agg), count("token_mean")
         kl_active = spec.kl_loss and spec.kl_loss_coef > 0
-        kl_denom = self._global_units(minibatch, losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg) if kl_active else None
+        kl_denom = count(losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg) if kl_active else None
         stats: dict[str, list[float]] = {}
         for micro in self._micro_batches(minibatch):
             micro = self._to_device(micro)
@@ -533,8 +531,7 @@ class CriticWorker(FSDPWorker):
         """The value at every response position `[B, R]` (0 on padding)."""
         self.model.eval()
         layout = self._layout(False)
-        values, = self._forward_rows(batch, lambda micro: (value_forward(self.model, micro, self.image_token_id, layout),),
-                                     outputs=1)
+        values, = self._forward_rows(batch, lambda micro: (value_forward(self.model, micro, self.image_token_id, layout),))
         return values * batch.response_mask
 
     def update(self, batch: Batch) -> dict[str, float]:

@@ -91,7 +91,7 @@ def test_a_killed_policy_rank_is_rebuilt_from_the_checkpoint_and_the_run_matches
     killed = tmp_path / "killed"
     saved = lambda run_dir: (run_dir / "checkpoints" / "latest").exists()
     trainer = train(tiny_cfg(killed, "bundled:tiny-vlm", *common),
-                    lambda t: kill_when(killed, saved, lambda: t.actor.workers[0]))
+                    lambda t: kill_when(killed, saved, lambda: t.learners.actor.workers[0]))
     assert trainer.restarts.used == 1
     expected, got = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
