@@ -186,9 +186,11 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
 
     plan_cfg = OmegaConf.create({"actor": {**OmegaConf.to_container(OmegaConf.structured(learner)), "world_size": 1},
                                  "model": OmegaConf.to_container(OmegaConf.structured(model)),
-                                 "data": {"max_prompt_length": seq - half, "max_pixels": None},
-                                 # text rows: no image patches through the vision tower
-                                 "rollout": {"max_new_tokens": half, "sync_bucket_mb": 256, "images_per_prompt": 0}})
+                                 "data": {"max_prompt_length": seq - half, "max_pixels": None, "max_frames": 0,
+                                          "video_max_pixels": None},
+                                 # text rows: no image or video patches through the vision tower
+                                 "rollout": {"max_new_tokens": half, "sync_bucket_mb": 256, "images_per_prompt": 0,
+                                             "videos_per_prompt": 0}})
     # The update phase's terms, without the CUDA context (the allocator's peak does not see it).
     terms = learner_memory(shape, plan_cfg, "actor", with_ref=False)
     predicted = phase_totals({"actor": terms}, False, {})["update"] - terms["context"]

@@ -4,8 +4,8 @@ A `Prompt` is an encoded prompt and `SamplingParams` how to sample it (driver ->
 A `Sample` is one sampled response (what a rollout engine returns). A `Batch` is the padded tensor
 form the learners consume: prompts left-padded to a common length P, responses right-padded to R, so
 `response_mask[b, t] = 1` for the `t < T_b` valid tokens (left-aligned, the convention of
-`sapo_ray.algo`). Images stay per sample (`pixel_values[b]`, `image_grid_thw[b]`) because a vision
-tower consumes them flattened and micro-batches must be able to pick any subset of rows.
+`sapo_ray.algo`). Images and videos stay per sample (`vision[b]`, a `Vision`) because a vision tower
+consumes them flattened and micro-batches must be able to pick any subset of rows.
 """
 
 from __future__ import annotations
@@ -17,12 +17,70 @@ import torch
 
 
 @dataclass
+class Vision:
+    """One prompt's images and videos as the model's processor encodes them: patches flattened over all
+    images (videos), and each one's grid `(t, h, w)` in patches."""
+
+    pixel_values: torch.Tensor | None = None  # [patches, C * temporal_patch * patch**2]
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]
+    pixel_values_videos: torch.Tensor | None = None  # [patches, C * temporal_patch * patch**2]
+    video_grid_thw: torch.Tensor | None = None  # [videos, 3]
+    # Qwen2.5-VL: seconds between two temporal patches of each video (its RoPE spaces frames by time);
+    # Qwen3-VL writes each frame's time into the prompt's text instead.
+    second_per_grid_ts: torch.Tensor | None = None  # [videos]
+
+    @classmethod
+    def from_processed(cls, encoded) -> "Vision | None":
+        """The vision inputs of a processor's output (None when it has neither images nor videos)."""
+        vision = cls(**{f.name: torch.as_tensor(encoded[f.name]) for f in fields(cls) if encoded.get(f.name) is not None})
+        return vision if vision.pixel_values is not None or vision.pixel_values_videos is not None else None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def to(self, device) -> "Vision":
+        return Vision(**{k: v.to(device) for k, v in self.tensors().items()})
+
+    def equals(self, other: "Vision | None") -> bool:
+        if other is None or self.tensors().keys() != other.tensors().keys():
+            return False
+        return all(x is y or (x.shape == y.shape and torch.equal(x, y))
+                   for x, y in zip(self.tensors().values(), other.tensors().values()))
+
+    @staticmethod
+    def model_inputs(visions: Sequence["Vision | None"]) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for rows with `visions`, in row order (images and videos each
+        concatenated, as the vision tower and the RoPE index consume them)."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for vision in visions:
+            for name, tensor in ({} if vision is None else vision.tensors()).items():
+                out.setdefault(name, []).append(tensor)
+        return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """The placeholder ids a Qwen-VL prompt expands images and videos into (None: the model has none)."""
+
+    image: int | None = None  # `<|image_pad|>`
+    video: int | None = None  # `<|video_pad|>`
+
+    def types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Qwen-VL's `mm_token_type_ids`: 0 on text, 1 on image placeholders, 2 on video placeholders (the
+        model builds its 3-D RoPE positions from them)."""
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        for value, token in ((1, self.image), (2, self.video)):
+            if token is not None:
+                types[input_ids == token] = value
+        return types
+
+
+@dataclass
 class Prompt:
-    """An encoded prompt: token ids (image placeholders expanded) and its images' vision inputs."""
+    """An encoded prompt: token ids (image and video placeholders expanded) and its vision inputs."""
 
     ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
+    vision: Vision | None = None
     images: list | None = None  # the raw images, for engines that run the model's own processor (vllm)
 
 
@@ -47,8 +105,7 @@ class Sample:
     text: str  # decoded response (special tokens skipped)
     finished: bool  # ended with an end-of-turn token rather than at the length limit
     prompt_index: int  # position of its prompt in the step's prompt batch
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
+    vision: Vision | None = None
 
 
 @dataclass
@@ -108,13 +165,12 @@ class Batch:
     """
 
     # The rollout engine: prompts left-padded to P, responses right-padded to R (`response_mask[b, t] = 1`
-    # on the `t < T_b` sampled tokens), each row's images, and the engine's own per-token numbers.
+    # on the `t < T_b` sampled tokens), each row's images and videos, and the engine's own per-token numbers.
     prompt_ids: torch.Tensor  # [B, P] long
     prompt_mask: torch.Tensor  # [B, P] long, 1 on real prompt tokens
     response_ids: torch.Tensor  # [B, R] long
     response_mask: torch.Tensor  # [B, R] float, 1 on the tokens the model sampled
-    pixel_values: list[torch.Tensor | None]
-    image_grid_thw: list[torch.Tensor | None]
+    vision: list[Vision | None]
     rollout_logp: torch.Tensor = Filled("the rollout engine")  # [B, R] log-prob of each token under the engine
     rollout_entropy: torch.Tensor = Filled("the rollout engine")  # [B, R] entropy of the engine's distribution
     # The reward, grouped by prompt (`bookkeeping.make_batch`).
@@ -146,7 +202,7 @@ class Batch:
         response_mask = _pad([[1.0] * len(s.response_ids) for s in samples], 0.0, left=False, dtype=torch.float32)
         return cls(
             prompt_ids, prompt_mask, response_ids, response_mask,
-            [s.pixel_values for s in samples], [s.image_grid_thw for s in samples],
+            [s.vision for s in samples],
             rollout_logp=_pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32),
             rollout_entropy=_pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32),
         )
@@ -175,7 +231,7 @@ class Batch:
         per_row = {k: (v[index][:, :r_keep] if v.dim() == 2 else v[index]) for k, v in self.filled().items()}
         return Batch(
             self.prompt_ids[index][:, p0:], pm[:, p0:], self.response_ids[index][:, :r_keep], rm[:, :r_keep],
-            [self.pixel_values[i] for i in index.tolist()], [self.image_grid_thw[i] for i in index.tolist()], **per_row,
+            [self.vision[i] for i in index.tolist()], **per_row,
         )
 
     def with_fields(self, **values: torch.Tensor | None) -> "Batch":
@@ -186,11 +242,11 @@ class Batch:
         """Every tensor of the batch on `device`."""
         move = lambda t: None if t is None else t.to(device)
         return Batch(move(self.prompt_ids), move(self.prompt_mask), move(self.response_ids), move(self.response_mask),
-                     [move(p) for p in self.pixel_values], [move(g) for g in self.image_grid_thw],
+                     [None if v is None else v.to(device) for v in self.vision],
                      **{k: move(v) for k, v in self.filled().items()})
 
     def distinct_prompts(self) -> tuple[list[int], torch.Tensor]:
-        """The first row of each distinct prompt (same tokens, same images) and, per row, the position of
+        """The first row of each distinct prompt (same tokens, same images and videos) and, per row, the position of
         its prompt in that list: the rows a prompt's samples share (`sapo_ray.learner.forward`)."""
         first: list[int] = []
         share: list[int] = []
@@ -200,7 +256,9 @@ class Batch:
         for b in range(len(self)):
             ids = tuple(prompt_ids[b, prompt_mask[b]].tolist())
             candidates = by_ids.setdefault(ids, [])
-            k = next((k for k in candidates if self._same_images(first[k], b)), None)
+            vision = self.vision[b]
+            k = next((k for k in candidates
+                      if self.vision[first[k]] is vision or (vision is not None and vision.equals(self.vision[first[k]]))), None)
             if k is None:
                 k = len(first)
                 first.append(b)
@@ -208,24 +266,13 @@ class Batch:
             share.append(k)
         return first, torch.tensor(share, dtype=torch.long)
 
-    def _same_images(self, a: int, b: int) -> bool:
-        for x, y in ((self.pixel_values[a], self.pixel_values[b]), (self.image_grid_thw[a], self.image_grid_thw[b])):
-            if x is y:
-                continue
-            if x is None or y is None or x.shape != y.shape or not torch.equal(x, y):
-                return False
-        return True
-
-    def model_inputs(self, image_token_id: int | None) -> dict[str, torch.Tensor]:
-        """`input_ids = [prompt | response]` with its attention mask, images and (for Qwen-VL) token types."""
+    def model_inputs(self, vision_tokens: VisionTokens) -> dict[str, torch.Tensor]:
+        """`input_ids = [prompt | response]` with its attention mask, images, videos and (for Qwen-VL) token types."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
         attention_mask = torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        pixels = [p for p in self.pixel_values if p is not None]
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels)
-            inputs["image_grid_thw"] = torch.cat([g for g in self.image_grid_thw if g is not None])
-            inputs["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **Vision.model_inputs(self.vision)}
+        if len(inputs) > 2:
+            inputs["mm_token_type_ids"] = vision_tokens.types(input_ids)
         else:
             # Text-only: positions from the mask, so left padding does not shift them.
             inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)

@@ -69,6 +69,10 @@ class DataConfig:
     prompt_key: str = "problem"
     answer_key: str = "answer"
     image_key: str = "images"
+    # custom: the column holding videos (a list per row, or one): each a video file (a path relative to the
+    # file, bytes, or a {"bytes"|"path": ...} dict; decoded with PyAV) or a list of frames as images are
+    # given. `<video>` in the question marks where each goes.
+    video_key: str = "videos"
     # custom: a Jinja template (inline, or a file) rendering the query from `content` (the question) and
     # the row's columns, as EasyR1's format_prompt; null = the question as it is.
     prompt_template: Optional[str] = None
@@ -91,10 +95,20 @@ class DataConfig:
     # 16384 tokens). The driver's encoder and the vllm engine's processor use the same values.
     max_pixels: Optional[int] = None
     min_pixels: Optional[int] = None
+    # Videos: frames kept per second of a clip, at most max_frames of them (spread over the whole clip
+    # when it is longer; Qwen-VL embeds frames in pairs, so two frames cost one frame's tokens), and each
+    # frame's pixel budget (null = the images' max_pixels). A frame pair costs video_max_pixels / 784
+    # prompt tokens at most (Qwen2.5-VL; 1024 px per token for Qwen3-VL).
+    video_fps: float = 2.0
+    max_frames: int = 16
+    video_max_pixels: Optional[int] = None
     # Generator knobs of synthvista (ignored by other datasets): image side in pixels, and whether the
     # query starts with MathVista's hint sentence (answer type and format; off = question and choices only).
     image_size: int = 112
     hint: bool = True
+    # synthvista's templates (sapo_ray/data/synthvista.py); null = its image templates. [bar_grew] gives
+    # clips of growing bars (the video rows of `data=synthvista_clip`).
+    templates: Optional[list] = None
 
 
 @dataclass
@@ -141,6 +155,9 @@ class RolloutConfig:
     # vllm engine only: most images one prompt may carry (vLLM's limit_mm_per_prompt; videos 0). vLLM sizes
     # its multimodal memory profile by it. Vision-language models only.
     images_per_prompt: int = 1
+    # Most videos one prompt carries (the memory plan counts their tokens: data.max_frames frames of at most
+    # data.video_max_pixels each); a run whose rows hold more stops before it starts. hf engine only.
+    videos_per_prompt: int = 0
     # vllm engine only: no CUDA graphs (faster start, slower decoding); always on with the CPU build.
     enforce_eager: bool = False
     # vllm engine on GPUs only: free the engine's weights and KV cache after each rollout while the
@@ -382,6 +399,9 @@ class LearnerWorkerConfig:
     optimizer_steps: int
     # The policy also holds the frozen reference (KL in the reward or as a loss).
     needs_ref: bool = False
+    # The run's data has videos: each forward pass runs the vision tower for images and again for videos, on
+    # every rank alike (`sapo_ray.learner.vision`).
+    videos: bool = False
 
 
 def optimizer_steps(cfg, role: str) -> int:
@@ -403,12 +423,12 @@ def rollout_worker_config(cfg, index: int) -> RolloutWorkerConfig:
                                max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
 
 
-def learner_worker_config(cfg, role: str) -> LearnerWorkerConfig:
+def learner_worker_config(cfg, role: str, videos: bool = False) -> LearnerWorkerConfig:
     spec = algorithm_spec(cfg)
     return LearnerWorkerConfig(
         role=role, model=OmegaConf.to_object(cfg.model), learner=OmegaConf.to_object(cfg[role]), algorithm=spec,
         rollout=OmegaConf.to_object(cfg.rollout), seed=cfg.seed, optimizer_steps=optimizer_steps(cfg, role),
-        needs_ref=role == "actor" and spec.needs_ref,
+        needs_ref=role == "actor" and spec.needs_ref, videos=videos,
     )
 
 

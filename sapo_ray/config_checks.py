@@ -130,6 +130,10 @@ def validate(cfg) -> None:
         _check(d[key] is None or d[key] > 0, f"data.{key}={d[key]} must be > 0, or null for the processor's own")
     _check(d.max_pixels is None or d.min_pixels is None or d.min_pixels <= d.max_pixels,
            f"data.min_pixels={d.min_pixels} must be <= data.max_pixels={d.max_pixels}")
+    _check(d.video_fps > 0, f"data.video_fps={d.video_fps} must be > 0")
+    _check(d.max_frames >= 1, f"data.max_frames={d.max_frames} must be >= 1")
+    _check(d.video_max_pixels is None or d.video_max_pixels > 0,
+           f"data.video_max_pixels={d.video_max_pixels} must be > 0 (or null: the images' budget)")
     _check(1 <= r.num_workers <= d.prompts_per_step,
            f"rollout.num_workers={r.num_workers} must be between 1 and data.prompts_per_step={d.prompts_per_step}")
     from sapo_ray.tracking import LOGGERS, missing_logger_packages
@@ -194,6 +198,11 @@ def _check_engine(cfg) -> None:
     _check(traits.entropies or cfg.actor.recompute_old_logp,
            f"rollout.engine={r.engine} returns no per-token entropies (segments need them): set actor.recompute_old_logp=true")
     _check(r.images_per_prompt >= 1, f"rollout.images_per_prompt={r.images_per_prompt} must be >= 1")
+    _check(r.videos_per_prompt >= 0, f"rollout.videos_per_prompt={r.videos_per_prompt} must be >= 0")
+    takes_videos = sorted(name for name, e in ENGINES.items() if e.traits.videos)
+    _check(r.videos_per_prompt == 0 or traits.videos,
+           f"rollout.videos_per_prompt={r.videos_per_prompt}: rollout.engine={r.engine} does not take videos "
+           f"({', '.join(takes_videos)} do)")
     if traits.tensor_parallel:
         _check(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} must be >= 1")
         _check(r.tensor_parallel_size == 1 or r.num_gpus >= r.tensor_parallel_size,

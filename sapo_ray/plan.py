@@ -26,7 +26,8 @@ and the critic's updates side by side; `sync`: the engine wakes (`rollout.enable
 weights, after the learners handed their update's cache back, one bucket gathered on the actor. An
 engine asleep holds its context only. A GPU's total is the largest of its phases. It is an estimate
 from the shapes, not a measurement: allocator fragmentation and NCCL buffers come on top. The vision
-tower's activations are counted for `rollout.images_per_prompt` images of at most `data.max_pixels` per row. Exit status 2 when a GPU is over `cluster.gpu_memory_gb`; the trainer runs the
+tower's activations are counted for `rollout.images_per_prompt` images of at most `data.max_pixels` and
+`rollout.videos_per_prompt` videos of `data.max_frames` frames per row. Exit status 2 when a GPU is over `cluster.gpu_memory_gb`; the trainer runs the
 same check before it creates actors.
 """
 
@@ -126,11 +127,16 @@ def block_activation_bytes(shape: ModelShape, tokens: int) -> float:
 
 def vision_patches(shape: ModelShape, cfg, rows: int) -> int:
     """The most patches the vision tower embeds for `rows` prompts: `rollout.images_per_prompt` images each
-    of at most `data.max_pixels` (the whole prompt when unset), and never more image tokens than
-    `data.max_prompt_length` holds (each is `merge_size`^2 patches)."""
-    per_row = cfg.data.max_prompt_length * shape.merge_size**2
-    per_image = cfg.data.max_pixels // shape.patch_size**2 if cfg.data.max_pixels else per_row
-    return rows * min(cfg.rollout.images_per_prompt * per_image, per_row)
+    of at most `data.max_pixels` (the whole prompt when unset), `rollout.videos_per_prompt` videos each of
+    `data.max_frames` frames paired into `max_frames / 2` temporal patches of at most `data.video_max_pixels`
+    (else `data.max_pixels`), and never more vision tokens than `data.max_prompt_length` holds (each is
+    `merge_size`^2 patches)."""
+    d = cfg.data
+    per_row = d.max_prompt_length * shape.merge_size**2
+    per_image = d.max_pixels // shape.patch_size**2 if d.max_pixels else per_row
+    frame_pixels = d.video_max_pixels or d.max_pixels
+    per_video = math.ceil(d.max_frames / 2) * frame_pixels // shape.patch_size**2 if frame_pixels else per_row
+    return rows * min(cfg.rollout.images_per_prompt * per_image + cfg.rollout.videos_per_prompt * per_video, per_row)
 
 
 def vision_activation_bytes(shape: ModelShape, patches: int, checkpointing: bool, trained: bool) -> float:

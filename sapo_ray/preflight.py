@@ -55,6 +55,19 @@ def check_memory(cfg) -> None:
                            f"{format_plan(estimate)}")
 
 
+def check_videos(cfg, most: int) -> None:
+    """Data whose rows hold up to `most` videos needs an engine that takes them (`EngineTraits.videos`) and
+    `rollout.videos_per_prompt` that many (the memory plan counts their tokens)."""
+    from sapo_ray.rollout.engine import engine_traits
+
+    if most and not engine_traits(cfg.rollout.engine).videos:
+        raise ValueError(f"rollout.engine={cfg.rollout.engine} does not take videos, and the data has rows with "
+                         "videos: use rollout.engine=hf, or data without videos")
+    if most > cfg.rollout.videos_per_prompt:
+        raise ValueError(f"rollout.videos_per_prompt={cfg.rollout.videos_per_prompt}, but rows of the data hold up to "
+                         f"{most} videos: set rollout.videos_per_prompt={most} (the memory plan counts their tokens)")
+
+
 def warn_config_changes(cfg, run_dir: Path) -> None:
     """A run directory that already holds a run with another config: say which keys differ (the run
     continues its checkpoint with the new values, as `trainer.resume=auto` asks)."""

@@ -138,7 +138,7 @@ def sft_samples(processor, rows: list[dict], instructions: list[str]) -> list[Sa
         prompt = encode_prompt(processor, ex, instruction)
         response = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [end]
         samples.append(Sample(prompt.ids, response, [0.0] * len(response), [0.0] * len(response), ex["solution"],
-                              True, index, prompt.pixel_values, prompt.image_grid_thw))
+                              True, index, prompt.vision))
     return samples
 
 
@@ -146,7 +146,7 @@ def sft_loss(model, batch: Batch, ids: TokenIds) -> torch.Tensor:
     """Token-mean negative log-likelihood of the responses, from the learner's `policy_forward`
     (temperature 1, the engine's banned ids masked)."""
     banned = torch.tensor(ids.banned, dtype=torch.long)
-    logp, _ = policy_forward(model, batch, temperature=1.0, banned=banned, image_token_id=ids.image,
+    logp, _ = policy_forward(model, batch, temperature=1.0, banned=banned, vision_tokens=ids.vision,
                              with_entropy=False)
     return -masked_mean(logp, batch.response_mask)
 

@@ -63,11 +63,15 @@ class Trainer:
         from sapo_ray.models import load_processor
 
         path = resolve_model_path(cfg.model.path)
-        self.processor = load_processor(path, max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
+        self.processor = load_processor(path, max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels,
+                                        video_max_pixels=cfg.data.video_max_pixels)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = TokenIds.of(self.tokenizer).pad
         data = load_run_data(cfg, self.processor, self.run_dir)
         self.loader, self.val_examples = data.loader, data.val_examples
+        most_videos = max(len(ex.get("videos") or []) for ex in data.loader.examples + data.val_examples)
+        preflight.check_videos(cfg, most_videos)
+        self.videos = most_videos > 0
         self.scorer = Scorer.from_config(cfg.reward)
         self.resources.callback(self.scorer.close)
         plan = preflight.placement_plan(cfg, self.spec.needs_critic)
@@ -95,7 +99,7 @@ class Trainer:
         """The actor (and critic) groups, and the weight sync from the actor into the engines."""
         cfg = self.cfg
         self.learners = Learners.start(cfg, self.spec.needs_critic, self.placement, cfg.cluster.simulate_gpus > 0,
-                                       cfg.trainer.rpc_timeout_s)
+                                       cfg.trainer.rpc_timeout_s, self.videos)
         self.rollouts.connect(self.learners)
 
     # -- faults --------------------------------------------------------------------------------------

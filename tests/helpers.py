@@ -48,10 +48,11 @@ def tiny_cfg(run_dir, model: str = "bundled:tiny-vlm", *overrides: str):
 
 
 def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 12, seed: int = 0,
-                 text_only: bool = False) -> tuple[Batch, HFEngine]:
-    """Real rollouts of the model at `path` on synthvista prompts, as a Batch with rollout log-probs."""
+                 text_only: bool = False, **knobs) -> tuple[Batch, HFEngine]:
+    """Real rollouts of the model at `path` on synthvista prompts (`knobs`: the generator's), as a Batch
+    with rollout log-probs."""
     engine, processor = engine_for(path)
-    examples = load_dataset_split("synthvista", None, "train", n=prompts, seed=seed, text_only=text_only)
+    examples = load_dataset_split("synthvista", None, "train", n=prompts, seed=seed, text_only=text_only, **knobs)
     samples = engine.generate([encode(processor, e) for e in examples],
                               SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed))
     batch = Batch.from_samples(samples, engine.pad_id)
@@ -59,15 +60,15 @@ def sample_batch(path: str, prompts: int = 4, n: int = 2, max_new_tokens: int = 
 
 
 def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: dict | None = None,
-                **learner) -> LearnerWorkerConfig:
+                videos: bool = False, **learner) -> LearnerWorkerConfig:
     """One learner rank's config: the model at `path`, lr 1e-3, micro-batches of 4, mini-batches of 8,
     no shuffling, responses up to 12 tokens at temperature 1, float32 compute whatever the CPU (the parity
-    tests compare at float32 tolerances; `learner` overrides LearnerConfig fields)."""
+    tests compare at float32 tolerances; `videos`: the data has videos; `learner` overrides LearnerConfig fields)."""
     fields = {"num_cpus": 0.1, "num_threads": 1, "micro_batch_size": 4, "mini_batch_size": 8, "shuffle": False,
               "optim": OptimConfig(lr=1e-3), "autocast_bf16": "false", **learner}
     return LearnerWorkerConfig(role=role, model=ModelConfig(path=path, **(model or {})), learner=LearnerConfig(**fields),
                                algorithm=get_algorithm(algorithm), rollout=RolloutConfig(temperature=1.0, max_new_tokens=12),
-                               seed=0, optimizer_steps=10)
+                               seed=0, optimizer_steps=10, videos=videos)
 
 
 def free_ports(n: int) -> list[int]:

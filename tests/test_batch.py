@@ -92,22 +92,43 @@ def test_distinct_prompts_compare_tokens_and_images():
     """Rows share a prompt when their tokens and images are equal, whatever their padding or tensor identity."""
     import torch
 
-    from sapo_ray.batch import Batch, Sample
+    from sapo_ray.batch import Batch, Sample, Vision
 
     img, grid = torch.ones(4, 3), torch.tensor([[1, 2, 2]])
 
-    def sample(ids, pixels=None, grids=None):
-        return Sample(ids, [7], [0.0], [0.0], "", True, 0, pixels, grids)
+    def sample(ids, pixels=None, grids=None, **video):
+        vision = Vision(pixels, grids, **video) if pixels is not None else None
+        return Sample(ids, [7], [0.0], [0.0], "", True, 0, vision)
 
+    clip = dict(pixel_values_videos=img, video_grid_thw=grid)
     batch = Batch.from_samples([
         sample([1, 2, 3]), sample([5, 2, 3]), sample([1, 2, 3]),         # 0 and 2 share; 1 differs by a token
         sample([9, 9], img, grid), sample([9, 9], img.clone(), grid),    # equal images in different tensors
         sample([9, 9], img + 1, grid), sample([9, 9], img, torch.tensor([[1, 1, 4]])),  # other pixels, other grid
         sample([2, 3]),                                                  # a suffix of row 0, padded further left
+        sample([9, 9], img, grid, **clip), sample([9, 9], img.clone(), grid, **clip),  # same images and video
+        sample([9, 9], img, grid, pixel_values_videos=img - 1, video_grid_thw=grid),   # another video
     ], pad_id=0)
     first, share = batch.distinct_prompts()
-    assert first == [0, 1, 3, 5, 6, 7]
-    assert share.tolist() == [0, 1, 0, 2, 2, 3, 4, 5]
+    assert first == [0, 1, 3, 5, 6, 7, 8, 10]
+    assert share.tolist() == [0, 1, 0, 2, 2, 3, 4, 5, 6, 6, 7]
+
+
+def test_vision_inputs_concatenate_in_row_order_and_token_types_mark_placeholders():
+    from sapo_ray.batch import Vision, VisionTokens
+
+    a = Vision(torch.zeros(4, 2), torch.tensor([[1, 2, 2]]))
+    b = Vision(pixel_values_videos=torch.ones(8, 2), video_grid_thw=torch.tensor([[2, 2, 2]]),
+               second_per_grid_ts=torch.tensor([0.5]))
+    c = Vision(torch.full((4, 2), 2.0), torch.tensor([[1, 2, 2]]))
+    inputs = Vision.model_inputs([a, None, b, c])
+    assert inputs["pixel_values"][:, 0].tolist() == [0] * 4 + [2] * 4  # a's image, then c's
+    assert inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
+    assert inputs["video_grid_thw"].tolist() == [[2, 2, 2]] and inputs["second_per_grid_ts"].tolist() == [0.5]
+    assert Vision.model_inputs([None, None]) == {}
+    ids = torch.tensor([[5, 11, 11, 5, 12, 12, 12, 5]])
+    assert VisionTokens(image=11, video=12).types(ids).tolist() == [[0, 1, 1, 0, 2, 2, 2, 0]]
+    assert VisionTokens(image=11).types(ids).tolist() == [[0, 1, 1, 0, 0, 0, 0, 0]]
 
 
 def _scored_batch() -> Batch:

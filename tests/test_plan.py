@@ -157,6 +157,22 @@ def test_vision_tower_activations_by_hand():
     assert terms["forward_vision"] * GiB == pytest.approx(block)
 
 
+def test_video_patches_by_hand():
+    """A video of `data.max_frames` 16 frames is 8 temporal patches; at `data.video_max_pixels` 100352 px a
+    frame pair is 100352 / 14^2 = 512 patches, so 4096 a video (1024 tokens); the experiment's image adds its
+    3072; a row never holds more than `data.max_prompt_length` 1024 tokens (4096 patches): 2048 tokens of
+    prompt hold both. Without a frame budget, the image budget (602112 px: 3072 patches a frame pair)."""
+    from sapo_ray.config import compose_config
+
+    shape = plan_mod.model_shape("bundled:configs/qwen2_5_vl_3b")
+    video = ["rollout.videos_per_prompt=1", "data.max_frames=16", "data.video_max_pixels=100352"]
+    assert plan_mod.vision_patches(shape, compose_config(*EXPERIMENT, *video, "data.max_prompt_length=2048"), 2) \
+        == 2 * (3072 + 4096)
+    assert plan_mod.vision_patches(shape, compose_config(*EXPERIMENT, *video), 2) == 2 * 4096
+    assert plan_mod.vision_patches(shape, compose_config(*EXPERIMENT, *video[:2], "data.max_prompt_length=65536"), 1) \
+        == 3072 + 8 * 3072
+
+
 def test_the_packed_layout_adds_one_copy_of_the_logits():
     """`layout=packed` gathers the rows' logits out of the packed sequence: micro-batch 4 x 2049 positions
     x 151936 entries in bf16 more, in the update and in the no-grad forward."""

@@ -25,7 +25,7 @@ def test_sft_batch_labels_only_the_assistant_turn(tmp_path):
     batch = examples(2, seed=0, split="train", text_only=False)
     ids = TokenIds.of(tok)
     sft = Batch.from_samples(sft_samples(proc, batch, ["", "Think."]), ids.pad)
-    inputs = sft.model_inputs(ids.image)
+    inputs = sft.model_inputs(ids.vision)
     for row, ex in enumerate(batch):
         labelled = sft.response_ids[row][sft.response_mask[row].bool()]
         assert tok.decode(labelled) == ex["solution"] + "<|im_end|>"
@@ -56,11 +56,11 @@ def test_train_loss_is_the_learners_token_mean_nll_on_the_seeded_rows(tmp_path):
         prompt = encode_prompt(proc, ex, _instruction(name))
         response = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [end]
         samples.append(Sample(prompt.ids, response, [0.0] * len(response), [0.0] * len(response), ex["solution"], True,
-                              i, prompt.pixel_values, prompt.image_grid_thw))
+                              i, prompt.vision))
     batch = Batch.from_samples(samples, ids.pad)
     with torch.no_grad():
         logp, _ = policy_forward(model, batch, temperature=1.0, banned=torch.tensor(ids.banned),
-                                 image_token_id=ids.image, with_entropy=False)
+                                 vision_tokens=ids.vision, with_entropy=False)
     expected = -masked_mean(logp, batch.response_mask).item()
     loss = train(model, proc, cfg, log=lambda *_: None)["losses"][0]
     assert loss == pytest.approx(expected, abs=1e-5)

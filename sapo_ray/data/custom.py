@@ -11,8 +11,10 @@
 Columns (EasyR1's / verl's names by default): `data.prompt_key` (the question, `problem`),
 `data.answer_key` (the gold answer, `answer`) and `data.image_key` (`images`: a list, or one item, of
 image paths relative to the file, raw bytes, or `{"bytes": ...}` / `{"path": ...}` dicts as parquet
-exports hold them; a row without the column is text-only). `<image>` in the question marks where each
-image goes (as in Geometry3K); without it the images come first. `data.prompt_template` (a Jinja
+exports hold them; a row without the column is text-only) and `data.video_key` (`videos`, as EasyR1's:
+a list of videos, each a file in any of those forms, decoded with PyAV, or a list of frames; sampled at
+`data.video_fps`, at most `data.max_frames`). `<image>` (`<video>`) in the question marks where each
+image (video) goes (as in Geometry3K); without it they come first. `data.prompt_template` (a Jinja
 template, inline or a file, as EasyR1's `format_prompt`) renders the query from `content` (the question)
 and the row's columns. The row's other columns stay in the Example under their own names (an Example
 key wins a clash), so reward functions and generation dumps see them.
@@ -30,16 +32,18 @@ from typing import Callable, Iterator
 from sapo_ray.data.files import split_files
 from sapo_ray.data.report import DataReport, SkipRow
 from sapo_ray.data.schema import UnreadableImageError, decode_image, free_form_example
+from sapo_ray.data.video import UnreadableVideoError, VideoSampling, decode_video
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
 # The keys every Example has (docs of `sapo_ray.data.schema.row_to_example`); a row's columns never replace them.
-EXAMPLE_KEYS = ("pid", "data_source", "question", "query", "images", "answer", "question_type", "answer_type",
+EXAMPLE_KEYS = ("pid", "data_source", "question", "query", "images", "videos", "answer", "question_type", "answer_type",
                 "precision", "choices", "unit", "metadata", "solution", "columns")
 
 
 def load_custom(path: str, split: str, key: str, report: DataReport, prompt_key: str = "problem",
                 answer_key: str = "answer", image_key: str = "images", prompt_template: str | None = None,
-                image_check: Callable | None = None, max_samples: int | None = None) -> list[dict]:
+                image_check: Callable | None = None, max_samples: int | None = None, video_key: str = "videos",
+                video_sampling: VideoSampling = VideoSampling(), video_check: Callable | None = None) -> list[dict]:
     """The usable rows of `path` as Examples (`key` is the config key an error names)."""
     template = _template(prompt_template)
     examples = []
@@ -48,19 +52,21 @@ def load_custom(path: str, split: str, key: str, report: DataReport, prompt_key:
             break
         report.rows += 1
         try:
-            examples.append(to_example(row, index, file, prompt_key, answer_key, image_key, template, image_check))
+            examples.append(to_example(row, index, file, prompt_key, answer_key, image_key, template, image_check,
+                                       video_key, video_sampling, video_check))
         except SkipRow as skip:
             report.skip(file, index, skip.reason, skip.detail)
     report.used += len(examples)
     if not examples:
         raise ValueError(f"{key}={path!r}: no usable row in {report.rows} ({report.summary()}); "
                          f"columns looked up: data.prompt_key={prompt_key!r}, data.answer_key={answer_key!r}, "
-                         f"data.image_key={image_key!r}")
+                         f"data.image_key={image_key!r}, data.video_key={video_key!r}")
     return examples
 
 
 def to_example(row: dict, index: int, file: str, prompt_key: str, answer_key: str, image_key: str,
-               template=None, image_check: Callable | None = None) -> dict:
+               template=None, image_check: Callable | None = None, video_key: str = "videos",
+               video_sampling: VideoSampling = VideoSampling(), video_check: Callable | None = None) -> dict:
     """One row as an Example; raises `SkipRow` with the reason it cannot be used."""
     if not isinstance(row, dict):
         raise SkipRow("not_an_object", f"a {type(row).__name__}, not a JSON object")
@@ -71,26 +77,45 @@ def to_example(row: dict, index: int, file: str, prompt_key: str, answer_key: st
     if answer is None or isinstance(answer, float) and answer != answer or not str(answer).strip():
         raise SkipRow("missing_answer", f"column {answer_key!r} is {_show(answer)}")
     answer = str(answer).strip()
-    cells = row.get(image_key)
-    cells = [] if cells is None else cells if isinstance(cells, list) else [cells]
     base_dir = Path(file).parent if Path(file).exists() else None
     images = []
-    for cell in cells:
+    for cell in _cells(row.get(image_key)):
         try:
             images.append(decode_image(cell, base_dir))
         except UnreadableImageError as err:
             raise SkipRow("unreadable_image", str(err)) from None
-        if image_check is not None:
-            try:
-                image_check(images[-1])
-            except Exception as err:  # the processor's own words: aspect ratio, size, ...
-                raise SkipRow("image_rejected", f"{type(err).__name__}: {err}") from None
-    columns = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, image_key) and k not in EXAMPLE_KEYS}
+        _check(image_check, images[-1], "image_rejected")
+    videos = []
+    # As EasyR1's `videos`: a list of videos, each a file or a list of frames (or one video file alone).
+    for cell in _cells(row.get(video_key)):
+        try:
+            videos.append(decode_video(cell, base_dir, video_sampling.fps, video_sampling.max_frames))
+        except UnreadableVideoError as err:
+            raise SkipRow("unreadable_video", str(err)) from None
+        _check(video_check, videos[-1], "video_rejected")
+    used = (prompt_key, answer_key, image_key, video_key)
+    columns = {k: v for k, v in row.items() if k not in used and k not in EXAMPLE_KEYS}
     query = template.render(content=prompt, **row) if template is not None else prompt
     pid = row.get("pid", row.get("id"))
     pid = str(pid) if pid is not None else f"{Path(file).stem}-{index}"
-    example = free_form_example(pid, "custom", prompt, query, images, answer, {"source": str(file), "row": index})
+    example = free_form_example(pid, "custom", prompt, query, images, answer, {"source": str(file), "row": index},
+                                videos)
     return {**columns, **example, "columns": sorted(columns)}
+
+
+def _cells(value) -> list:
+    """A column's cell as a list of items: none, one, or each of a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check(check: Callable | None, item, reason: str) -> None:
+    if check is not None:
+        try:
+            check(item)
+        except Exception as err:  # the processor's own words: aspect ratio, size, ...
+            raise SkipRow(reason, f"{type(err).__name__}: {err}") from None
 
 
 def _show(value) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.data.prompt_loader import PromptLoader
 from sapo_ray.data.report import DataReport
+from sapo_ray.data.video import VideoSampling
 from sapo_ray.utils import derive_seed
 
 
@@ -21,8 +22,8 @@ class RunData:
 
 
 def load_run_data(cfg, processor, run_dir: Path) -> RunData:
-    """The run's training and validation data as `cfg.data` describes it; rows whose images `processor`
-    rejects (or any image, for a text-only model) are skipped and reported."""
+    """The run's training and validation data as `cfg.data` describes it; rows whose images or videos
+    `processor` rejects (or any, for a text-only model) are skipped and reported."""
     d = cfg.data
     has_vision = hasattr(processor, "image_processor")
 
@@ -32,16 +33,25 @@ def load_run_data(cfg, processor, run_dir: Path) -> RunData:
             raise ValueError("the model takes text only")
         processor.image_processor(images=[image], return_tensors="pt")
 
+    def check_video(video) -> None:
+        """Raise what the model's processor raises for `video` (frames too small, ...)."""
+        if not has_vision:
+            raise ValueError("the model takes text only")
+        processor.video_processor([video])
+
     def generator_knobs(name: str, path: str | None, **knobs) -> dict:
         """Generator arguments when `name` is generated (synthvista without a path), else none. A text-only
         model gets the rows that describe the image in words."""
         if name != "synthvista" or path is not None:
             return {}
-        return {**knobs, "image_size": d.image_size, "hint": d.hint, **({} if has_vision else {"text_only": True})}
+        templates = {} if d.templates is None else {"templates": list(d.templates)}
+        return {**knobs, "image_size": d.image_size, "hint": d.hint, **templates,
+                **({} if has_vision else {"text_only": True})}
 
     reports = {"train": DataReport(), "val": DataReport()}
     columns = {"prompt_key": d.prompt_key, "answer_key": d.answer_key, "image_key": d.image_key,
-               "prompt_template": d.prompt_template, "image_check": check_image}
+               "prompt_template": d.prompt_template, "image_check": check_image, "video_key": d.video_key,
+               "video_sampling": VideoSampling(d.video_fps, d.max_frames), "video_check": check_video}
     try:
         train = load_dataset_split(d.train, d.train_path, d.train_split, for_training=True, report=reports["train"],
                                    columns=columns, **generator_knobs(d.train, d.train_path, n=d.train_size,

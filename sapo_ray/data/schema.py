@@ -72,7 +72,8 @@ def as_precision(value: Any) -> int | None:
 def row_to_example(row: dict, data_source: str, images: list | None = None) -> dict:
     """Map a MathVista-schema row to an Example dict (``docs/CONTRACTS.md``).
 
-    ``images`` overrides the row's ``decoded_image`` (already decoded PIL images, RGB).
+    ``images`` overrides the row's ``decoded_image`` (already decoded PIL images, RGB); a row's
+    ``videos`` (decoded ``Video`` clips, synthvista's ``bar_grew``) carry over.
     """
     if images is None:
         image = row.get("decoded_image")
@@ -85,6 +86,7 @@ def row_to_example(row: dict, data_source: str, images: list | None = None) -> d
         "query": row.get("query") or build_query(row["question"], row["question_type"], row["answer_type"],
                                                  as_precision(row.get("precision")), choices, row.get("unit")),
         "images": images,
+        "videos": list(row.get("videos") or []),
         "answer": str(row["answer"]),
         "question_type": row["question_type"],
         "answer_type": row["answer_type"],
@@ -101,13 +103,14 @@ class UnreadableImageError(ValueError):
 
 
 def free_form_example(pid: str, data_source: str, problem: str, query: str, images: list, answer: str,
-                      metadata: dict) -> dict:
-    """An Example of a free-form question: `problem` with `<image>` placeholders (kept in the query,
-    dropped from the question), the answer's type inferred from its text."""
+                      metadata: dict, videos: list | None = None) -> dict:
+    """An Example of a free-form question: `problem` with `<image>` / `<video>` placeholders (kept in the
+    query, dropped from the question), the answer's type inferred from its text."""
     answer_type, precision = infer_answer_type(answer)
+    question = problem.replace("<image>", "").replace("<video>", "").strip()
     return {
-        "pid": pid, "data_source": data_source, "question": problem.replace("<image>", "").strip(), "query": query,
-        "images": images, "answer": answer, "question_type": "free_form", "answer_type": answer_type,
+        "pid": pid, "data_source": data_source, "question": question, "query": query,
+        "images": images, "videos": list(videos or []), "answer": answer, "question_type": "free_form", "answer_type": answer_type,
         "precision": precision, "choices": None, "unit": None, "metadata": metadata, "solution": None,
     }
 

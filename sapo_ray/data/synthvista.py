@@ -14,14 +14,20 @@ Templates (``metadata["template"]``) and the MathVista answer type each covers:
 | `bar_argmax` | which colour is the tallest bar (2-5 options)   | multi_choice / text       |
 | `bar_mean`   | mean of the bar values                          | free_form / float (prec 1)|
 | `bar_list`   | bar values from left to right, e.g. "[3, 5, 2]" | free_form / list          |
+| `bar_grew`   | a clip: which colour's bar grew the most        | multi_choice / text       |
+
+`bar_grew` is the video template: a row holds a clip (``videos``, ``Knobs.clip_frames`` frames at
+``Knobs.clip_fps``) of a chart whose bars grow from their start to their end values, and no image. It
+is drawn only when ``Knobs.templates`` names it (``VIDEO_TEMPLATES``), so the default rows are images.
 
 Held-out split. Each row has a *key colour* whose role depends on the template: the colour counted
 (`count`), the tallest bar (`bar_max`, `bar_argmax`), the first-named bar (`bar_sum`), the larger
-named bar (`bar_diff`), the leftmost bar (`bar_mean`, `bar_list`). ``HELD_OUT`` reserves one
-(template, key colour) combination per template, each colour once:
+named bar (`bar_diff`), the leftmost bar (`bar_mean`, `bar_list`), the bar that grew most (`bar_grew`).
+``HELD_OUT`` reserves one (template, key colour) combination per template, each colour once among the
+image templates:
 
     count/purple, bar_max/orange, bar_sum/green, bar_diff/blue, bar_argmax/red,
-    bar_mean/yellow, bar_list/brown
+    bar_mean/yellow, bar_list/brown, bar_grew/green
 
 ``split="test"`` yields only these combinations; ``"train"`` and ``"val"`` never do (the colours
 still appear in other roles). Every split and row index has its own random stream, so row ``i`` of
@@ -41,6 +47,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from PIL import Image, ImageDraw, ImageFont
 
 from sapo_ray.data.schema import build_query, row_to_example
+from sapo_ray.data.video import Video
 
 COLOURS = {
     "red": (220, 50, 47), "green": (40, 160, 70), "blue": (38, 90, 210), "yellow": (235, 195, 20),
@@ -48,9 +55,10 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 TEMPLATES = ("count", "bar_max", "bar_sum", "bar_diff", "bar_argmax", "bar_mean", "bar_list")
+VIDEO_TEMPLATES = ("bar_grew",)
 HELD_OUT = {
     "count": "purple", "bar_max": "orange", "bar_sum": "green", "bar_diff": "blue",
-    "bar_argmax": "red", "bar_mean": "yellow", "bar_list": "brown",
+    "bar_argmax": "red", "bar_mean": "yellow", "bar_list": "brown", "bar_grew": "green",
 }
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +71,7 @@ _TYPES = {
     "bar_argmax": ("multi_choice", "text", None, ["statistical reasoning"]),
     "bar_mean": ("free_form", "float", 1, ["arithmetic reasoning", "statistical reasoning"]),
     "bar_list": ("free_form", "list", None, ["statistical reasoning"]),
+    "bar_grew": ("multi_choice", "text", None, ["statistical reasoning"]),
 }
 
 
@@ -85,7 +94,11 @@ class Knobs:
     value_labels: bool = False
     """Print each bar's value above it (turns reading heights into reading digits)."""
     templates: tuple[str, ...] = TEMPLATES
-    """Templates to draw from, uniformly."""
+    """Templates to draw from, uniformly (``TEMPLATES`` and ``VIDEO_TEMPLATES``)."""
+    clip_frames: int = 4
+    """Frames of a ``bar_grew`` clip: the bars at their start values, then evenly on to their end values."""
+    clip_fps: float = 2.0
+    """Frames per second of a ``bar_grew`` clip."""
     hint: bool = True
     """Start the query with MathVista's hint sentence (answer type and format, 50-80 tokens of the tiny
     tokenizer); ``False`` keeps the question and choices only (the tiny demo's prompts, ~2x shorter)."""
@@ -93,9 +106,11 @@ class Knobs:
     def __post_init__(self):
         """Reject impossible knob values with a message naming the knob."""
         lo, hi = self.value_range
-        bad = [t for t in self.templates if t not in TEMPLATES]
+        bad = [t for t in self.templates if t not in TEMPLATES + VIDEO_TEMPLATES]
         checks = [
-            (not bad and self.templates, f"templates: unknown {bad}, choose from {TEMPLATES}"),
+            (not bad and self.templates, f"templates: unknown {bad}, choose from {TEMPLATES + VIDEO_TEMPLATES}"),
+            (self.clip_frames >= 2, "clip_frames: must be >= 2"),
+            (self.clip_fps > 0, "clip_fps: must be > 0"),
             (self.image_size >= 32, "image_size: must be >= 32 pixels"),
             (1 <= self.count_range[0] <= self.count_range[1], "count_range: need 1 <= min <= max"),
             (self.distractors >= 0, "distractors: must be >= 0"),
@@ -103,6 +118,8 @@ class Knobs:
             (2 <= self.num_bars[0] <= self.num_bars[1] <= min(len(COLOURS), hi - lo + 1),
              "num_bars: need 2 <= min <= max <= number of colours and of distinct values"),
             (2 <= self.num_choices[0] <= self.num_choices[1] <= len(COLOURS), "num_choices: need 2 <= min <= max <= 7"),
+            ("bar_grew" not in self.templates or self.num_bars[1] <= hi_growth(self),
+             "num_bars: bar_grew needs max <= half the value range (its bars grow by distinct amounts)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,7 +131,8 @@ def generate(n: int, seed: int, split: str = "train", text_only: bool = False, *
 
     Each row has MathVista's keys (``pid, question, image, decoded_image, choices, unit, precision,
     answer, question_type, answer_type, metadata, query``) plus ``solution``, a short reference
-    ``<think>Step 1: ...</think> The answer is \\boxed{...}.`` text. ``split`` is ``train``, ``val``
+    ``<think>Step 1: ...</think> The answer is \\boxed{...}.`` text, and ``videos`` (a ``bar_grew`` row's clip,
+    else empty). ``split`` is ``train``, ``val``
     (same combinations as train, another random stream) or ``test`` (the ``HELD_OUT`` combinations).
     ``text_only=True`` yields the same rows without an image, the picture described in the question.
     ``knobs`` are the fields of ``Knobs``.
@@ -149,10 +167,15 @@ def sample_params(rng: random.Random, split: str, k: Knobs) -> dict:
 
     m = rng.randint(*k.num_bars)
     colours = [key] + rng.sample(others, m - 1)
-    values = rng.sample(range(k.value_range[0], k.value_range[1] + 1), m)
     params = {"template": template, "key": key}
+    values = rng.sample(range(k.value_range[0], k.value_range[1] + 1), m)
     if template in ("bar_max", "bar_argmax"):
         values.sort(reverse=True)  # the key colour (first) gets the largest value
+    elif template == "bar_grew":
+        # Distinct growths, the key colour's the largest; each bar starts low enough to end on the axis.
+        growths = sorted(rng.sample(range(1, hi_growth(k) + 1), m), reverse=True)
+        values = [rng.randint(k.value_range[0], k.value_range[1] - g) for g in growths]
+        params["growth"] = dict(zip(colours, growths))
     elif template in ("bar_sum", "bar_diff"):
         other = rng.choice(colours[1:])
         j = colours.index(other)
@@ -165,6 +188,8 @@ def sample_params(rng: random.Random, split: str, k: Knobs) -> dict:
     else:
         rng.shuffle(bars)
     params["bars"] = bars
+    if template == "bar_grew":
+        params["choices"] = rng.sample(colours, m)
     if template == "bar_argmax":
         n_choices = rng.randint(*k.num_choices)
         present = rng.sample(colours[1:], min(n_choices - 1, m - 1))
@@ -173,6 +198,11 @@ def sample_params(rng: random.Random, split: str, k: Knobs) -> dict:
         rng.shuffle(choices)
         params["choices"] = choices
     return params
+
+
+def hi_growth(k: Knobs) -> int:
+    """The largest growth of a ``bar_grew`` bar: half the axis, so bars start at varied heights."""
+    return max(2, (k.value_range[1] - k.value_range[0]) // 2)
 
 
 def _grid_size(k: Knobs) -> int:
@@ -213,10 +243,17 @@ def _bars_text(params: dict) -> str:
     return ", ".join(f"{b['colour']} {b['value']}" for b in params["bars"])
 
 
+def _end_bars_text(params: dict) -> str:
+    """'red 7, blue 6, ...': a ``bar_grew`` chart's end values, left to right."""
+    return ", ".join(f"{b['colour']} {b['value'] + params['growth'][b['colour']]}" for b in params["bars"])
+
+
 def describe(params: dict) -> str:
-    """Describe the picture in words (the text-only twin's stand-in for the image)."""
+    """Describe the picture (or clip) in words (the text-only twin's stand-in for the image)."""
     if params["template"] == "count":
         return f"Shapes: {_shapes_text(params)}."
+    if params["template"] == "bar_grew":
+        return f"Bars from left to right, at the start: {_bars_text(params)}; at the end: {_end_bars_text(params)}."
     return f"Bars from left to right: {_bars_text(params)}."
 
 
@@ -225,7 +262,8 @@ def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str,
 
     ``shortcut=True`` gives the solution of a sloppy teacher instead: the same first step (reading
     the picture), then a wrong procedure, each branching from the right one at a single word: count
-    every shape (``count``), take the first bar for the tallest (``bar_max``, ``bar_argmax``),
+    every shape (``count``), take the first bar for the tallest (``bar_max``, ``bar_argmax``), the
+    tallest bar at the end for the one that grew most (``bar_grew``),
     subtract instead of add and add instead of subtract (``bar_sum``, ``bar_diff``), stop at the sum
     (``bar_mean``), list right to left (``bar_list``). Its answer is the one the shortcut reaches, and
     is usually wrong.
@@ -241,6 +279,17 @@ def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str,
         return f"How many {key} shapes are there?", answer, _solution(steps, answer)
 
     bars = params["bars"]
+    if t == "bar_grew":
+        growth = params["growth"]
+        end = {b["colour"]: b["value"] + growth[b["colour"]] for b in bars}
+        steps = [f"At the start the bars are {_bars_text(params)}.", f"At the end they are {_end_bars_text(params)}."]
+        if shortcut:
+            answer = max(end, key=end.get)
+            steps.append(f"The tallest at the end is the {answer} bar.")
+        else:
+            answer = max(growth, key=growth.get)
+            steps.append("They grew by " + ", ".join(f"{c} {growth[c]}" for c in end) + f": the most is the {answer} bar.")
+        return "The bars change during the clip. Which bar grew the most?", answer, _solution(steps, answer)
     value = {b["colour"]: b["value"] for b in bars}
     values = [b["value"] for b in bars]
     steps = [f"The bars are {_bars_text(params)}."]
@@ -281,6 +330,17 @@ def _solution(steps: list[str], answer: str) -> str:
 # Drawing
 
 
+def render_clip(params: dict, k: Knobs) -> Video:
+    """A ``bar_grew`` row's clip: ``k.clip_frames`` charts, the bars rising evenly from their start to
+    their end values."""
+    frames = []
+    for j in range(k.clip_frames):
+        at = j / (k.clip_frames - 1)
+        bars = [{**b, "value": b["value"] + at * params["growth"][b["colour"]]} for b in params["bars"]]
+        frames.append(render({**params, "bars": bars}, k))
+    return Video(frames, k.clip_fps)
+
+
 def render(params: dict, k: Knobs) -> Image.Image:
     """Draw a row's picture (RGB, ``k.image_size`` square) from its parameters; no randomness."""
     s = k.image_size
@@ -315,7 +375,7 @@ def render(params: dict, k: Knobs) -> Image.Image:
         y0 = bottom - b["value"] * unit
         draw.rectangle([x0, y0, x0 + 0.6 * slot, bottom], fill=COLOURS[b["colour"]])
         if font is not None:
-            draw.text((x0 + 0.3 * slot, y0 - 1), str(b["value"]), fill=(0, 0, 0), font=font, anchor="mb")
+            draw.text((x0 + 0.3 * slot, y0 - 1), str(round(b["value"])), fill=(0, 0, 0), font=font, anchor="mb")
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=(0, 0, 0))
     return img
 
@@ -335,20 +395,21 @@ def _make_row(i: int, seed: int, split: str, k: Knobs, text_only: bool) -> dict:
     question_type, answer_type, precision, skills = _TYPES[template]
     choices = params.get("choices")
     pid = f"synth-{split}-{seed}-{i}"
-    is_bar = template != "count"
+    is_bar, is_clip = template != "count", template in VIDEO_TEMPLATES
     size = None if text_only else k.image_size
     metadata = {
         "split": split, "language": "english", "img_width": size, "img_height": size,
         "source": "synthvista", "category": "general-vqa",
         "task": "figure question answering" if is_bar else "visual question answering",
-        "context": "bar chart" if is_bar else "synthetic scene", "grade": "elementary school",
+        "context": "bar chart clip" if is_clip else "bar chart" if is_bar else "synthetic scene", "grade": "elementary school",
         "skills": list(skills), "template": template,
         "params": json.dumps({**params, "knobs": asdict(k)}, sort_keys=True),
     }
     return {
         "pid": pid, "question": question,
-        "image": None if text_only else f"images/{pid}.png",
-        "decoded_image": None if text_only else render(params, k),
+        "image": None if text_only or is_clip else f"images/{pid}.png",
+        "decoded_image": None if text_only or is_clip else render(params, k),
+        "videos": [render_clip(params, k)] if is_clip and not text_only else [],
         "choices": choices, "unit": None, "precision": precision, "answer": answer,
         "question_type": question_type, "answer_type": answer_type, "metadata": metadata,
         "query": build_query(question, question_type, answer_type, precision, choices, hint=k.hint),

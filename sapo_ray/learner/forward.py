@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from sapo_ray.batch import Batch
+from sapo_ray.batch import Batch, Vision, VisionTokens
 
 _MASKED = -1e9  # finite, so padded targets and entropies never produce inf - inf
 
@@ -26,33 +26,31 @@ def _positions(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     backbone's own rule, which the policy and the critic share as `model.model`)."""
     if "position_ids" in inputs:
         return inputs["position_ids"]
-    positions, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
-                                              attention_mask=inputs["attention_mask"],
-                                              mm_token_type_ids=inputs["mm_token_type_ids"])
+    rope = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                              mm_token_type_ids=inputs["mm_token_type_ids"], **rope)
     return positions
 
 
-def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **prompt_kwargs):
+def prompt_then_responses(model, batch: Batch, vision_tokens: VisionTokens, **prompt_kwargs):
     """`model` on `batch` in two passes: each distinct prompt once (its keys and values cached), then
     every response over a copy of its prompt's cache. Gradients reach the prompt pass through the
     cache, summed over the prompt's samples, so outputs and gradients are those of one pass over
-    `[prompt | response]`; the prompt tokens and images are computed once per prompt instead of once
+    `[prompt | response]`; the prompt tokens, images and videos are computed once per prompt instead of once
     per sample (n samples per prompt: (n - 1) / n of the prompt's computation saved).
 
     Returns the prompt pass's output (one row per distinct prompt), the response pass's output (one
     row per batch row) and `share`, each row's distinct prompt."""
-    inputs = batch.model_inputs(image_token_id)
+    inputs = batch.model_inputs(vision_tokens)
     positions = _positions(model, inputs)
     first, share = batch.distinct_prompts()
     share = share.to(batch.prompt_ids.device)
     P = batch.prompt_ids.shape[1]
     prompt = {"input_ids": batch.prompt_ids[first], "attention_mask": batch.prompt_mask[first],
               "position_ids": positions[..., first, :P]}
-    if "pixel_values" in inputs:
-        pixels = [i for i in first if batch.pixel_values[i] is not None]
-        prompt["pixel_values"] = torch.cat([batch.pixel_values[i] for i in pixels])
-        prompt["image_grid_thw"] = torch.cat([batch.image_grid_thw[i] for i in pixels])
-        prompt["mm_token_type_ids"] = inputs["mm_token_type_ids"][first, :P]
+    if "mm_token_type_ids" in inputs:
+        prompt.update(Vision.model_inputs([batch.vision[i] for i in first]),
+                      mm_token_type_ids=inputs["mm_token_type_ids"][first, :P])
     cache = DynamicCache()
     prompt_out = model(**prompt, past_key_values=cache, use_cache=True, **prompt_kwargs)
     cache.batch_select_indices(share)
@@ -61,7 +59,7 @@ def prompt_then_responses(model, batch: Batch, image_token_id: int | None, **pro
     return prompt_out, response_out, share
 
 
-def packed(model, batch: Batch, image_token_id: int | None, logits_from: int | None = None):
+def packed(model, batch: Batch, vision_tokens: VisionTokens, logits_from: int | None = None):
     """`model` on the batch's rows laid end to end in one sequence `[1, N]` without padding (verl's
     `use_remove_padding`): positions restart at 0 with each row, which is how the attention tells rows
     apart (variable-length kernels with `flash_attention_2`; a block-diagonal causal mask with `sdpa`,
@@ -69,7 +67,7 @@ def packed(model, batch: Batch, image_token_id: int | None, logits_from: int | N
     of the padded layout, its position in the output's sequence (0 on padding, which callers mask).
     With `logits_from` (a policy), logits only for the columns from there on: the output's sequence is
     those positions, and the index covers those columns."""
-    inputs = batch.model_inputs(image_token_id)
+    inputs = batch.model_inputs(vision_tokens)
     positions = _positions(model, inputs)
     valid = inputs["attention_mask"].bool()
     text = (valid.long().cumsum(1) - 1)[valid][None]  # each row's own positions, from 0
@@ -78,9 +76,8 @@ def packed(model, batch: Batch, image_token_id: int | None, logits_from: int | N
         flat["position_ids"] = torch.cat([text[None], positions[:, valid][:, None]], 0)
     else:
         flat["position_ids"] = text
-    if "pixel_values" in inputs:
-        flat.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                    mm_token_type_ids=inputs["mm_token_type_ids"][valid][None])
+    if "mm_token_type_ids" in inputs:
+        flat.update(Vision.model_inputs(batch.vision), mm_token_type_ids=inputs["mm_token_type_ids"][valid][None])
     index = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
     index[valid] = torch.arange(int(valid.sum()), device=valid.device)
     if logits_from is None:
@@ -94,19 +91,19 @@ def packed(model, batch: Batch, image_token_id: int | None, logits_from: int | N
 LAYOUTS = ("padded", "shared_prompt", "packed")
 
 
-def response_logits(model, batch: Batch, image_token_id: int | None, layout: str = "padded") -> torch.Tensor:
+def response_logits(model, batch: Batch, vision_tokens: VisionTokens, layout: str = "padded") -> torch.Tensor:
     """Logits `[B, R + 1, V]` (the model's compute dtype) from the position predicting response token 0
     on; the last one (after the last response token) predicts nothing and is left unscored, not sliced
     off (a slice would cost a copy of the logits in the backward pass). `layout`: whole padded rows,
     `prompt_then_responses` or `packed`."""
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     if layout == "padded":
-        return model(**batch.model_inputs(image_token_id), use_cache=False, logits_to_keep=R + 1).logits
+        return model(**batch.model_inputs(vision_tokens), use_cache=False, logits_to_keep=R + 1).logits
     if layout == "shared_prompt":
-        prompt_out, response_out, share = prompt_then_responses(model, batch, image_token_id, logits_to_keep=1)
+        prompt_out, response_out, share = prompt_then_responses(model, batch, vision_tokens, logits_to_keep=1)
         return torch.cat([prompt_out.logits[share], response_out.logits], 1)
     if layout == "packed":
-        out, index = packed(model, batch, image_token_id, logits_from=P - 1)
+        out, index = packed(model, batch, vision_tokens, logits_from=P - 1)
         return out.logits[0, index]
     raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
 
@@ -190,23 +187,23 @@ def logprobs_and_entropy(
 
 
 def policy_forward(model, batch: Batch, temperature: float, banned: torch.Tensor | None,
-                   image_token_id: int | None, with_entropy: bool = True, entropy_grad: bool = True,
+                   vision_tokens: VisionTokens, with_entropy: bool = True, entropy_grad: bool = True,
                    layout: str = "padded"):
     """Response log-probs `[B, R]` and entropies `[B, R]` (None unless asked) of `model` on `batch`."""
-    logits = response_logits(model, batch, image_token_id, layout)
+    logits = response_logits(model, batch, vision_tokens, layout)
     return logprobs_and_entropy(logits, batch.response_ids, temperature, banned, with_entropy, entropy_grad)
 
 
-def value_forward(model, batch: Batch, image_token_id: int | None, layout: str = "padded") -> torch.Tensor:
+def value_forward(model, batch: Batch, vision_tokens: VisionTokens, layout: str = "padded") -> torch.Tensor:
     """Critic values `[B, R]`: `values[:, t] = V(x, y_<t)`."""
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     if layout == "padded":
-        values = model(**batch.model_inputs(image_token_id))
+        values = model(**batch.model_inputs(vision_tokens))
         return values[:, P - 1 : P - 1 + R].float()
     if layout == "shared_prompt":
-        prompt_values, response_values, share = prompt_then_responses(model, batch, image_token_id)
+        prompt_values, response_values, share = prompt_then_responses(model, batch, vision_tokens)
         return torch.cat([prompt_values[share, -1:], response_values[:, : R - 1]], 1).float()
     if layout == "packed":
-        values, index = packed(model, batch, image_token_id)
+        values, index = packed(model, batch, vision_tokens)
         return values[0, index[:, P - 1 : P - 1 + R]].float()
     raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")

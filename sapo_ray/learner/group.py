@@ -185,10 +185,13 @@ class Learners:
         self.actor, self.critic = actor, critic
 
     @classmethod
-    def start(cls, cfg, needs_critic: bool, placement=None, hide_gpus: bool = False, timeout_s: float = 3600.0) -> "Learners":
-        """The groups of run config `cfg` (`learner_worker_config` gives each its config)."""
-        actor = PolicyGroup(learner_worker_config(cfg, "actor"), placement, hide_gpus, timeout_s)
-        critic = CriticGroup(learner_worker_config(cfg, "critic"), placement, hide_gpus, timeout_s) if needs_critic else None
+    def start(cls, cfg, needs_critic: bool, placement=None, hide_gpus: bool = False, timeout_s: float = 3600.0,
+              videos: bool = False) -> "Learners":
+        """The groups of run config `cfg` (`learner_worker_config` gives each its config); `videos`: the run's
+        data has videos."""
+        actor = PolicyGroup(learner_worker_config(cfg, "actor", videos), placement, hide_gpus, timeout_s)
+        critic = (CriticGroup(learner_worker_config(cfg, "critic", videos), placement, hide_gpus, timeout_s)
+                  if needs_critic else None)
         return cls(actor, critic)
 
     def groups(self) -> dict[str, WorkerGroup]:

@@ -7,6 +7,8 @@ waits for its timeout; gloo aborts on the size mismatch). So whenever a forward 
 features, the tower encodes one blank image of the smallest grid and adds zero times its features to the
 language model's input: every rank then calls each vision block once per forward pass, and the result
 and the gradients are exactly those without it (the blank image's contribution is multiplied by 0).
+Images and videos each run the tower once, so when the run's data has videos every forward pass runs it
+twice, blanks filling in for what a micro-batch lacks.
 """
 
 from __future__ import annotations
@@ -27,29 +29,32 @@ def blank_image(visual: torch.nn.Module, vision_config) -> tuple[torch.Tensor, t
             torch.tensor([[1, merge, merge]], device=param.device))
 
 
-def run_vision_in_every_forward(model: torch.nn.Module) -> bool:
+def run_vision_in_every_forward(model: torch.nn.Module, calls: int = 1) -> bool:
     """Hooks on `model` (a policy or a critic with a Qwen-VL backbone; call after sharding) so that each
-    forward pass runs the vision tower exactly once. Returns False for a model without a vision tower."""
+    forward pass runs the vision tower exactly `calls` times (1 for images; 2 when videos may come too).
+    Returns False for a model without a vision tower."""
     visual, language = _find(model, "visual"), _find(model, "language_model")
     if visual is None or language is None:
         return False
     vision_config = model.config.vision_config
-    ran = [False]
+    ran = [0]
 
     def forward_begins(module, args, kwargs):
-        ran[0] = False
+        ran[0] = 0
 
     def tower_ran(module, args, output):
-        ran[0] = True
+        ran[0] += 1
 
     def before_language_model(module, args, kwargs):
-        if ran[0]:
+        if ran[0] >= calls:
             return None
-        pixels, grid = blank_image(visual, vision_config)
-        out = visual(pixels, grid_thw=grid)
-        features = out.pooler_output if hasattr(out, "pooler_output") else out[0]
-        # Qwen3-VL's DeepStack mergers feed the language model too: their parameters need a gradient as well.
-        total = features.sum() + sum(f.sum() for f in getattr(out, "deepstack_features", None) or [])
+        total = 0.0
+        for _ in range(calls - ran[0]):
+            pixels, grid = blank_image(visual, vision_config)
+            out = visual(pixels, grid_thw=grid)
+            features = out.pooler_output if hasattr(out, "pooler_output") else out[0]
+            # Qwen3-VL's DeepStack mergers feed the language model too: their parameters need a gradient as well.
+            total = total + features.sum() + sum(f.sum() for f in getattr(out, "deepstack_features", None) or [])
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:  # the caller gave token ids to the language model: nothing to add the zero to
             return None

@@ -131,7 +131,7 @@ class FSDPWorker:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
         if distributed:  # every rank runs the vision blocks' collectives, whatever its rows hold
-            run_vision_in_every_forward(model)
+            run_vision_in_every_forward(model, calls=2 if self.cfg.videos else 1)
         if not distributed:
             return model.to(self.device)
         if self.rank == 0:
@@ -376,7 +376,7 @@ class PolicyWorker(FSDPWorker):
         ids = self._token_ids()
         # On the device once: the scoring moves it to the logits' device in every 128-position piece.
         self.banned = torch.tensor(ids.banned, dtype=torch.long, device=self.device)
-        self.image_token_id = ids.image
+        self.vision_tokens = ids.vision
         model = lambda dtype: self._build(
             lambda: load_policy(m.path, dtype=dtype, attn_implementation=m.attn_implementation),
             lambda: empty_policy(m.path, dtype, m.attn_implementation))
@@ -402,7 +402,7 @@ class PolicyWorker(FSDPWorker):
         layout = self._layout(training=policy)
 
         def forward(micro: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.image_token_id,
+            return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.vision_tokens,
                                   with_entropy=policy, layout=layout)
 
         return LogProbs(*self._forward_rows(batch, forward, self._first_pass_rows(batch) if policy else None))
@@ -441,7 +441,7 @@ class PolicyWorker(FSDPWorker):
             with self._autocast():
                 # The entropy is always reported; it joins the graph only when it is in the loss.
                 logp, entropy = policy_forward(self.model, micro, self.cfg.rollout.temperature, self.banned,
-                                               self.image_token_id, with_entropy=True,
+                                               self.vision_tokens, with_entropy=True,
                                                entropy_grad=spec.entropy_coef > 0,
                                                layout=self._layout(True))
             mask = micro.response_mask
@@ -519,7 +519,7 @@ class CriticWorker(FSDPWorker):
 
         m = self.cfg.model
         self._seed_init()
-        self.image_token_id = self._token_ids().image
+        self.vision_tokens = self._token_ids().vision
         path = m.critic_path or m.path
         self.model = self._shard_trainable(self._build(
             lambda: ValueModel.from_pretrained(path, dtype=MASTER_DTYPE, attn_implementation=m.attn_implementation),
@@ -531,7 +531,7 @@ class CriticWorker(FSDPWorker):
         """The value at every response position `[B, R]` (0 on padding)."""
         self.model.eval()
         layout = self._layout(False)
-        values, = self._forward_rows(batch, lambda micro: (value_forward(self.model, micro, self.image_token_id, layout),))
+        values, = self._forward_rows(batch, lambda micro: (value_forward(self.model, micro, self.vision_tokens, layout),))
         return values * batch.response_mask
 
     def update(self, batch: Batch) -> dict[str, float]:
@@ -544,7 +544,7 @@ class CriticWorker(FSDPWorker):
             for micro in self._micro_batches(minibatch):
                 micro = self._to_device(micro)
                 with self._autocast():
-                    values = value_forward(self.model, micro, self.image_token_id, self._layout(True))
+                    values = value_forward(self.model, micro, self.vision_tokens, self._layout(True))
                 loss, m = losses.value_loss(values, micro.values, micro.returns, micro.value_mask, clip=self.cfg.algorithm.value_clip,
                                             agg_denom=denom)
                 loss.backward()

@@ -8,7 +8,7 @@
 from pathlib import Path
 
 from sapo_ray.models.loading import build_from_config, freeze_vision_tower, is_vision_config, load_policy
-from sapo_ray.models.processor import (ImageOnlyQwenVLProcessor, banned_token_ids, load_processor, load_tokenizer,
+from sapo_ray.models.processor import (QwenVLProcessor, banned_token_ids, load_processor, load_tokenizer,
                                       pixel_limits)
 from sapo_ray.models.value import ValueModel
 
@@ -17,7 +17,7 @@ TINY_VLM = str(ASSETS / "tiny-vlm")
 TINY_LM = str(ASSETS / "tiny-lm")
 
 __all__ = [
-    "ASSETS", "TINY_LM", "TINY_VLM", "ImageOnlyQwenVLProcessor", "ValueModel", "banned_token_ids",
+    "ASSETS", "TINY_LM", "TINY_VLM", "QwenVLProcessor", "ValueModel", "banned_token_ids",
     "build_from_config", "freeze_vision_tower", "is_vision_config", "load_policy", "load_processor", "load_tokenizer",
     "pixel_limits",
 ]

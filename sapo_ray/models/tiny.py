@@ -20,7 +20,7 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2T
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from sapo_ray.models.loading import build_from_config
-from sapo_ray.models.processor import ImageOnlyQwenVLProcessor, load_tokenizer
+from sapo_ray.models.processor import QwenVLProcessor, load_tokenizer
 
 # Qwen2's pre-tokenizer regex: letters in words, every digit alone (\p{N}), punctuation runs.
 PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -175,7 +175,7 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, tokenizer=None) -> str:
     tok = _tokenizer(tokenizer)
     torch.manual_seed(seed)
     model = build_from_config(tiny_vlm_config(tok))
-    processor = ImageOnlyQwenVLProcessor(image_processor(), tok, chat_template=tok.chat_template)
+    processor = QwenVLProcessor(image_processor(), tok, chat_template=tok.chat_template)
     return _save(model, tok, out_dir, processor)
 
 
@@ -186,7 +186,7 @@ def build_tiny_qwen3_vl(out_dir: str, seed: int = 0, tokenizer=None) -> str:
     tok = _tokenizer(tokenizer)
     torch.manual_seed(seed)
     model = build_from_config(tiny_qwen3_vl_config(tok))
-    processor = ImageOnlyQwenVLProcessor(qwen3_vl_image_processor(), tok, chat_template=tok.chat_template)
+    processor = QwenVLProcessor(qwen3_vl_image_processor(), tok, chat_template=tok.chat_template)
     processor.stock_class = "Qwen3VLProcessor"
     return _save(model, tok, out_dir, processor)
 

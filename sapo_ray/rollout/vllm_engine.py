@@ -167,7 +167,7 @@ def uses_ipc(on_gpu: bool, tensor_parallel_size: int) -> bool:
 class VLLMEngine:
     """`vllm.LLM` behind the engine interface of `sapo_ray.rollout.engine` (see the module docstring)."""
 
-    def __init__(self, llm, tokenizer, image_token_id: int | None, ipc: bool = False):
+    def __init__(self, llm, tokenizer, ipc: bool = False):
         from sapo_ray.models.tokens import TokenIds
 
         self.llm = llm
@@ -175,7 +175,7 @@ class VLLMEngine:
         ids = TokenIds.of(tokenizer)
         self.eos_ids = list(ids.eos)
         self.pad_id = ids.pad
-        self.image_token_id = image_token_id
+        self.image_token_id = ids.vision.image
         self.ipc = ipc  # buckets staged on this actor's GPU and sent as CUDA IPC handles (`uses_ipc`)
         self._updating = False  # inside begin_weight_update ... finish_weight_update
 
@@ -217,16 +217,18 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WorkerExtension",
             **multimodal_args(processor, r.images_per_prompt),
         )
-        return cls(llm, tokenizer, ids.image, uses_ipc(on_gpu, r.tensor_parallel_size))
+        return cls(llm, tokenizer, uses_ipc(on_gpu, r.tensor_parallel_size))
 
     # -- generation ----------------------------------------------------------------------------------
     def _request(self, prompt: Prompt) -> dict:
-        if prompt.pixel_values is None:
+        if prompt.vision is None:
             return {"prompt_token_ids": list(prompt.ids)}
+        if prompt.vision.pixel_values_videos is not None:
+            raise ValueError("the vllm engine takes images, not videos: rows with videos need rollout.engine=hf")
         images = prompt.images
         if not images:
             raise ValueError("the vllm engine runs the model's own image processor: the prompt must carry its raw "
-                             "images (Prompt.images), not only pixel_values")
+                             "images (Prompt.images), not only their patches")
         # vLLM expands one `<|image_pad|>` per image to the grid's token count itself.
         collapsed = [t for i, t in enumerate(prompt.ids)
                      if t != self.image_token_id or i == 0 or prompt.ids[i - 1] != self.image_token_id]
@@ -252,7 +254,7 @@ class VLLMEngine:
         samples = []
         for (index, _), out in zip(order, outputs):
             prompt = prompts[index]
-            if prompt.pixel_values is not None and len(out.prompt_token_ids) != len(prompt.ids):
+            if prompt.vision is not None and len(out.prompt_token_ids) != len(prompt.ids):
                 raise RuntimeError(f"vLLM expanded the images of prompt {index} to {len(out.prompt_token_ids)} tokens, "
                                    f"the processor to {len(prompt.ids)}: their image-processor settings differ")
             completion = out.outputs[0]
@@ -262,7 +264,7 @@ class VLLMEngine:
                 prompt_ids=list(prompt.ids), response_ids=tokens, rollout_logp=logp,
                 rollout_entropy=[float("nan")] * len(tokens),
                 text=self.tokenizer.decode(tokens, skip_special_tokens=True), finished=bool(tokens) and tokens[-1] in eos,
-                prompt_index=index, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+                prompt_index=index, vision=prompt.vision,
             ))
         return samples
 

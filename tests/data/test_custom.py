@@ -70,3 +70,38 @@ def test_a_hub_dataset_written_name_at_split_goes_through_datasets(tmp_path):
     assert [(e["query"], e["answer"]) for e in examples] == [("1+1?", "2")]
     with pytest.raises(RuntimeError, match="could not load split 'nosuch'"):
         load_dataset_split("custom", f"{tmp_path / 'ds'}@nosuch", "train")
+
+
+def test_video_columns_decode_files_and_frame_lists_and_bad_videos_are_counted(tmp_path):
+    """`data.video_key`: a row's videos, each a file (decoded with PyAV) or a list of frame files, sampled at
+    `video_sampling`; `<video>` in the question places it. A corrupt file, a missing one or frames of two
+    sizes skip the row as `unreadable_video`; one the processor refuses, as `video_rejected`."""
+    from sapo_ray.data.video import VideoSampling
+    from tests.models.test_video import _video_file
+
+    frames = [Image.new("RGB", (56, 56), (40 * i, 0, 0)) for i in range(4)]
+    (tmp_path / "clip.mp4").write_bytes(_video_file(frames, 4))
+    for i, f in enumerate(frames):
+        f.save(tmp_path / f"f{i}.png")
+    Image.new("RGB", (28, 28)).save(tmp_path / "small.png")
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 64)
+    rows = [{"problem": "<video> Which frame is reddest?", "answer": "4", "clips": ["clip.mp4"]},
+            {"problem": "Which grew?", "answer": "A", "clips": [[f"f{i}.png" for i in range(4)]]},
+            {"problem": "Broken.", "answer": "1", "clips": ["bad.mp4"]},
+            {"problem": "Missing.", "answer": "1", "clips": ["gone.mp4"]},
+            {"problem": "Mixed sizes.", "answer": "1", "clips": [["f0.png", "small.png"]]},
+            {"problem": "Refused.", "answer": "1", "clips": [["small.png", "small.png"]]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def refuse_small(video):
+        if video.frames[0].size[0] < 56:
+            raise ValueError("height:28 and width:28 must be larger than factor:56")
+
+    report = DataReport()
+    examples = load_dataset_split("custom", path, "train", report=report, columns={
+        "video_key": "clips", "video_sampling": VideoSampling(fps=2.0, max_frames=8), "video_check": refuse_small})
+    assert [len(e["videos"]) for e in examples] == [1, 1] and examples[0]["question"] == "Which frame is reddest?"
+    assert [len(e["videos"][0].frames) for e in examples] == [2, 4]  # the file: 1 s at 4 fps sampled at 2 fps
+    assert examples[1]["videos"][0].fps == 2.0 and "clips" not in examples[0]["columns"]
+    assert dict(report.skipped) == {"unreadable_video": 3, "video_rejected": 1}

@@ -12,7 +12,7 @@ from sapo_ray.data.datasets import load_dataset_split
 from sapo_ray.data.schema import infer_answer_type
 from sapo_ray.data.schema import MATHVISTA_KEYS
 
-CONTRACT_KEYS = {"pid", "data_source", "question", "query", "images", "answer", "question_type", "answer_type",
+CONTRACT_KEYS = {"pid", "data_source", "question", "query", "images", "videos", "answer", "question_type", "answer_type",
                  "precision", "choices", "unit", "metadata", "solution"}
 
 

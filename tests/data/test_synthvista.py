@@ -125,12 +125,14 @@ def _mask(img, colour):
 
 def test_held_out_combinations_only_in_test():
     key = lambda r: (r["metadata"]["template"], json.loads(r["metadata"]["params"])["key"])  # noqa: E731
+    every = sv.TEMPLATES + sv.VIDEO_TEMPLATES
     held = set(sv.HELD_OUT.items())
-    train = {key(r) for s in ("train", "val") for r in sv.generate(400, seed=0, split=s, text_only=True)}
-    test = {key(r) for r in sv.generate(200, seed=0, split="test", text_only=True)}
+    train = {key(r) for s in ("train", "val") for r in sv.generate(400, seed=0, split=s, text_only=True, templates=every)}
+    test = {key(r) for r in sv.generate(200, seed=0, split="test", text_only=True, templates=every)}
     assert train.isdisjoint(held)
     assert test == held  # every reserved combination occurs, nothing else
-    assert len({c for _, c in held}) == len(sv.COLOURS)  # each colour is reserved exactly once
+    image_held = [c for t, c in held if t in sv.TEMPLATES]
+    assert sorted(image_held) == sorted(sv.COLOURS)  # each colour is reserved once among the image templates
 
 
 def test_schema_matches_mathvista_testmini():
@@ -138,7 +140,7 @@ def test_schema_matches_mathvista_testmini():
         pytest.skip(f"{TESTMINI} not found (set SAPO_SHARED_DIR)")
     ref = next(iter(json.loads(TESTMINI.read_text()).values()))
     for r in sv.generate(20, seed=0) + sv.generate(5, seed=0, text_only=True):
-        assert set(r) == set(ref) | {"decoded_image", "query", "solution"}
+        assert set(r) == set(ref) | {"decoded_image", "query", "solution", "videos"}
         assert set(METADATA_KEYS) == set(ref["metadata"]) and set(METADATA_KEYS) <= set(r["metadata"])
         assert r["metadata"]["source"] == "synthvista" and r["metadata"]["language"] == "english"
         assert isinstance(r["answer"], str) and isinstance(r["pid"], str)
@@ -209,10 +211,10 @@ def test_knobs():
 
 def test_to_example_follows_the_contract():
     ex = sv.to_example(sv.generate(1, seed=0)[0])
-    assert set(ex) == {"pid", "data_source", "question", "query", "images", "answer", "question_type",
+    assert set(ex) == {"pid", "data_source", "question", "query", "images", "videos", "answer", "question_type",
                        "answer_type", "precision", "choices", "unit", "metadata", "solution"}
     assert ex["data_source"] == "synthvista" and ex["pid"].startswith("synth-")
-    assert len(ex["images"]) == 1 and ex["images"][0].mode == "RGB"
+    assert len(ex["images"]) == 1 and ex["images"][0].mode == "RGB" and ex["videos"] == []
 
 
 _BARS = [{"colour": "blue", "value": 3}, {"colour": "red", "value": 7}, {"colour": "green", "value": 5}]
@@ -228,6 +230,8 @@ _BARS = [{"colour": "blue", "value": 3}, {"colour": "red", "value": 7}, {"colour
     ({"template": "bar_diff", "key": "red", "bars": _BARS, "named": ["red", "green"]}, "2", "12", "7 + 5 = 12."),
     ({"template": "bar_mean", "key": "blue", "bars": _BARS}, "5.0", "15", "The sum is 3 + 7 + 5 = 15.</think>"),
     ({"template": "bar_list", "key": "blue", "bars": _BARS}, "[3, 7, 5]", "[5, 7, 3]", "In reverse the values"),
+    ({"template": "bar_grew", "key": "red", "bars": [{"colour": "blue", "value": 6}, {"colour": "red", "value": 2}],
+      "growth": {"red": 3, "blue": 1}}, "red", "blue", "The tallest at the end is the blue bar."),
 ])
 def test_shortcut_solutions_take_the_wrong_procedure_after_the_same_first_step(params, right, shortcut, branch):
     question, answer, solution = sv.question_answer_solution(params)
@@ -236,3 +240,28 @@ def test_shortcut_solutions_take_the_wrong_procedure_after_the_same_first_step(p
     assert sc_solution.endswith(f"The answer is \\boxed{{{shortcut}}}.") and branch in sc_solution
     first = solution.split(" Step 2:")[0]
     assert sc_solution.startswith(first) and len(first) > len("<think>Step 1: The ")
+
+
+def test_clips_show_bars_growing_to_their_end_values():
+    """`bar_grew` rows: a clip and no image; the key colour grew most, by a distinct amount, and every bar
+    ends on the axis; the first frame draws the start values and the last the end values; the clip's rate and
+    length are the knobs'; the text-only twin states both."""
+    rows = sv.generate(12, seed=2, templates=["bar_grew"], clip_frames=5, clip_fps=4.0)
+    for r in rows:
+        params = json.loads(r["metadata"]["params"])
+        growth = params["growth"]
+        assert r["decoded_image"] is None and r["question_type"] == "multi_choice"
+        assert r["answer"] == params["key"] == max(growth, key=growth.get) and len(set(growth.values())) == len(growth)
+        assert sorted(r["choices"]) == sorted(b["colour"] for b in params["bars"])
+        assert all(b["value"] + growth[b["colour"]] <= 9 for b in params["bars"])
+        (clip,) = r["videos"]
+        assert len(clip.frames) == 5 and clip.fps == 4.0
+        for frame, at in ((clip.frames[0], 0), (clip.frames[-1], 1)):
+            heights = [_mask(frame, sv.COLOURS[b["colour"]]).getbbox() for b in params["bars"]]
+            per_unit = [(h[3] - h[1]) / (b["value"] + at * growth[b["colour"]]) for h, b in zip(heights, params["bars"])]
+            assert max(per_unit) - min(per_unit) <= 1.5, per_unit
+    twin = sv.generate(1, seed=2, templates=["bar_grew"], text_only=True)[0]
+    assert twin["videos"] == [] and "at the start:" in twin["query"] and "at the end:" in twin["query"]
+    assert sv.to_example(rows[0])["videos"] == rows[0]["videos"] and sv.to_example(rows[0])["images"] == []
+    with pytest.raises(ValueError, match="num_bars"):
+        sv.generate(1, 0, templates=["bar_grew"], num_bars=(2, 6))

@@ -343,18 +343,21 @@ def _budget_batch_text(path):
                            values=torch.zeros(mask.shape), returns=advantages, value_mask=seg.end_mask.float()), None
 
 
-def _mixed_batch(path):
-    """4 rows with an image, then 4 text-only rows: split over 2 ranks, one rank sees no image at all."""
+def _mixed_batch(path, videos: bool = False):
+    """4 rows with an image (`videos`: 2 with a clip, 2 with an image), then 4 text-only rows: split over 2
+    ranks, one rank sees no image at all."""
     from helpers import encode, engine_for
     from sapo_ray.batch import Batch, SamplingParams
     from sapo_ray.data.datasets import load_dataset_split
 
     engine, processor = engine_for(path)
-    examples = (load_dataset_split("synthvista", None, "train", n=2, seed=0)
+    knobs = {"templates": ["bar_grew", "bar_max"]} if videos else {}
+    examples = (load_dataset_split("synthvista", None, "train", n=2, seed=3 if videos else 0, **knobs)
                 + load_dataset_split("synthvista", None, "train", n=2, seed=1, text_only=True))
+    assert not videos or sum(bool(e["videos"]) for e in examples) == 1
     samples = engine.generate([encode(processor, e) for e in examples],
                               SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0))
-    assert [s.pixel_values is not None for s in samples] == [True] * 4 + [False] * 4
+    assert [s.vision is not None for s in samples] == [True] * 4 + [False] * 4
     batch = Batch.from_samples(samples, engine.pad_id)
     mask = batch.response_mask
     gen = torch.Generator().manual_seed(0)
@@ -364,19 +367,22 @@ def _mixed_batch(path):
                            advantages=torch.randn(mask.shape, generator=gen) * mask)
 
 
-@pytest.mark.parametrize("model, role, layout", [("vlm", "actor", "padded"), ("vlm", "actor", "shared_prompt"),
-                                                ("vlm", "critic", "packed"), ("qwen3_vl", "actor", "padded")])
-def test_a_rank_without_images_runs_the_vision_collectives_too(model, role, layout, ray_cluster, random_tiny_models):
+@pytest.mark.parametrize("model, role, layout, videos", [
+    ("vlm", "actor", "padded", False), ("vlm", "actor", "shared_prompt", False), ("vlm", "critic", "packed", False),
+    ("qwen3_vl", "actor", "padded", False), ("vlm", "actor", "padded", True)])
+def test_a_rank_without_images_runs_the_vision_collectives_too(model, role, layout, videos, ray_cluster,
+                                                               random_tiny_models):
     """FSDP gathers and reduces the vision blocks by collectives: a rank whose rows hold no image must run
     them as the rank with images does (before, gloo aborted on the mismatch; NCCL hangs). 2 ranks, one
-    without images, update exactly as 1 rank with all the rows (Qwen3-VL: its DeepStack mergers too)."""
+    without images, update exactly as 1 rank with all the rows (Qwen3-VL: its DeepStack mergers too; with
+    videos, the rank with a clip and an image runs the tower twice, and so does the other)."""
     path = random_tiny_models[model]
-    batch = _mixed_batch(path)
+    batch = _mixed_batch(path, videos)
     states = []
     for world in (1, 2):
         group = (PolicyGroup if role == "actor" else CriticGroup)(
                             learner_cfg(path, role=role, algorithm="rloo" if role == "actor" else "ppo", world_size=world,
-                                        layout=layout), timeout_s=120)
+                                        layout=layout, videos=videos), timeout_s=120)
         if role == "actor":
             group.compute_logprobs(batch).get()
         group.update(batch).get()

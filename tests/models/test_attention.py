@@ -29,7 +29,7 @@ def test_sdpa_gqa_matches_sdpa_in_training_and_generation(random_tiny_models, mo
         model = load_policy(path, attn_implementation=name).train()
         text = model.config.get_text_config()
         assert text.num_key_value_heads < text.num_attention_heads  # grouped heads: what sdpa_gqa changes
-        logp, entropy = policy_forward(model, batch, 1.0, engine.banned, engine.image_token_id)
+        logp, entropy = policy_forward(model, batch, 1.0, engine.banned, engine.vision_tokens)
         (logp * batch.response_mask).sum().backward()
         out[name] = (logp.detach(), entropy.detach(), {n: p.grad for n, p in model.named_parameters()})
         # Decoding over the KV cache: one query per row under a padding mask.

@@ -55,7 +55,7 @@ def test_save_load_round_trips_are_exact(vlm_dir, lm_dir, tmp_path):
 
 def test_text_only_critic_rejects_images(lm_dir):
     critic = ValueModel.from_pretrained(lm_dir)
-    with pytest.raises(ValueError, match="image inputs"):
+    with pytest.raises(ValueError, match="vision inputs"):
         critic(input_ids=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.zeros(4, 1176))
 
 

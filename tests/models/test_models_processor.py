@@ -2,8 +2,9 @@ import importlib.util
 
 import pytest
 
-from sapo_ray.models import (ImageOnlyQwenVLProcessor, banned_token_ids, load_processor, load_tokenizer,
+from sapo_ray.models import (QwenVLProcessor, banned_token_ids, load_processor, load_tokenizer,
                              pixel_limits)
+from sapo_ray.models.processor import FrameVideoProcessor
 from tests.models.conftest import image, vlm_batch
 
 
@@ -11,7 +12,7 @@ def test_processor_builds_without_torchvision_and_expands_images(vlm_dir):
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed here; this test is about its absence")
     proc = load_processor(vlm_dir)
-    assert isinstance(proc, ImageOnlyQwenVLProcessor) and not hasattr(proc, "video_processor")
+    assert isinstance(proc, QwenVLProcessor) and isinstance(proc.video_processor, FrameVideoProcessor)
     batch = vlm_batch(proc)
     pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # 112x112 -> 8x8 patches of 14 px -> 16 tokens after the 2x2 merge

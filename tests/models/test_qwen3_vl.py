@@ -19,7 +19,7 @@ def test_engine_and_learner_agree_in_every_layout(random_tiny_models):
 
     path = random_tiny_models["qwen3_vl"]
     batch, _ = sample_batch(path, prompts=3, n=2, max_new_tokens=10)
-    assert batch.pixel_values[0] is not None and batch.image_grid_thw[0].tolist()[0][0] == 1
+    assert batch.vision[0] is not None and batch.vision[0].image_grid_thw.tolist()[0][0] == 1
     valid = batch.response_mask.bool()
     values = {}
     with local_process_group():

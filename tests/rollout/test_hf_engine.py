@@ -47,7 +47,7 @@ def test_rollout_logprobs_and_entropies_equal_the_learner_forward():
     samples = engine.generate(_prompts(processor, 4), SamplingParams(n=2, temperature=0.7, max_new_tokens=32, seed=2))
     batch = Batch.from_samples(samples, engine.pad_id)
     with torch.no_grad():
-        logp, entropy = policy_forward(engine.model, batch, 0.7, engine.banned, engine.image_token_id)
+        logp, entropy = policy_forward(engine.model, batch, 0.7, engine.banned, engine.vision_tokens)
     mask = batch.response_mask.bool()
     assert float((logp - batch.rollout_logp).abs()[mask].max()) < 1e-4
     assert float((entropy - batch.rollout_entropy).abs()[mask].max()) < 1e-4
@@ -59,7 +59,7 @@ def test_greedy_is_the_argmax_path():
     assert samples[0].response_ids == samples[1].response_ids  # greedy ignores n's randomness
     batch = Batch.from_samples(samples[:1], engine.pad_id)
     with torch.no_grad():
-        logits = engine.model(**batch.model_inputs(engine.image_token_id)).logits[0]
+        logits = engine.model(**batch.model_inputs(engine.vision_tokens)).logits[0]
     P = batch.prompt_ids.shape[1]
     predicted = logits[P - 1 : P - 1 + len(samples[0].response_ids)].index_fill(-1, engine.banned, -1e9).argmax(-1)
     assert predicted.tolist() == samples[0].response_ids
@@ -110,8 +110,8 @@ def test_the_checkpoints_sampling_defaults_never_reach_generation(tmp_path):
     batch = Batch.from_samples(samples, engine.pad_id)
     mask = batch.response_mask.bool()
     with torch.no_grad():
-        logits = engine.model(**batch.model_inputs(engine.image_token_id)).logits
-        logp, entropy = policy_forward(engine.model, batch, 1.0, engine.banned, engine.image_token_id)
+        logits = engine.model(**batch.model_inputs(engine.vision_tokens)).logits
+        logp, entropy = policy_forward(engine.model, batch, 1.0, engine.banned, engine.vision_tokens)
     P = batch.prompt_ids.shape[1]
     probs = logits[:, P - 1 : -1].index_fill(-1, engine.banned, -1e9).softmax(-1)
     not_argmax = float((probs.argmax(-1) != batch.response_ids)[mask].float().mean())
@@ -152,7 +152,7 @@ def test_chunks_keep_a_prompts_samples_together_and_respect_the_batch_limit():
     assert [s.prompt_index for s in samples] == [0] * 4 + [1] * 4
     batch = Batch.from_samples(samples, engine.pad_id)
     with torch.no_grad():
-        logp, _ = policy_forward(engine.model, batch, 0.7, engine.banned, engine.image_token_id)
+        logp, _ = policy_forward(engine.model, batch, 0.7, engine.banned, engine.vision_tokens)
     assert float((logp - batch.rollout_logp).abs()[batch.response_mask.bool()].max()) < 1e-4
 
 

@@ -268,9 +268,9 @@ def test_vllm_image_processor_matches_the_learners(max_pixels):
         out = vllm_processor.apply(ProcessorInputs(collapsed, vllm_processor.info.parse_mm_data({"image": [image]})),
                                    TimingContext(enabled=False))
         item = out["mm_kwargs"]["image"][0]
-        assert item["image_grid_thw"].data.tolist() == prompt.image_grid_thw[0].tolist()
+        assert item["image_grid_thw"].data.tolist() == prompt.vision.image_grid_thw[0].tolist()
         assert out["prompt_token_ids"] == prompt.ids
-        torch.testing.assert_close(item["pixel_values"].data.float(), prompt.pixel_values.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(item["pixel_values"].data.float(), prompt.vision.pixel_values.float(), atol=1e-5, rtol=0)
 
 
 def test_tis_weights_are_truncated_ratios():
