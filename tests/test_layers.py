@@ -17,9 +17,9 @@ PACKAGE = ROOT / "sapo_ray"
 
 LAYERS = {
     # Pure functions, data types and helpers: the algorithm, the batch, the data and the rewards.
-    "ground": ["sapo_ray", "sapo_ray.utils", "sapo_ray.errors", "sapo_ray.net", "sapo_ray.remote", "sapo_ray.signals",
+    "ground": ["sapo_ray", "sapo_ray.utils", "sapo_ray.workers", "sapo_ray.errors", "sapo_ray.net", "sapo_ray.remote", "sapo_ray.signals",
                "sapo_ray.batch", "sapo_ray.algo", "sapo_ray.bookkeeping", "sapo_ray.placement", "sapo_ray.tracking",
-               "sapo_ray.precision", "sapo_ray.data", "sapo_ray.reward"],
+               "sapo_ray.precision", "sapo_ray.data", "sapo_ray.reward", "sapo_ray.envs"],
     # The typed config every process reads.
     "schema": ["sapo_ray.config"],
     "models": ["sapo_ray.models"],

@@ -1,0 +1,84 @@
+"""Tool calls in worker processes: each bounded by a timeout, none with the network or the run's files.
+
+A call runs in a `sapo_ray.workers.WorkerPool` process, so one that hangs costs its worker `timeout_s` and
+the episode an error observation, and the other calls run on. Each worker first cuts itself off: a network
+namespace of its own (an unprivileged user namespace where the kernel allows one; `isolated` says whether
+it did), and an empty working directory, so a tool sees what its `ToolContext` holds and no more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import tempfile
+from typing import Callable
+
+from sapo_ray.envs.tools import BadCall, ToolCall, ToolContext, ToolResult, load_tool, run_call
+from sapo_ray.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+
+
+def cut_off() -> bool:
+    """This process in a network namespace of its own (no interface but a down loopback) and an empty
+    working directory; returns whether the network is cut (False where the kernel refuses namespaces)."""
+    os.chdir(tempfile.mkdtemp(prefix="sapo-tool-"))
+    try:
+        unshare = ctypes.CDLL(None, use_errno=True).unshare
+    except (OSError, AttributeError):
+        return False
+    return unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 or unshare(_CLONE_NEWNET) == 0
+
+
+def _runner(max_chars: int, tool_files: tuple[str, ...]) -> Callable:
+    """In a worker: load the user's tools, cut off, then run `(call, context)` payloads (None asks whether
+    the network is cut)."""
+    for spec in tool_files:
+        load_tool(spec)
+    isolated = cut_off()
+    return lambda payload: isolated if payload is None else run_call(*payload, max_chars=max_chars)
+
+
+class ToolPool:
+    """Runs calls with `run_call` in `num_workers` processes, each call at most `timeout_s` seconds, each
+    result at most `max_chars` characters; a call past its time is an error observation of kind `timeout`.
+    `tool_files`: the user's tools (`"file.py:function"`, `load_tool`), loaded here and in every worker."""
+
+    def __init__(self, num_workers: int, timeout_s: float, max_chars: int = 1000, tool_files: tuple[str, ...] = ()):
+        self.timeout_s = timeout_s
+        self.names = [load_tool(spec) for spec in tool_files]  # here too: a bad file fails before any worker starts
+        self._workers = WorkerPool(num_workers, timeout_s, _runner, (max_chars, tuple(tool_files)),
+                                   preload=("sapo_ray.envs.tools",), name="ToolWorker")
+        (probe,) = self._workers.map([None])
+        self.isolated = bool(probe.value)
+        if not self.isolated:
+            log.warning("tool workers could not leave the network (the kernel refuses a network namespace); "
+                        "tools still run in their own processes, in an empty working directory")
+
+    def run(self, calls: list[tuple[ToolCall | BadCall, ToolContext]]) -> list[ToolResult]:
+        """One result per call, in order; a malformed call answers at once, without a worker."""
+        results: list[ToolResult | None] = [None] * len(calls)
+        sent = [i for i, (call, _) in enumerate(calls) if isinstance(call, ToolCall)]
+        for i, (call, context) in enumerate(calls):
+            if i not in sent:
+                results[i] = run_call(call, context)
+        for i, outcome in zip(sent, self._workers.map([calls[i] for i in sent])):
+            name = calls[i][0].name
+            if outcome.timed_out:
+                results[i] = ToolResult(f"Error: {name} ran past its {self.timeout_s:g} s limit.", "timeout")
+            elif outcome.error is not None:
+                results[i] = ToolResult(f"Error: {name} failed: {outcome.error}.", "tool_raised")
+            else:
+                results[i] = outcome.value
+        return results
+
+    def close(self) -> None:
+        self._workers.close()
+
+    def __enter__(self) -> "ToolPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
