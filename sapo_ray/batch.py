@@ -10,7 +10,7 @@ consumes them flattened and micro-batches must be able to pick any subset of row
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -95,6 +95,16 @@ class SamplingParams:
 
 
 @dataclass
+class EpisodeStats:
+    """What a multi-turn episode did."""
+
+    turns: int  # the model's turns
+    tool_calls: int = 0
+    tool_errors: dict[str, int] = field(default_factory=dict)  # failed calls by kind
+    cut: bool = False  # ended by `max_turns` or the token budget, not by the environment
+
+
+@dataclass
 class Sample:
     """One response sampled for one prompt."""
 
@@ -106,6 +116,10 @@ class Sample:
     finished: bool  # ended with an end-of-turn token rather than at the length limit
     prompt_index: int  # position of its prompt in the step's prompt batch
     vision: Vision | None = None
+    # A multi-turn episode's response holds the environment's observations between the model's turns: 1 on
+    # those tokens (appended, never sampled: their logp and entropy are 0); None for one turn.
+    observation_mask: list[int] | None = None
+    episode: EpisodeStats | None = None
 
 
 @dataclass
@@ -164,12 +178,15 @@ class Batch:
     micro-batches) goes through. A field not filled yet raises `MissingField` when read (`Filled`).
     """
 
-    # The rollout engine: prompts left-padded to P, responses right-padded to R (`response_mask[b, t] = 1`
-    # on the `t < T_b` sampled tokens), each row's images and videos, and the engine's own per-token numbers.
+    # The rollout engine: prompts left-padded to P, responses right-padded to R, each row's images and videos,
+    # and the engine's own per-token numbers. A response's `t < T_b` tokens are the model's (`response_mask`)
+    # and, in a multi-turn episode, the observations between its turns (`observation_mask`): context the
+    # forward passes attend to, that no loss, KL or value target counts.
     prompt_ids: torch.Tensor  # [B, P] long
     prompt_mask: torch.Tensor  # [B, P] long, 1 on real prompt tokens
     response_ids: torch.Tensor  # [B, R] long
     response_mask: torch.Tensor  # [B, R] float, 1 on the tokens the model sampled
+    observation_mask: torch.Tensor  # [B, R] float, 1 on the tokens an environment appended
     vision: list[Vision | None]
     rollout_logp: torch.Tensor = Filled("the rollout engine")  # [B, R] log-prob of each token under the engine
     rollout_entropy: torch.Tensor = Filled("the rollout engine")  # [B, R] entropy of the engine's distribution
@@ -199,9 +216,11 @@ class Batch:
         prompt_ids = _pad([s.prompt_ids for s in samples], pad_id, left=True, dtype=torch.long)
         prompt_mask = _pad([[1] * len(s.prompt_ids) for s in samples], 0, left=True, dtype=torch.long)
         response_ids = _pad([s.response_ids for s in samples], pad_id, left=False, dtype=torch.long)
-        response_mask = _pad([[1.0] * len(s.response_ids) for s in samples], 0.0, left=False, dtype=torch.float32)
+        observed = [s.observation_mask or [0] * len(s.response_ids) for s in samples]
+        response_mask = _pad([[1.0 - o for o in row] for row in observed], 0.0, left=False, dtype=torch.float32)
+        observation_mask = _pad([[float(o) for o in row] for row in observed], 0.0, left=False, dtype=torch.float32)
         return cls(
-            prompt_ids, prompt_mask, response_ids, response_mask,
+            prompt_ids, prompt_mask, response_ids, response_mask, observation_mask,
             [s.vision for s in samples],
             rollout_logp=_pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32),
             rollout_entropy=_pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32),
@@ -214,24 +233,33 @@ class Batch:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def __repr__(self) -> str:  # the dataclass's would read, and so require, every field
+        return (f"Batch(rows={len(self)}, prompt={self.prompt_ids.shape[1]}, response={self.response_ids.shape[1]}, "
+                f"filled={sorted(self.filled())})")
+
+    @property
+    def sequence_mask(self) -> torch.Tensor:
+        """`[B, R]` float: 1 on every token of the responses, the model's and the observations (left-aligned)."""
+        return self.response_mask + self.observation_mask
+
     def padding_ratio(self) -> float:
         """The share of the `[prompt | response]` positions a forward pass computes that are padding."""
         computed = len(self) * (self.prompt_ids.shape[1] + self.response_ids.shape[1])
-        return 1.0 - float(self.prompt_mask.sum() + self.response_mask.sum()) / max(computed, 1)
+        return 1.0 - float(self.prompt_mask.sum() + self.sequence_mask.sum()) / max(computed, 1)
 
     def select(self, index: torch.Tensor | list[int] | slice) -> "Batch":
         """Rows `index` (all fields), trimming padding columns no selected row uses."""
         if isinstance(index, slice):
             index = list(range(len(self)))[index]
         index = torch.as_tensor(index, dtype=torch.long)
-        pm, rm = self.prompt_mask[index], self.response_mask[index]
+        pm, rm, om = self.prompt_mask[index], self.response_mask[index], self.observation_mask[index]
         p_keep = max(int(pm.sum(1).max()) if len(index) else 1, 1)
-        r_keep = max(int(rm.sum(1).max()) if len(index) else 1, 1)
+        r_keep = max(int((rm + om).sum(1).max()) if len(index) else 1, 1)
         p0 = self.prompt_ids.shape[1] - p_keep
         per_row = {k: (v[index][:, :r_keep] if v.dim() == 2 else v[index]) for k, v in self.filled().items()}
         return Batch(
             self.prompt_ids[index][:, p0:], pm[:, p0:], self.response_ids[index][:, :r_keep], rm[:, :r_keep],
-            [self.vision[i] for i in index.tolist()], **per_row,
+            om[:, :r_keep], [self.vision[i] for i in index.tolist()], **per_row,
         )
 
     def with_fields(self, **values: torch.Tensor | None) -> "Batch":
@@ -242,7 +270,7 @@ class Batch:
         """Every tensor of the batch on `device`."""
         move = lambda t: None if t is None else t.to(device)
         return Batch(move(self.prompt_ids), move(self.prompt_mask), move(self.response_ids), move(self.response_mask),
-                     [None if v is None else v.to(device) for v in self.vision],
+                     move(self.observation_mask), [None if v is None else v.to(device) for v in self.vision],
                      **{k: move(v) for k, v in self.filled().items()})
 
     def distinct_prompts(self) -> tuple[list[int], torch.Tensor]:
@@ -269,7 +297,7 @@ class Batch:
     def model_inputs(self, vision_tokens: VisionTokens) -> dict[str, torch.Tensor]:
         """`input_ids = [prompt | response]` with its attention mask, images, videos and (for Qwen-VL) token types."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
-        attention_mask = torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.sequence_mask.long()], dim=1)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **Vision.model_inputs(self.vision)}
         if len(inputs) > 2:
             inputs["mm_token_type_ids"] = vision_tokens.types(input_ids)

@@ -234,7 +234,7 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
 
 def perf_metrics(batch: Batch, seconds: float, peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """Tokens (prompt and response) per second over the step's `seconds`, and `memory_metrics(peaks)`."""
-    tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
+    tokens = float(batch.sequence_mask.sum() + batch.prompt_mask.sum())  # observations are computed too
     return {"perf/throughput": tokens / seconds, "perf/response_tokens": float(batch.response_mask.sum()),
             **memory_metrics(peaks)}
 
@@ -295,9 +295,9 @@ class Stability:
 
 
 def token_texts(tokenizer, batch: Batch) -> list[list[str]]:
-    """Each valid response token decoded on its own (the text segmenters' input)."""
+    """Each response token decoded on its own, observations included, by position (the text segmenters' input)."""
     return [[tokenizer.decode([t]) for t in row[: int(m.sum())].tolist()]
-            for row, m in zip(batch.response_ids, batch.response_mask)]
+            for row, m in zip(batch.response_ids, batch.sequence_mask)]
 
 
 def check_skipped_steps(metrics: dict[str, float], limit: int) -> None:

@@ -212,7 +212,7 @@ class FSDPWorker:
         if not g.max_tokens_per_micro_batch:
             order = list(range(len(batch))) if together is None else torch.argsort(together, stable=True).tolist()
             return [order[s : s + g.micro_batch_size] for s in range(0, len(batch), g.micro_batch_size)]
-        prompts, responses = batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
+        prompts, responses = batch.prompt_mask.sum(1).tolist(), batch.sequence_mask.sum(1).tolist()
         together = None if together is None else together.tolist()
         rows = pack_by_tokens(prompts, responses, g.max_tokens_per_micro_batch, together=together)
         if self.world_size > 1:

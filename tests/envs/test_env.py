@@ -1,0 +1,42 @@
+"""The tools environment: a turn's calls answered in order, a turn without one ends the episode."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from sapo_ray.envs.env import ENVS, ToolEnv, env_factory
+from sapo_ray.envs.pool import ToolPool
+
+
+@pytest.fixture(scope="module")
+def tools():
+    with ToolPool(num_workers=1, timeout_s=5.0) as pool:
+        yield pool
+
+
+def test_calls_are_answered_in_order_and_an_answer_ends_the_episode(tools):
+    image = Image.new("RGB", (20, 20), (38, 90, 210))  # synthvista's blue
+    env = ToolEnv({"images": [image]}, tools)
+    step = env.step('<think>Which colour?</think><tool_call>{"name": "colour_at", "arguments": {"x": 3, "y": 4}}'
+                    '</tool_call><tool_call>{"name": "calculator", "arguments": {"expression": "2 * 3.5"}}</tool_call>'
+                    '<tool_call>{"name": "zoom", "arguments": {}}</tool_call>')
+    assert step.observation.count("<tool_response>") == 3
+    assert step.observation.index("\nblue\n") < step.observation.index("\n7\n") < step.observation.index("no tool 'zoom'")
+    assert step.tool_calls == 3 and step.tool_errors == Counter({"unknown_tool": 1})
+    assert step.observation.endswith("<|im_start|>assistant\n")
+    final = env.step("<think>It is blue.</think> The answer is \\boxed{blue}.")
+    assert final.observation is None and final.tool_calls == 0
+
+
+def test_environments_by_name_or_file(tmp_path):
+    assert env_factory("tools") is ENVS["tools"] is ToolEnv
+    (tmp_path / "mine.py").write_text("class Echo:\n    def __init__(self, example, tools):\n        pass\n"
+                                      "    def step(self, text):\n        return None\n")
+    assert env_factory(f"{tmp_path}/mine.py:Echo").__name__ == "Echo"
+    with pytest.raises(ValueError, match="unknown environment 'nope'"):
+        env_factory("nope")
+    with pytest.raises(ValueError, match="needs a tool pool"):
+        ToolEnv({}, None)
