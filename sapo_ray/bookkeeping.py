@@ -25,7 +25,7 @@ import torch
 from sapo_ray.algo import kl as kl_mod
 from sapo_ray.algo import losses, registry
 from sapo_ray.algo.registry import AlgorithmSpec
-from sapo_ray.algo.segments import Segments
+from sapo_ray.algo.segments import SEGMENTER_INPUTS, Segments, turn_ends
 from sapo_ray.batch import Batch, Sample
 from sapo_ray.errors import StopRun
 
@@ -101,6 +101,7 @@ class Draws:
         self.metrics["data/prompt_too_long"] += too_long
         self.metrics.update({k: self.metrics[k] + n for k, n in counts.items()})
         self.metrics.update(means)
+        self.metrics.update(episode_metrics(samples, scores))  # the last draw's, as the extra means
         drawn = group_samples(samples, scores, examples)
         if self.dynamic_sampling:
             if self.count == 0:
@@ -120,6 +121,30 @@ class Draws:
         if not trimmed:
             return None, {**metrics, "rollout/skipped_update": 1.0, "batch/rows": 0.0, "batch/groups": 0.0}
         return make_batch(trimmed, pad_id), metrics
+
+
+def episode_metrics(samples: list[Sample], scores: list[dict]) -> dict[str, float]:
+    """Per multi-turn episode (none for one-turn samples): turns, tool calls, failed calls (and by kind, in
+    all), observation tokens, the share cut by the limits, and the accuracy of the episodes that called a
+    tool and of those that did not."""
+    pairs = [(s, x) for s, x in zip(samples, scores) if s.episode is not None]
+    if not pairs:
+        return {}
+    n = len(pairs)
+    out = {
+        "episode/turns": sum(s.episode.turns for s, _ in pairs) / n,
+        "episode/tool_calls": sum(s.episode.tool_calls for s, _ in pairs) / n,
+        "episode/tool_errors": sum(sum(s.episode.tool_errors.values()) for s, _ in pairs) / n,
+        "episode/observation_tokens": sum(sum(s.observation_mask or []) for s, _ in pairs) / n,
+        "episode/cut": sum(s.episode.cut for s, _ in pairs) / n,
+    }
+    for kind in sorted({k for s, _ in pairs for k in s.episode.tool_errors}):
+        out[f"episode/tool_errors/{kind}"] = float(sum(s.episode.tool_errors.get(kind, 0) for s, _ in pairs))
+    for name, used in (("acc_with_tools", True), ("acc_without_tools", False)):
+        accs = [x["acc"] for s, x in pairs if (s.episode.tool_calls > 0) == used]
+        if accs:
+            out[f"episode/{name}"] = sum(accs) / len(accs)
+    return out
 
 
 def make_batch(groups: list[Group], pad_id: int) -> Batch:
@@ -151,9 +176,14 @@ def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
 def segments(spec: AlgorithmSpec, batch: Batch, token_texts: list[list[str]] | None = None) -> Segments | None:
     """The responses cut into segments by the spec's segmenter, from the old policy's entropies (or
     log-probs, or `token_texts`: each valid response token decoded, for the text segmenters); None for
-    an algorithm without segments."""
-    return registry.make_segments(spec, batch.response_mask, entropy=batch.entropy, logprobs=batch.old_logp,
-                                  token_texts=token_texts)
+    an algorithm without segments. In a multi-turn episode each turn's last token also ends a segment (but
+    for segmenters of the whole sequence, `SegmenterInputs.turns`): no segment spans an observation."""
+    mask = batch.response_mask
+    seg = registry.make_segments(spec, mask, entropy=batch.entropy, logprobs=batch.old_logp,
+                                 token_texts=token_texts, observation_mask=batch.observation_mask)
+    if seg is None or not bool(batch.observation_mask.any()) or not SEGMENTER_INPUTS[spec.segmenter].turns:
+        return seg
+    return Segments.from_end_mask(seg.end_mask | turn_ends(mask, batch.observation_mask), mask)
 
 
 def advantages(spec: AlgorithmSpec, batch: Batch, seg: Segments | None, max_new_tokens: int) -> tuple[Batch, dict]:

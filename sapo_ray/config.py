@@ -241,6 +241,26 @@ class LearnerConfig:
 
 
 @dataclass
+class EnvConfig:
+    # Multi-turn episodes (sapo_ray/envs): null = one response per prompt. `tools`: the model's <tool_call>
+    # blocks (Qwen's format) are run and answered in the next user turn, until a turn calls none; or a
+    # class of your own, "path/to/file.py:ClassName" taking (example, tools) with step(text) -> Step.
+    name: Optional[str] = None
+    # The model's turns per episode, and the tokens of its whole response (turns and observations).
+    max_turns: int = 4
+    max_tokens: int = 512
+    # The tools a turn may call (sapo_ray/envs/tools.py: calculator, colour_at), plus your own functions
+    # "path/to/file.py:function" (fn(context, **arguments) -> str; the docstring describes it).
+    tools: list = field(default_factory=lambda: ["calculator", "colour_at"])
+    tool_files: list = field(default_factory=list)
+    # Processes running tool calls on each rollout worker (no network, no files of the run), each call's
+    # time limit, and the longest result a turn sees (longer ones are cut and counted).
+    tool_workers: int = 2
+    tool_timeout_s: float = 5.0
+    max_tool_chars: int = 1000
+
+
+@dataclass
 class RewardConfig:
     # Weights of the paper's reward: acc_weight * accuracy + format_weight * format (acc_weight null =
     # 1 - format_weight: the paper's 0.9 / 0.1; format_weight=0 scores by the accuracy alone).
@@ -335,6 +355,7 @@ class Config:
     algorithm: AlgorithmSpec = field(default_factory=lambda: get_algorithm("sapo"))
     actor: LearnerConfig = field(default_factory=LearnerConfig)
     critic: LearnerConfig = field(default_factory=lambda: LearnerConfig(optim=OptimConfig(lr=2e-5)))
+    env: EnvConfig = field(default_factory=EnvConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -383,6 +404,8 @@ class RolloutWorkerConfig:
     # with the driver's pixel budget (else its prompts would not match the learner's).
     max_pixels: Optional[int] = None
     min_pixels: Optional[int] = None
+    # Multi-turn episodes (`env.name` set): the worker runs the environments and their tools.
+    env: EnvConfig = field(default_factory=EnvConfig)
 
 
 @dataclass
@@ -418,9 +441,16 @@ def optimizer_steps(cfg, role: str) -> int:
     return updates * math.ceil(rows / group.mini_batch_size) * group.ppo_epochs
 
 
+def response_tokens(cfg) -> int:
+    """The longest response a step samples and trains on: `rollout.max_new_tokens`, or with multi-turn
+    episodes `env.max_tokens` (the model's turns and the observations together)."""
+    return cfg.env.max_tokens if cfg.env.name else cfg.rollout.max_new_tokens
+
+
 def rollout_worker_config(cfg, index: int) -> RolloutWorkerConfig:
     return RolloutWorkerConfig(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.rollout), index, cfg.seed,
-                               max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
+                               max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels,
+                               env=OmegaConf.to_object(cfg.env))
 
 
 def learner_worker_config(cfg, role: str, videos: bool = False) -> LearnerWorkerConfig:

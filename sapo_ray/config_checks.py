@@ -12,7 +12,7 @@ import logging
 
 from sapo_ray import precision
 from sapo_ray.algo.registry import AlgorithmSpec, missing_segment_options
-from sapo_ray.config import ConfigError, algorithm_spec
+from sapo_ray.config import ConfigError, algorithm_spec, response_tokens
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def validate(cfg) -> None:
                f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in (0, rollout.max_new_tokens="
                f"{r.max_new_tokens}], or null for a fifth of rollout.max_new_tokens")
     _check(a.critic_warmup >= 0, f"algorithm.critic_warmup={a.critic_warmup} must be >= 0")
+    _check_env(cfg.env)
     _check(a.max_refill >= 0, f"algorithm.max_refill={a.max_refill} must be >= 0")
     _validate_batch(cfg, spec)
     _check(r.tis_cap == 0 or r.tis_cap >= 1, f"rollout.tis_cap={r.tis_cap} must be 0 (off) or >= 1")
@@ -179,10 +180,28 @@ def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
         _check(rows % g.world_size == 0,
                f"data.prompts_per_step * rollout.n = {d.prompts_per_step} x {r.n} = {rows} rows must be divisible "
                f"by {role}.world_size={g.world_size}, so that a step's groups split evenly over the ranks")
-        longest = d.max_prompt_length + r.max_new_tokens
+        longest = d.max_prompt_length + response_tokens(cfg)
+        response = "env.max_tokens" if cfg.env.name else "rollout.max_new_tokens"
         _check(g.max_tokens_per_micro_batch == 0 or g.max_tokens_per_micro_batch >= longest,
                f"{role}.max_tokens_per_micro_batch={g.max_tokens_per_micro_batch} must hold one whole row: >= "
-               f"data.max_prompt_length + rollout.max_new_tokens = {longest} (or 0 for micro_batch_size rows)")
+               f"data.max_prompt_length + {response} = {longest} (or 0 for micro_batch_size rows)")
+
+
+def _check_env(e) -> None:
+    """Multi-turn episodes: a known environment, limits that allow a turn, tools that exist."""
+    from sapo_ray.envs.env import ENVS
+    from sapo_ray.envs.tools import TOOLS
+
+    if e.name is None:
+        return
+    _check(e.name in ENVS or ":" in e.name,
+           f"env.name={e.name!r} is not one of {sorted(ENVS)} nor a class of yours, 'path/to/file.py:ClassName'")
+    _check(e.max_turns >= 1, f"env.max_turns={e.max_turns} must be >= 1")
+    _check(e.max_tokens >= 1, f"env.max_tokens={e.max_tokens} must be >= 1")
+    _check(e.tool_workers >= 1 and e.tool_timeout_s > 0,
+           f"env.tool_workers={e.tool_workers} must be >= 1 and env.tool_timeout_s={e.tool_timeout_s} > 0")
+    unknown = [t for t in e.tools if t not in TOOLS]
+    _check(not unknown, f"env.tools: unknown {unknown}; built in: {sorted(TOOLS)} (your own: env.tool_files)")
 
 
 def _check_engine(cfg) -> None:

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sapo_ray.config import response_tokens
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The phases of a step, in order: what each process holds in each is `phase_totals`.
@@ -163,7 +165,7 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
            "gathered": 2 * (shape.root_params + 2 * shape.block_params)}
     if with_ref:
         out["reference"] = DTYPE_BYTES[m.dtype] * shape.params / world
-    tokens = g.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+    tokens = g.micro_batch_size * (cfg.data.max_prompt_length + response_tokens(cfg))
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
     # A no-grad forward keeps no block's activations: one block's at a time.
     out["forward_activations"] = block_activation_bytes(shape, tokens)
@@ -184,7 +186,7 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
         # no-grad forward's logits have no gradient.
         from sapo_ray.learner.forward import CHUNK_TOKENS
 
-        positions = g.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
+        positions = g.micro_batch_size * (response_tokens(cfg) + 1)
         out["logits"] = (2 * compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
         out["forward_logits"] = (compute * positions + 4 * 4 * CHUNK_TOKENS) * shape.vocab
         if g.layout == "packed":  # the rows' logits gathered out of the packed sequence: one more copy
@@ -203,7 +205,7 @@ def engine_memory(shape: ModelShape, cfg) -> dict[str, float]:
     if engine_traits(r.engine).memory_pool:
         return {"context": CONTEXT_GB, "reserved": r.gpu_memory_utilization * cfg.cluster.gpu_memory_gb}
     size = DTYPE_BYTES[cfg.model.dtype]
-    seq = cfg.data.max_prompt_length + r.max_new_tokens
+    seq = cfg.data.max_prompt_length + response_tokens(cfg)
     gpus = max(1, math.ceil(r.num_gpus))
     return {"context": CONTEXT_GB, "weights": size * shape.params / GiB / gpus,
             "kv_cache": 2 * size * shape.layers * shape.kv_dim * r.max_batch_size * seq / GiB / gpus,

@@ -92,8 +92,11 @@ class RolloutGroup:
                    for ex in examples]
         kept = [(p, ex) for p, ex in encoded if len(p.ids) <= d.max_prompt_length]
         prompts = [p for p, _ in kept]
+        # Episodes' environments read their rows (a tool looks at the images); one-turn sampling needs none.
+        rows = [ex for _, ex in kept] if self.cfg.env.name else None
         per = math.ceil(len(prompts) / len(self.workers)) if prompts else 0
-        parts = [(i, (prompts[i * per:(i + 1) * per], replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per))
+        parts = [(i, (prompts[i * per:(i + 1) * per], replace(params, seed=derive_seed(self.cfg.seed, *stream, i)), i * per,
+                      rows and rows[i * per:(i + 1) * per]))
                  for i in range(len(self.workers)) if prompts[i * per:(i + 1) * per]]
         return Rollout([(i, args, self.workers[i].generate.remote(*args)) for i, args in parts], [ex for _, ex in kept],
                        len(examples) - len(kept), policy_version, timeout_s=self.cfg.trainer.rpc_timeout_s)

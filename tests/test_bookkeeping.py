@@ -379,3 +379,51 @@ def test_memory_metrics_keep_host_and_gpu_apart():
                                     "rollout": [{"host": 700.0}]})
     assert m == {"perf/peak_host_mb/actor": 1200.0, "perf/peak_gpu_mb/actor": 30_000.0,
                  "perf/peak_host_mb/rollout": 700.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-turn episodes
+# ----------------------------------------------------------------------------------------------
+
+
+def episode(turns: int, calls: int, errors: dict, cut: bool, observed: list[int]) -> Sample:
+    from sapo_ray.batch import EpisodeStats
+
+    n = len(observed)
+    return Sample([1, 2], list(range(3, 3 + n)), [-0.5] * n, [1.0] * n, "x", not cut, 0,
+                  observation_mask=observed, episode=EpisodeStats(turns, calls, errors, cut))
+
+
+def test_episode_metrics_by_hand():
+    samples = [episode(3, 2, {"timeout": 1}, False, [0, 1, 1, 0, 1, 0]),
+               episode(1, 0, {}, False, [0, 0]),
+               episode(2, 1, {"unknown_tool": 1}, True, [0, 1, 0])]
+    metrics = bookkeeping.episode_metrics(samples, [score(1, 1), score(0, 0), score(0, 0)])
+    assert metrics == {"episode/turns": 2.0, "episode/tool_calls": 1.0, "episode/tool_errors": 2 / 3,
+                       "episode/observation_tokens": 4 / 3, "episode/cut": 1 / 3,
+                       "episode/tool_errors/timeout": 1.0, "episode/tool_errors/unknown_tool": 1.0,
+                       "episode/acc_with_tools": 0.5, "episode/acc_without_tools": 0.0}
+    assert bookkeeping.episode_metrics([sample(0)], [score(1)]) == {}
+
+
+@pytest.mark.parametrize("segmenter, options", [("entropy_topk", {}), ("fixed", {"n": 4}), ("turn", {})])
+def test_no_segment_spans_an_observation(segmenter, options):
+    """SAPO's segments end at each turn's last token too, whatever the segmenter: they stay inside a turn, and
+    observation tokens belong to none (the `turn` segmenter: exactly the turns); one-turn rows are unchanged."""
+    from dataclasses import replace
+
+    from sapo_ray.batch import Batch
+
+    observed = [0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0]
+    batch = Batch.from_samples([episode(3, 2, {}, False, observed), sample(0, length=5)], pad_id=0)
+    gen = torch.Generator().manual_seed(0)
+    batch = batch.with_fields(entropy=torch.rand(batch.response_mask.shape, generator=gen),
+                              old_logp=torch.zeros(batch.response_mask.shape))
+    spec = replace(registry.get_algorithm("sapo"), segmenter=segmenter, segment_options=options)
+    ids = bookkeeping.segments(spec, batch).seg_id[0].tolist()
+    assert [ids[t] for t in (3, 4, 9)] == [-1, -1, -1]
+    turns = [[0, 1, 2], [5, 6, 7, 8], [10, 11]]
+    for a, b in zip(turns, turns[1:]):
+        assert max(ids[t] for t in a) < min(ids[t] for t in b)  # a later turn starts a new segment
+    if segmenter == "turn":
+        assert [ids[t] for t in sum(turns, [])] == [0, 0, 0, 1, 1, 1, 1, 2, 2]

@@ -1,7 +1,8 @@
 """Advantage estimators: segment-level GAE (SAPO), token-level GAE (PPO), group baselines.
 
 Conventions (SAPO_SPEC.md "Notation" and section 2):
-  * ``mask [B, T]``: 1 on valid response tokens, left-aligned.
+  * ``mask [B, T]``: 1 on valid response tokens: left-aligned, or with holes where a multi-turn episode
+    has observations between the model's tokens (the segments and the per-token GAE skip them).
   * ``values[b, t] = V(x, y_<t)``: the critic's output at the position that predicts token ``t``.
   * ``token_rewards[b, t] = r_t``: ``score * [t = last valid] - beta * kl_t``.
   * Returns are computed **before** whitening; whitening is token-weighted over all valid tokens
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from sapo_ray.algo import kl as kl_mod
 from sapo_ray.algo.losses import masked_whiten
-from sapo_ray.algo.segments import Segments, last_valid_mask
+from sapo_ray.algo.segments import Segments, is_left_aligned, last_valid_mask
 
 __all__ = [
     "VALUE_ANCHORS",
@@ -159,11 +160,6 @@ def _weighted_whiten(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -
     return (x - mean) * torch.rsqrt(var + eps)
 
 
-def _require_left_aligned(valid: torch.Tensor, fn: str) -> None:
-    if valid.shape[1] > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
-        raise ValueError(f"{fn} needs left-aligned masks (valid tokens first, then padding); got a mask with holes")
-
-
 @torch.no_grad()
 def token_gae(
     token_rewards: torch.Tensor,
@@ -178,10 +174,14 @@ def token_gae(
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V_T = 0`` after the last valid token,
     ``A_t = delta_t + gamma * lam * A_{t+1}``, ``R_t = A_t + V_t`` (before whitening); then optional
-    whitening and clamping as in :func:`segment_gae`. Masks must be left-aligned.
+    whitening and clamping as in :func:`segment_gae`. A mask with holes (a multi-turn episode's observations
+    between the model's tokens) takes each token as a segment of its own: ``V_{t+1}`` is then the value at
+    the model's next token, past the observation.
     """
     valid = mask.bool()
-    _require_left_aligned(valid, "token_gae")
+    if not is_left_aligned(valid):
+        per_token = Segments.from_end_mask(valid, valid, left_aligned=False)
+        return segment_gae(token_rewards, values, valid, per_token, gamma, lam, "seg_end_prev", whiten, clip)
     zero = values.new_zeros(())
     v = torch.where(valid, values, zero)
     r = torch.where(valid, token_rewards, zero)

@@ -37,6 +37,7 @@ __all__ = [
     "SEGMENTER_INPUTS",
     "segment",
     "last_valid_mask",
+    "turn_ends",
 ]
 
 # A segmenter maps (mask: BoolTensor[B, T], **options) to a BoolTensor[B, T] of candidate ends.
@@ -46,25 +47,27 @@ SEGMENTERS: dict[str, Segmenter] = {}
 
 
 # What a segmenter may read of a rollout batch besides its mask (the trainer has all of them).
-INPUTS = ("entropy", "logprobs", "token_texts", "token_ids", "tokenizer")
+INPUTS = ("entropy", "logprobs", "token_texts", "token_ids", "tokenizer", "observation_mask")
 
 
 @dataclass(frozen=True)
 class SegmenterInputs:
     """What a registered segmenter reads: `reads` of `INPUTS` (None: all of them, for a segmenter that does
-    not say), the one it cannot do without (`needs`, None: none), and whether it takes the algorithm's
-    `frac`."""
+    not say), the one it cannot do without (`needs`, None: none), whether it takes the algorithm's `frac`,
+    and whether its segments also end at each turn of a multi-turn episode (`turns`; off for the whole
+    sequence, GSPO's unit)."""
 
     reads: tuple[str, ...] | None = None
     needs: str | None = None
     frac: bool = False
+    turns: bool = True
 
 
 SEGMENTER_INPUTS: dict[str, SegmenterInputs] = {}
 
 
 def register_segmenter(name: str, reads: tuple[str, ...] | None = None, needs: str | None = None,
-                       frac: bool = False) -> Callable[[Segmenter], Segmenter]:
+                       frac: bool = False, turns: bool = True) -> Callable[[Segmenter], Segmenter]:
     """Register ``fn(mask, **options) -> end candidates [B, T]`` under ``name``, with what it reads
     (`SegmenterInputs`)."""
     unknown = sorted(set(reads or ()) - set(INPUTS))
@@ -75,7 +78,7 @@ def register_segmenter(name: str, reads: tuple[str, ...] | None = None, needs: s
         if name in SEGMENTERS and SEGMENTERS[name] is not fn:
             raise ValueError(f"segmenter {name!r} is already registered ({SEGMENTERS[name]})")
         SEGMENTERS[name] = fn
-        SEGMENTER_INPUTS[name] = SegmenterInputs(reads, needs, frac)
+        SEGMENTER_INPUTS[name] = SegmenterInputs(reads, needs, frac, turns)
         return fn
 
     return decorator
@@ -401,13 +404,27 @@ def _entropy_topk(
     return above | (tied & (torch.cumsum(tied, dim=1) <= needed))
 
 
+def turn_ends(mask: torch.Tensor, observation_mask: torch.Tensor) -> torch.Tensor:
+    """BoolTensor ``[B, T]``: the last token of each of the model's turns that an observation follows (the
+    row's last valid token ends its last turn, and ``segment`` adds it)."""
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    out[:, :-1] = mask[:, :-1].bool() & observation_mask[:, 1:].bool()
+    return out
+
+
+@register_segmenter("turn", reads=("observation_mask",))
+def _turns(mask: torch.Tensor, *, observation_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each of the model's turns in a multi-turn episode is a segment (one per row without observations)."""
+    return torch.zeros_like(mask) if observation_mask is None else turn_ends(mask, observation_mask) & mask
+
+
 @register_segmenter("token", reads=())
 def _every_token(mask: torch.Tensor) -> torch.Tensor:
     """Every token is a segment (token-level PPO)."""
     return mask.clone()
 
 
-@register_segmenter("sequence", reads=())
+@register_segmenter("sequence", reads=(), turns=False)
 def _whole_sequence(mask: torch.Tensor) -> torch.Tensor:
     """One segment per row (GSPO-like); the last valid token is added by ``segment``."""
     return torch.zeros_like(mask)

@@ -46,9 +46,12 @@ class ToolPool:
     result at most `max_chars` characters; a call past its time is an error observation of kind `timeout`.
     `tool_files`: the user's tools (`"file.py:function"`, `load_tool`), loaded here and in every worker."""
 
-    def __init__(self, num_workers: int, timeout_s: float, max_chars: int = 1000, tool_files: tuple[str, ...] = ()):
+    def __init__(self, num_workers: int, timeout_s: float, max_chars: int = 1000, tool_files: tuple[str, ...] = (),
+                 allowed: tuple[str, ...] | None = None):
         self.timeout_s = timeout_s
         self.names = [load_tool(spec) for spec in tool_files]  # here too: a bad file fails before any worker starts
+        # The tools a turn may call (the configured and the user's); None: every registered tool.
+        self.allowed = None if allowed is None else set(allowed) | set(self.names)
         self._workers = WorkerPool(num_workers, timeout_s, _runner, (max_chars, tuple(tool_files)),
                                    preload=("sapo_ray.envs.tools",), name="ToolWorker")
         (probe,) = self._workers.map([None])
@@ -58,11 +61,18 @@ class ToolPool:
                         "tools still run in their own processes, in an empty working directory")
 
     def run(self, calls: list[tuple[ToolCall | BadCall, ToolContext]]) -> list[ToolResult]:
-        """One result per call, in order; a malformed call answers at once, without a worker."""
+        """One result per call, in order; a malformed call or one to a tool not allowed answers at once, without
+        a worker."""
         results: list[ToolResult | None] = [None] * len(calls)
-        sent = [i for i, (call, _) in enumerate(calls) if isinstance(call, ToolCall)]
+        sent = [i for i, (call, _) in enumerate(calls)
+                if isinstance(call, ToolCall) and (self.allowed is None or call.name in self.allowed)]
         for i, (call, context) in enumerate(calls):
-            if i not in sent:
+            if i in sent:
+                continue
+            if isinstance(call, ToolCall):
+                results[i] = ToolResult(f"Error: there is no tool {call.name!r} (tools: {', '.join(sorted(self.allowed))}).",
+                                        "unknown_tool")
+            else:
                 results[i] = run_call(call, context)
         for i, outcome in zip(sent, self._workers.map([calls[i] for i in sent])):
             name = calls[i][0].name

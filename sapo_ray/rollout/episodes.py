@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sapo_ray.batch import EpisodeStats, Prompt, Sample, SamplingParams
-from sapo_ray.envs.env import Env
+from sapo_ray.envs.env import Env, env_factory
+from sapo_ray.envs.pool import ToolPool
+from sapo_ray.envs.tools import tool_schemas
 from sapo_ray.utils import derive_seed
 
 
@@ -114,3 +116,23 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
         for episode, budget, sample in zip(live, budgets, generate(continued, turn_params)):
             episode.add_turn(_cut(sample, budget, tokenizer))
     return [episode.sample() for episode in episodes]
+
+
+class Episodes:
+    """A rollout worker's episodes: the environment class, the tool pool its environments call, the limits."""
+
+    def __init__(self, make_env: Callable[[dict], Env], limits: EpisodeLimits, tools=None):
+        self.make_env, self.limits, self.tools = make_env, limits, tools
+
+    @classmethod
+    def from_config(cls, cfg) -> "Episodes":
+        """From an `EnvConfig` (`env.name` set)."""
+        factory = env_factory(cfg.name)
+        tool_schemas(list(cfg.tools))  # every named tool exists
+        tools = ToolPool(cfg.tool_workers, cfg.tool_timeout_s, cfg.max_tool_chars, tuple(cfg.tool_files), tuple(cfg.tools))
+        return cls(lambda example: factory(example, tools), EpisodeLimits(cfg.max_turns, cfg.max_tokens), tools)
+
+    def run(self, engine, prompts: list[Prompt], examples: list[dict], params: SamplingParams) -> list[Sample]:
+        if examples is None or len(examples) != len(prompts):
+            raise ValueError("multi-turn episodes need each prompt's example (its environment's input)")
+        return run_episodes(engine.generate, engine.tokenizer, prompts, examples, params, self.make_env, self.limits)

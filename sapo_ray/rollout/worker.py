@@ -9,6 +9,7 @@ import ray
 from sapo_ray.batch import Prompt, Sample, SamplingParams
 from sapo_ray.config import RolloutWorkerConfig
 from sapo_ray.rollout.engine import build_engine
+from sapo_ray.rollout.episodes import Episodes
 from sapo_ray.utils import peak_memory_mb, set_threads
 
 
@@ -19,10 +20,17 @@ class RolloutWorker:
         set_threads(cfg.rollout.num_threads)
         self.engine = build_engine(cfg)
         self.asleep = False
+        self.episodes = Episodes.from_config(cfg.env) if cfg.env.name else None
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams, index_offset: int = 0) -> list[Sample]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, index_offset: int = 0,
+                 examples: list[dict] | None = None) -> list[Sample]:
+        """Samples of `prompts`; with an environment (`env.name`), multi-turn episodes, `examples[i]` the row
+        of prompt i."""
         self._awake()
-        samples = self.engine.generate(prompts, params)
+        if self.episodes is None:
+            samples = self.engine.generate(prompts, params)
+        else:
+            samples = self.episodes.run(self.engine, prompts, examples, params)
         for s in samples:
             s.prompt_index += index_offset
         return samples

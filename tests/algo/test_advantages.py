@@ -145,10 +145,37 @@ def test_token_gae_by_hand_and_against_textbook_loop():
     torch.testing.assert_close(ret, exp_ret)
 
 
-def test_token_gae_rejects_masks_with_holes():
-    mask = torch.tensor([[True, False, True]])
-    with pytest.raises(ValueError, match="left-aligned"):
-        advantages.token_gae(torch.zeros(1, 3), torch.zeros(1, 3), mask)
+def two_turns():
+    """A two-turn episode: the model's tokens 0-1, an observation at 2-3 (its values must not count), the
+    model's tokens 4-5, padding at 6."""
+    mask = torch.tensor([[True, True, False, False, True, True, False]])
+    observation = torch.tensor([[0, 0, 1, 1, 0, 0, 0]])
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.4, 0.6, 99.0]], dtype=D)
+    rewards = torch.tensor([[-0.01, -0.02, 0.0, 0.0, 0.0, 1.0, 0.0]], dtype=D)
+    return mask, observation, values, rewards
+
+
+def test_token_gae_skips_an_observation_by_hand():
+    mask, _, values, rewards = two_turns()
+    adv, ret = advantages.token_gae(rewards, values, mask, gamma=1.0, lam=0.9, whiten=False)
+    # t=5: 1.0 - 0.6 = 0.4 ; t=4: 0.6 - 0.4 = 0.2, A = 0.2 + 0.9 * 0.4 = 0.56
+    # t=1: -0.02 + V_4 0.4 - 0.2 = 0.18, A = 0.18 + 0.9 * 0.56 = 0.684 ; t=0: -0.01 + 0.2 - 0.5 + 0.9 * 0.684 = 0.3056
+    torch.testing.assert_close(adv, torch.tensor([[0.3056, 0.684, 0, 0, 0.56, 0.4, 0]], dtype=D))
+    torch.testing.assert_close(ret, torch.tensor([[0.8056, 0.884, 0, 0, 0.96, 1.0, 0]], dtype=D))
+
+
+@pytest.mark.parametrize("anchor, expected", [("seg_end_prev", [0.73, 0.73, 0, 0, 0.4, 0.4, 0]),
+                                              ("seg_start", [0.41, 0.41, 0, 0, 0.6, 0.6, 0])])
+def test_turn_segments_by_hand(anchor, expected):
+    """The `turn` segmenter: segments {0, 1} and {4, 5}. seg_end_prev: V = values[1] 0.2 and values[5] 0.6,
+    r = -0.03 and 1.0: A_1 = 0.4, A_0 = -0.03 + 0.6 - 0.2 + 0.9 * 0.4 = 0.73. seg_start: V = values[0] 0.5 and
+    values[4] 0.4: A_1 = 0.6, A_0 = -0.03 + 0.4 - 0.5 + 0.9 * 0.6 = 0.41."""
+    mask, observation, values, rewards = two_turns()
+    seg = segment("turn", mask=mask, observation_mask=observation)
+    assert seg.seg_id.tolist() == [[0, 0, -1, -1, 1, 1, -1]]
+    adv, _ = advantages.segment_gae(rewards, values, mask, seg, gamma=1.0, lam=0.9, value_anchor=anchor,
+                                    whiten=False, clip=None)
+    torch.testing.assert_close(adv, torch.tensor([expected], dtype=D))
 
 
 @pytest.mark.parametrize("M", [1, 5, 32, 33, 64, 200, 1100, 4200])  # 1, 2 and 3 levels of blocks
