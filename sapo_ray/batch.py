@@ -102,6 +102,7 @@ class EpisodeStats:
     tool_calls: int = 0
     tool_errors: dict[str, int] = field(default_factory=dict)  # failed calls by kind
     cut: bool = False  # ended by `max_turns` or the token budget, not by the environment
+    transcript: str = ""  # the whole response decoded, observations and special tokens included
 
 
 @dataclass

@@ -21,6 +21,7 @@ from sapo_ray.config import rollout_worker_config
 from sapo_ray.errors import StopRun
 from sapo_ray.remote import ActorFailure, Restarts, wait_all
 from sapo_ray.rollout.engine import encode_prompt, engine_traits
+from sapo_ray.rollout.episodes import episode_tools
 from sapo_ray.rollout.worker import RolloutWorker
 from sapo_ray.sync import WeightSync
 from sapo_ray.utils import actor_env, derive_seed
@@ -38,6 +39,8 @@ class RolloutGroup:
     def __init__(self, cfg, placement, processor, restarts: Restarts):
         self.cfg, self.placement, self.processor, self.restarts = cfg, placement, processor, restarts
         self.traits = engine_traits(cfg.rollout.engine)
+        # The tools the prompts list (chat templates with a tools section render them; others ignore them).
+        self.tools = episode_tools(cfg.env)
         self.workers = [self._start(i) for i in range(cfg.rollout.num_workers)]
         self.wait([w.ready.remote() for w in self.workers])
         self.weight_sync: WeightSync | None = None  # and the learners' context, once connected
@@ -88,8 +91,8 @@ class RolloutGroup:
         """Start sampling `examples` (those over `data.max_prompt_length` are left out and counted), split
         evenly over the workers, worker i with seed `derive_seed(seed, *stream, i)`."""
         d = self.cfg.data
-        encoded = [(encode_prompt(self.processor, ex, d.instruction, keep_images=self.traits.raw_images), ex)
-                   for ex in examples]
+        encoded = [(encode_prompt(self.processor, ex, d.instruction, keep_images=self.traits.raw_images,
+                                  tools=self.tools), ex) for ex in examples]
         kept = [(p, ex) for p, ex in encoded if len(p.ids) <= d.max_prompt_length]
         prompts = [p for p, _ in kept]
         # Episodes' environments read their rows (a tool looks at the images); one-turn sampling needs none.

@@ -9,6 +9,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 SHORT = {"critic/score/mean": "score", "val/accuracy": "val_acc", "val/accuracy_greedy": "val_acc_greedy",
@@ -20,14 +21,17 @@ CONSOLE_KEYS = tuple(SHORT)
 
 def generation_records(samples, examples: list[dict], scores: list[dict], **fields) -> list[dict]:
     """One JSON-able record per sample: `fields`, the example's id, prompt (its query) and gold answer, the
-    response, its scores (with a reward function's extra numbers), and the row's own columns (a custom
+    response (a multi-turn episode's last turn, and its whole transcript with its turns, tool calls and
+    failed calls), its scores (with a reward function's extra numbers), and the row's own columns (a custom
     dataset's, such as its id, for joining; the record's keys win a clash)."""
     records = []
     for sample, scored in zip(samples, scores):
         example = examples[sample.prompt_index]
+        episode = {} if sample.episode is None else asdict(sample.episode)
         records.append({**{k: example[k] for k in example.get("columns", ())}, **fields, "pid": example["pid"],
                         "prompt": example["query"], "response": sample.text, "answer": example["answer"],
-                        "finished": sample.finished, "response_length": len(sample.response_ids), **scored})
+                        "finished": sample.finished, "response_length": len(sample.response_ids), **episode,
+                        **scored})
     return records
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from sapo_ray.batch import Sample, SamplingParams
+from sapo_ray.bookkeeping import episode_metrics
 from sapo_ray.reward.mathvista import result_file
 from sapo_ray.reward.scorer import Scorer
 from sapo_ray.tracking import generation_records, write_jsonl
@@ -46,6 +47,7 @@ def validate(cfg, step: int, examples: list[dict], generate: Generate, scorer: S
         out[f"val/accuracy{suffix}"] = float(np.mean([x["acc"] for x in scores])) if scores else 0.0
         if not suffix:
             out.update({**counts, **means, **sampled_metrics(samples, kept, scores)})
+            out.update({f"val/{k}": v for k, v in episode_metrics(samples, scores).items()})
     return out
 
 

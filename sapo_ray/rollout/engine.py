@@ -20,16 +20,19 @@ from sapo_ray.learner.forward import log_softmax_and_entropy
 from sapo_ray.utils import compute_device, derive_seed
 
 
-def encode_prompt(processor, example: dict, instruction: str = "", keep_images: bool = False) -> Prompt:
+def encode_prompt(processor, example: dict, instruction: str = "", keep_images: bool = False,
+                  tools: list[dict] | None = None) -> Prompt:
     """Chat-template `example` (Qwen-VL messages from `build_messages`) and run the processor.
 
     `processor` is a VLM processor or, for text-only models, a tokenizer. `keep_images` also keeps
-    the raw images, for engines that run the model's own processor (vllm).
+    the raw images, for engines that run the model's own processor (vllm). `tools` (function schemas)
+    go to the chat template, which lists them where it has a tools section.
     """
     from sapo_ray.data.prompts import build_messages
 
+    extra = {} if tools is None else {"tools": tools}
     text = processor.apply_chat_template(build_messages(example, instruction), tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **extra)
     images, videos = example.get("images") or None, example.get("videos") or None
     if images or videos:
         if not hasattr(processor, "image_processor"):

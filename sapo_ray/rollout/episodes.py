@@ -21,7 +21,7 @@ from typing import Callable
 from sapo_ray.batch import EpisodeStats, Prompt, Sample, SamplingParams
 from sapo_ray.envs.env import Env, env_factory
 from sapo_ray.envs.pool import ToolPool
-from sapo_ray.envs.tools import tool_schemas
+from sapo_ray.envs.tools import load_tool, tool_schemas
 from sapo_ray.utils import derive_seed
 
 
@@ -61,8 +61,8 @@ class _Episode:
         self.logp += [0.0] * len(ids)
         self.entropy += [0.0] * len(ids)
 
-    def sample(self) -> Sample:
-        stats = EpisodeStats(self.turns, self.tool_calls, dict(self.tool_errors), self.cut)
+    def sample(self, tokenizer) -> Sample:
+        stats = EpisodeStats(self.turns, self.tool_calls, dict(self.tool_errors), self.cut, tokenizer.decode(self.ids))
         return Sample(list(self.prompt.ids), self.ids, self.logp, self.entropy, self.text,
                       self.finished and not self.cut, self.prompt_index, self.prompt.vision, self.observed, stats)
 
@@ -115,7 +115,7 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
         turn_params = replace(params, n=1, max_new_tokens=max(budgets), seed=derive_seed(params.seed, "turn", turn))
         for episode, budget, sample in zip(live, budgets, generate(continued, turn_params)):
             episode.add_turn(_cut(sample, budget, tokenizer))
-    return [episode.sample() for episode in episodes]
+    return [episode.sample(tokenizer) for episode in episodes]
 
 
 class Episodes:
@@ -136,3 +136,11 @@ class Episodes:
         if examples is None or len(examples) != len(prompts):
             raise ValueError("multi-turn episodes need each prompt's example (its environment's input)")
         return run_episodes(engine.generate, engine.tokenizer, prompts, examples, params, self.make_env, self.limits)
+
+
+def episode_tools(cfg) -> list[dict] | None:
+    """The tools an `EnvConfig`'s episodes may call, as chat templates list them (None without episodes of
+    the tools environment); the user's tool files are loaded here too."""
+    if cfg.name != "tools":
+        return None
+    return tool_schemas(list(cfg.tools) + [load_tool(spec) for spec in cfg.tool_files])

@@ -56,9 +56,33 @@ def test_episodes_train_end_to_end(algorithm, ray_cluster, tmp_path):
 
     env = f"{Path(__file__).with_name('scripted_env.py')}:OneObservation"
     run(tiny_cfg(tmp_path / "run", "bundled:tiny-vlm", f"algorithm={algorithm}", f"env.name={env}", "env.max_turns=2",
-                 "env.max_tokens=160", "rollout.max_new_tokens=64", "data.hint=false"))
+                 "env.max_tokens=160", "rollout.max_new_tokens=64", "data.hint=false", "trainer.dump_rollouts=true"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     trained = rows[1:]
     assert all(r["actor/grad_norm"] > 0 and r["critic/grad_norm"] > 0 for r in trained)
     assert max(r["episode/turns"] for r in trained) > 1 and max(r["episode/observation_tokens"] for r in trained) > 0
+    dumped = [json.loads(line) for f in (tmp_path / "run" / "generations").glob("rollout_*.jsonl")
+              for line in f.read_text().splitlines()]
+    two = [d for d in dumped if d["turns"] == 2]
+    assert two and all("<tool_response>\n7\n</tool_response>" in d["transcript"] and d["tool_calls"] == 1 for d in two)
+
+
+def test_prompts_list_the_tools_where_the_chat_template_has_a_place_for_them():
+    """`episode_tools` gives the configured tools as function schemas; a template with a tools section lists
+    them, one without renders the prompt as before."""
+    from sapo_ray.config import EnvConfig
+    from sapo_ray.models import load_tokenizer
+    from sapo_ray.rollout.engine import encode_prompt
+    from sapo_ray.rollout.episodes import episode_tools
+
+    assert episode_tools(EnvConfig()) is None
+    tools = episode_tools(EnvConfig(name="tools", tools=["calculator"]))
+    assert [t["function"]["name"] for t in tools] == ["calculator"]
+    example = {"pid": "x", "query": "What is 3 + 4?", "images": []}
+    plain = load_tokenizer("bundled:tiny-lm")
+    assert encode_prompt(plain, example, tools=tools).ids == encode_prompt(plain, example).ids
+    listing = load_tokenizer("bundled:tiny-lm")
+    listing.chat_template = ("{% if tools %}Tools: {{ tools | map(attribute='function') | map(attribute='name') "
+                             "| join(', ') }}\n{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert listing.decode(encode_prompt(listing, example, tools=tools).ids).startswith("Tools: calculator\n")

@@ -109,6 +109,41 @@ def test_greedy_parity_with_hf_engine(engines):
 
 
 @needs_vllm
+def test_episodes_continue_from_their_own_ids_on_both_engines(engines):
+    """Greedy episodes of three turns with observations between: vLLM takes each continuation as token ids
+    (nothing re-tokenized), so its episodes are the hf engine's, token for token, and each holds exactly the
+    ids the engine sampled or was given."""
+    from sapo_ray.rollout.episodes import EpisodeLimits, run_episodes
+    from tests.rollout.test_episodes import OBSERVATION, Scripted
+
+    hf, vllm = engines[0], engines[1].engine
+    prompts = text_prompts(4)
+    examples = load_dataset_split("synthvista", None, "train", n=4, seed=0, text_only=True)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=64)
+    limits = EpisodeLimits(max_turns=3, max_tokens=400)
+    given = []
+
+    def recorded(prompts, params):
+        given.append([list(p.ids) for p in prompts])
+        return vllm.generate(prompts, params)
+
+    a = run_episodes(hf.generate, hf.tokenizer, prompts, examples, params, Scripted, limits)
+    b = run_episodes(recorded, vllm.tokenizer, prompts, examples, params, Scripted, limits)
+    assert max(s.episode.turns for s in b) > 1
+    observation = vllm.tokenizer(OBSERVATION, add_special_tokens=False)["input_ids"]
+    for x, y in zip(a, b):
+        assert (x.response_ids, x.observation_mask) == (y.response_ids, y.observation_mask)
+        assert max(abs(p - q) for p, q in zip(x.rollout_logp, y.rollout_logp)) < LOGP_ATOL
+        # every later turn started from the prompt and the episode's ids so far, observation included
+        ends = [t + 1 for t in range(len(y.observation_mask) - 1)
+                if y.observation_mask[t] and not y.observation_mask[t + 1]]
+        for end in ends:
+            prefix = y.prompt_ids + y.response_ids[:end]
+            assert any(prefix == ids for call in given[1:] for ids in call)
+            assert y.response_ids[end - len(observation):end] == observation
+
+
+@needs_vllm
 def test_sampled_logp_is_the_learner_distribution(engines):
     """At T != 1 the returned log-probs are log softmax(logits / T) with banned ids masked, as the learner's.
 
