@@ -124,6 +124,18 @@ def infer_answer_type(answer: str) -> tuple[str, int | None]:
     return "text", None
 
 
+def cell_bytes(value, base_dir: Path | None) -> bytes | None:
+    """The bytes of a file cell: struct<bytes, path> (a dict), raw bytes, or a path relative to ``base_dir``;
+    None when it has neither bytes nor a path (a missing file raises OSError)."""
+    if isinstance(value, (str, Path)):
+        value = {"path": str(value)}
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if data is None and path:
+        file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
+        data = file.read_bytes()
+    return data or None
+
+
 def decode_image(value, base_dir: Path | None) -> Image.Image:
     """Decode an image cell (struct<bytes, path>, raw bytes, a path relative to ``base_dir``, or PIL) to
     an RGB PIL image."""
@@ -131,13 +143,8 @@ def decode_image(value, base_dir: Path | None) -> Image.Image:
         if isinstance(value, Image.Image):
             img = value
         else:
-            if isinstance(value, (str, Path)):
-                value = {"path": str(value)}
-            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-            if data is None and path:
-                file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
-                data = file.read_bytes()
-            if not data:
+            data = cell_bytes(value, base_dir)
+            if data is None:
                 raise UnreadableImageError("image has neither bytes nor a readable path")
             img = Image.open(io.BytesIO(data))
         img.load()

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapo_ray.data.schema import UnreadableImageError, decode_image
+from sapo_ray.data.schema import UnreadableImageError, cell_bytes, decode_image
 
 
 @dataclass
@@ -71,13 +71,8 @@ def decode_video(value, base_dir: Path | None, fps: float, max_frames: int, sour
         if isinstance(value, (list, tuple)):
             frames = [decode_image(f, base_dir) for f in value]
             return sample_video(frames, source_fps or fps, fps, max_frames)
-        if isinstance(value, (str, Path)):
-            value = {"path": str(value)}
-        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-        if data is None and path:
-            file = Path(path) if base_dir is None or Path(path).is_absolute() else base_dir / path
-            data = file.read_bytes()
-        if not data:
+        data = cell_bytes(value, base_dir)
+        if data is None:
             raise UnreadableVideoError("video has neither frames, bytes nor a readable path")
         frames, rate = _decode_file(bytes(data))
         return sample_video(frames, rate, fps, max_frames)
