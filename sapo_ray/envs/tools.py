@@ -30,8 +30,10 @@ from sapo_ray.data.synthvista import COLOURS
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 OPEN = "<tool_call>"
-# The kinds of failed call, the keys of an episode's `tool_errors` counts (and of its metrics).
-ERROR_KINDS = ("malformed_call", "unknown_tool", "bad_arguments", "tool_raised", "timeout", "result_too_long")
+# The kinds of failed call, the keys of an episode's `tool_errors` counts (and of its metrics); `env_raised`:
+# an environment's own step failed (the episode ends).
+ERROR_KINDS = ("malformed_call", "unknown_tool", "bad_arguments", "tool_raised", "timeout", "result_too_long",
+               "env_raised")
 
 
 @dataclass(frozen=True)

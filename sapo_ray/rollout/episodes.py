@@ -14,15 +14,18 @@ next observation or turn would pass `max_tokens` tokens of response (turns and o
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sapo_ray.batch import EpisodeStats, Prompt, Sample, SamplingParams
-from sapo_ray.envs.env import Env, env_factory
+from sapo_ray.envs.env import Env, Step, env_factory
 from sapo_ray.envs.pool import ToolPool
 from sapo_ray.envs.tools import load_tool, tool_schemas
 from sapo_ray.utils import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,11 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
             if not episode.finished:  # cut at the length limit: no complete turn to answer
                 episode.done = episode.cut = True
                 continue
-            step = episode.env.step(episode.text)
+            try:
+                step = episode.env.step(episode.text)
+            except Exception as error:  # a user's environment failing ends its episode, counted, not the run
+                log.warning("an environment's step raised %s: %s; its episode ends there", type(error).__name__, error)
+                step = Step(None, tool_errors=Counter({"env_raised": 1}))
             episode.tool_calls += step.tool_calls
             episode.tool_errors.update(step.tool_errors)
             if step.observation is None:

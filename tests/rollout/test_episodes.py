@@ -112,3 +112,19 @@ def test_the_limits_hold(tiny):
                        lambda ex: Scripted(ex, turns=1), EpisodeLimits(max_turns=1, max_tokens=1000))
     assert all(s.episode.turns == 1 and not s.episode.cut and s.observation_mask == [0] * len(s.response_ids)
                for s in one if s.finished)
+
+
+def test_an_environment_that_raises_ends_its_episode_counted(tiny):
+    engine, processor, examples, prompts = tiny
+
+    class Broken(Scripted):
+        def step(self, text):
+            if self.seen:
+                raise KeyError("lost state")
+            return super().step(text)
+
+    samples = run_episodes(engine.generate, processor.tokenizer, prompts, examples,
+                           SamplingParams(n=1, temperature=1.0, max_new_tokens=64, seed=0), Broken,
+                           EpisodeLimits(max_turns=4, max_tokens=400))
+    two = [s for s in samples if s.episode.turns == 2]
+    assert two and all(s.episode.tool_errors == {"env_raised": 1} and not s.episode.cut for s in two)
