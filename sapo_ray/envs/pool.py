@@ -1,9 +1,12 @@
 """Tool calls in worker processes: each bounded by a timeout, none with the network or the run's files.
 
 A call runs in a `sapo_ray.workers.WorkerPool` process, so one that hangs costs its worker `timeout_s` and
-the episode an error observation, and the other calls run on. Each worker first cuts itself off: a network
-namespace of its own (an unprivileged user namespace where the kernel allows one; `isolated` says whether
-it did), and an empty working directory, so a tool sees what its `ToolContext` holds and no more.
+the episode an error observation, and the other calls run on. Each worker loads the tools (theirs and the
+user's files, with everything they import), then cuts itself off: namespaces of its own (an unprivileged
+user namespace where the kernel allows one) with no network but a down loopback, and an empty directory as
+its root, so a tool sees what its `ToolContext` holds and no more (`isolated` says whether it could; where
+it could not, a tool still runs in its own process, in an empty working directory). A tool cannot import
+modules at call time after that: its file imports what it needs at the top.
 """
 
 from __future__ import annotations
@@ -18,18 +21,27 @@ from sapo_ray.envs.tools import BadCall, ToolCall, ToolContext, ToolResult, load
 from sapo_ray.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+_CLONE_NEWUSER, _CLONE_NEWNET, _CLONE_NEWNS = 0x10000000, 0x40000000, 0x00020000
 
 
 def cut_off() -> bool:
-    """This process in a network namespace of its own (no interface but a down loopback) and an empty
-    working directory; returns whether the network is cut (False where the kernel refuses namespaces)."""
-    os.chdir(tempfile.mkdtemp(prefix="sapo-tool-"))
+    """This process without network (a network namespace of its own) and with an empty directory as its
+    root; returns whether it could (False where the kernel refuses the namespaces: then only the working
+    directory is an empty one)."""
+    empty = tempfile.mkdtemp(prefix="sapo-tool-")
+    os.chdir(empty)
     try:
         unshare = ctypes.CDLL(None, use_errno=True).unshare
     except (OSError, AttributeError):
         return False
-    return unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 or unshare(_CLONE_NEWNET) == 0
+    if unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS) != 0 and unshare(_CLONE_NEWNET | _CLONE_NEWNS) != 0:
+        return False
+    try:
+        os.chroot(empty)
+    except OSError:
+        return False
+    os.chdir("/")
+    return True
 
 
 def _runner(max_chars: int, tool_files: tuple[str, ...]) -> Callable:
@@ -57,8 +69,8 @@ class ToolPool:
         (probe,) = self._workers.map([None])
         self.isolated = bool(probe.value)
         if not self.isolated:
-            log.warning("tool workers could not leave the network (the kernel refuses a network namespace); "
-                        "tools still run in their own processes, in an empty working directory")
+            log.warning("tool workers could not leave the network and the file system (the kernel refuses the "
+                        "namespaces); tools still run in their own processes, in an empty working directory")
 
     def run(self, calls: list[tuple[ToolCall | BadCall, ToolContext]]) -> list[ToolResult]:
         """One result per call, in order; a malformed call or one to a tool not allowed answers at once, without

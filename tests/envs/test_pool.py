@@ -12,14 +12,14 @@ from sapo_ray.envs.pool import ToolPool
 from sapo_ray.envs.tools import TOOLS, BadCall, ToolCall, ToolContext
 
 HOOKS = str(Path(__file__).with_name("tool_hooks.py"))
-SPECS = tuple(f"{HOOKS}:{name}" for name in ("nap", "dial", "here", "vanish"))
+SPECS = tuple(f"{HOOKS}:{name}" for name in ("nap", "dial", "here", "peek", "vanish"))
 
 
 @pytest.fixture(scope="module")
 def pool():
     with ToolPool(num_workers=2, timeout_s=1.0, tool_files=SPECS) as tools:
         yield tools
-    for name in ("nap", "dial", "here", "vanish"):
+    for name in ("nap", "dial", "here", "peek", "vanish"):
         TOOLS.pop(name, None)
 
 
@@ -42,8 +42,9 @@ def test_a_call_that_kills_its_worker_is_an_error_and_the_pool_goes_on(pool):
 
 
 def test_tools_see_no_network_and_no_files(pool):
-    """A server listening on this machine's loopback is out of a tool's reach (where the kernel grants the
-    worker a network namespace), and a tool's working directory is empty."""
+    """A server listening on this machine's loopback and this very file are out of a tool's reach (where the
+    kernel grants the worker namespaces: its root is an empty directory); elsewhere its working directory
+    is an empty one."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -57,7 +58,11 @@ def test_tools_see_no_network_and_no_files(pool):
     finally:
         server.close()
     (where,) = pool.run([(ToolCall("here", {}), ToolContext())])
-    assert "sapo-tool-" in where.text and where.text.endswith("[]")
+    (peeked,) = pool.run([(ToolCall("peek", {"path": __file__}), ToolContext())])
+    if pool.isolated:  # the root is an empty directory: no file of the run, no file at all
+        assert where.text == "/ []" and peeked.error == "tool_raised" and "FileNotFoundError" in peeked.text
+    else:
+        assert "sapo-tool-" in where.text and where.text.endswith("[]")
 
 
 def test_a_user_tool_file_that_is_not_there_fails_before_any_worker(tmp_path):

@@ -22,6 +22,12 @@ def here(context):
     return f"{os.getcwd()} {sorted(os.listdir('.'))}"
 
 
+def peek(context, path):
+    """Read a file."""
+    with open(path) as f:
+        return f.read()[:20]
+
+
 def vanish(context):
     """End the worker process outright."""
     os._exit(3)
