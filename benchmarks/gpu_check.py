@@ -190,7 +190,8 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
                                           "video_max_pixels": None},
                                  # text rows: no image or video patches through the vision tower
                                  "rollout": {"max_new_tokens": half, "sync_bucket_mb": 256, "images_per_prompt": 0,
-                                             "videos_per_prompt": 0}})
+                                             "videos_per_prompt": 0},
+                                 "env": {"name": None}})  # one turn per prompt
     # The update phase's terms, without the CUDA context (the allocator's peak does not see it).
     terms = learner_memory(shape, plan_cfg, "actor", with_ref=False)
     predicted = phase_totals({"actor": terms}, False, {})["update"] - terms["context"]

@@ -78,7 +78,7 @@ def test_a_sleeping_engine_is_woken_before_it_generates_or_loads_weights():
             return lambda *args: self.calls.append(name) or ([] if name == "generate" else 8)
 
     worker = RolloutWorker.__new__(RolloutWorker)
-    worker.engine, worker.asleep = Recorder(), False
+    worker.engine, worker.asleep, worker.episodes = Recorder(), False, None
     worker.generate([], SamplingParams())
     worker.sleep()
     assert worker.receive_weights([["spec"], ["spec"]])[0] == 16
