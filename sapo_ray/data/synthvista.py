@@ -320,6 +320,49 @@ def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str,
     return "List the values of the bars from left to right.", answer, _solution(steps, answer)
 
 
+def bar_point(params: dict, k: Knobs, i: int) -> tuple[int, int]:
+    """A pixel inside bar `i` (from the left) of a chart as `render` draws it: its centre column, half a
+    unit above the axis (every bar is at least one unit tall)."""
+    s = k.image_size
+    left, right, bottom = 0.1 * s, 0.96 * s, 0.92 * s
+    top = (0.16 if k.value_labels else 0.06) * s
+    unit = (bottom - top) / k.value_range[1]
+    slot = (right - left) / len(params["bars"])
+    return round(left + (i + 0.5) * slot), round(bottom - 0.5 * unit)
+
+
+def _colour_call(x: int, y: int) -> str:
+    return f'<tool_call>\n{{"name": "colour_at", "arguments": {{"x": {x}, "y": {y}}}}}\n</tool_call>'
+
+
+def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False) -> list[str]:
+    """A tool-using solution of a bar chart question, as the model's turns: the first reads the values and
+    asks `colour_at` the colour of each bar at `bar_point`; the last, with the colours known, solves as
+    `question_answer_solution` does. A sloppy teacher's variants: `miss` aims the first call above the
+    first bar (the background answers "white") and asks again in a turn of its own; `needless` also asks
+    the calculator for a sum the solution then writes out. The tools' answers come between the turns
+    (`sapo_ray.envs`), and are what these turns expect."""
+    if params["template"] == "count":
+        raise ValueError("tool_turns solves bar charts; a count scene has no bars")
+    bars = params["bars"]
+    values = ", ".join(str(b["value"]) for b in bars)
+    points = [bar_point(params, k, i) for i in range(len(bars))]
+    first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. Their colours:</think>"
+    turns = []
+    if miss:
+        x, _ = points[0]
+        turns.append(first + _colour_call(x, round(0.03 * k.image_size)))  # above the tallest bar there can be
+        first = "<think>That is the background. Lower, inside the bars:</think>"
+    calls = [_colour_call(x, y) for x, y in points]
+    if needless:
+        expression = " + ".join(str(b["value"]) for b in bars)
+        calls.append(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>')
+    turns.append(first + "".join(calls))
+    _, _, solution = question_answer_solution(params)
+    turns.append(solution)
+    return turns
+
+
 def _solution(steps: list[str], answer: str) -> str:
     """Format numbered steps in the trained format: ``<think>Step 1: ...</think> The answer is \\boxed{a}.``"""
     body = " ".join(f"Step {i}: {s[0].upper() + s[1:]}" for i, s in enumerate(steps, 1))

@@ -104,3 +104,11 @@ class ToolPool:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class InlineTools:
+    """Runs calls in this process, without time limits or isolation: for calls this project writes itself
+    (a teacher's solutions replayed for a warm start), never for a model's."""
+
+    def run(self, calls: list[tuple[ToolCall | BadCall, ToolContext]]) -> list[ToolResult]:
+        return [run_call(call, context) for call, context in calls]

@@ -125,6 +125,26 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
     return [episode.sample(tokenizer) for episode in episodes]
 
 
+def replay_episode(tokenizer, prompt: Prompt, turns: list[str], env: Env, prompt_index: int = 0) -> Sample:
+    """The episode a model writing `turns` would have with `env`, laid out as `run_episodes` lays one out
+    (each turn's ids and its end-of-turn token, each observation tokenized on its own): a warm start's
+    training sample, with the observations masked."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    episode = _Episode(prompt, prompt_index, env)
+    for i, text in enumerate(turns):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
+        episode.add_turn(Sample(list(prompt.ids), ids, [0.0] * len(ids), [0.0] * len(ids), text, True, prompt_index))
+        step = env.step(text)
+        episode.tool_calls += step.tool_calls
+        episode.tool_errors.update(step.tool_errors)
+        if (step.observation is None) != (i == len(turns) - 1):
+            raise ValueError(f"turn {i} of {len(turns)} {'ends' if step.observation is None else 'does not end'} "
+                             "the episode")
+        if step.observation is not None:
+            episode.add_observation(tokenizer(step.observation, add_special_tokens=False)["input_ids"])
+    return episode.sample(tokenizer)
+
+
 class Episodes:
     """A rollout worker's episodes: the environment class, the tool pool its environments call, the limits."""
 

@@ -265,3 +265,28 @@ def test_clips_show_bars_growing_to_their_end_values():
     assert sv.to_example(rows[0])["videos"] == rows[0]["videos"] and sv.to_example(rows[0])["images"] == []
     with pytest.raises(ValueError, match="num_bars"):
         sv.generate(1, 0, templates=["bar_grew"], num_bars=(2, 6))
+
+
+def test_tool_turns_ask_the_tools_what_the_picture_shows():
+    """Replaying a tool-using solution through the real tools on the rendered chart: each `colour_at` call
+    names its bar's colour, left to right (a missed first call names the background), the calculator sums
+    the values, and the last turn is the reference solution."""
+    from sapo_ray.envs.tools import ToolCall, ToolContext, parse_tool_calls, run_call
+
+    k = sv.Knobs(templates=("bar_sum", "bar_argmax", "bar_mean", "bar_list", "bar_max", "bar_diff"))
+    rows = sv.generate(30, seed=3, templates=list(k.templates))
+    for r in rows:
+        params = json.loads(r["metadata"]["params"])
+        context = ToolContext([r["decoded_image"]])
+        colours = [b["colour"] for b in params["bars"]]
+        plain = sv.tool_turns(params, k)
+        assert len(plain) == 2 and plain[-1] == r["solution"]
+        answers = [run_call(c, context).text for c in parse_tool_calls(plain[0])]
+        assert answers == colours
+        missed = sv.tool_turns(params, k, miss=True, needless=True)
+        assert [run_call(c, context).text for c in parse_tool_calls(missed[0])] == ["white"]
+        calls = parse_tool_calls(missed[1])
+        assert [run_call(c, context).text for c in calls] == colours + [str(sum(b["value"] for b in params["bars"]))]
+        assert all(isinstance(c, ToolCall) for c in calls)
+    with pytest.raises(ValueError, match="bar charts"):
+        sv.tool_turns({"template": "count"}, k)

@@ -128,3 +128,39 @@ def test_an_environment_that_raises_ends_its_episode_counted(tiny):
                            EpisodeLimits(max_turns=4, max_tokens=400))
     two = [s for s in samples if s.episode.turns == 2]
     assert two and all(s.episode.tool_errors == {"env_raised": 1} and not s.episode.cut for s in two)
+
+
+def test_a_replayed_teacher_episode_is_laid_out_as_a_sampled_one(tiny):
+    """`replay_episode` of synthvista's tool-using turns through the tools environment: each turn's ids and
+    end-of-turn token, then the tools' answers tokenized on their own and masked; the warm start's loss
+    counts the model's tokens only."""
+    import json
+
+    from sapo_ray.data import synthvista as sv
+    from sapo_ray.envs.env import ToolEnv
+    from sapo_ray.envs.pool import InlineTools
+    from sapo_ray.learner.forward import policy_forward
+    from sapo_ray.rollout.episodes import replay_episode
+
+    engine, processor, examples, prompts = tiny
+    tok = processor.tokenizer
+    bars = [(i, e) for i, e in enumerate(examples) if e["metadata"]["template"] != "count"]
+    i, example = bars[0]
+    params = json.loads(example["metadata"]["params"])
+    turns = sv.tool_turns(params, sv.Knobs(hint=False), needless=True)
+    sample = replay_episode(tok, prompts[i], turns, ToolEnv(example, InlineTools()), prompt_index=i)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    first = tok(turns[0], add_special_tokens=False)["input_ids"] + [end]
+    colours = [b["colour"] for b in params["bars"]]
+    answers = tok(tool_responses([ToolResult(c) for c in colours] + [ToolResult(str(sum(b["value"] for b in params["bars"])))]),
+                  add_special_tokens=False)["input_ids"]
+    last = tok(turns[1], add_special_tokens=False)["input_ids"] + [end]
+    assert sample.response_ids == first + answers + last
+    assert sample.observation_mask == [0] * len(first) + [1] * len(answers) + [0] * len(last)
+    assert sample.episode.turns == 2 and sample.episode.tool_calls == len(colours) + 1 and not sample.episode.tool_errors
+    batch = Batch.from_samples([sample], engine.pad_id)
+    with torch.no_grad():
+        logp, _ = policy_forward(engine.model, batch, 1.0, engine.banned, engine.vision_tokens)
+    assert int(batch.response_mask.sum()) == len(first) + len(last) and bool(torch.isfinite(logp).all())
+    with pytest.raises(ValueError, match="does not end the episode"):
+        replay_episode(tok, prompts[i], turns[:1], ToolEnv(example, InlineTools()))
