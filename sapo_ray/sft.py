@@ -42,11 +42,14 @@ import torch
 from sapo_ray.algo.losses import masked_mean
 from sapo_ray.batch import Batch, Sample, SamplingParams
 from sapo_ray.config import CONF_MODULE, ModelConfig, RewardConfig, resolve_model_path
+from sapo_ray.envs.env import ToolEnv
+from sapo_ray.envs.pool import InlineTools
 from sapo_ray.learner.forward import policy_forward
 from sapo_ray.models.loading import is_vision_config, load_policy
 from sapo_ray.models.processor import load_processor
 from sapo_ray.models.tokens import TokenIds
 from sapo_ray.precision import decide_here
+from sapo_ray.rollout.episodes import replay_episode
 from sapo_ray.rollout.engine import HFEngine, encode_prompt
 from sapo_ray.utils import derive_seed
 
@@ -84,6 +87,11 @@ class SFTConfig:
     (count every shape, take the first bar for the tallest, add instead of subtract, ...; see
     `synthvista.question_answer_solution`). An imperfect teacher, as real SFT data is: the warm start
     learns both procedures, and RL with the true reward can learn which one the question asks for."""
+    tool_use_rate: float = 0.0
+    """Share of bar-chart rows solved with tools, as two-turn episodes (`synthvista.tool_turns`: `colour_at`
+    at each bar, the tools' answers, then the solution), their observations masked out of the loss. Of
+    those, a share `teacher_error_rate` comes from a sloppy teacher: a missed call asked again, or a
+    needless calculator call (half each)."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -126,7 +134,8 @@ def _tokenizer(processor):
 
 
 def sft_samples(processor, rows: list[dict], instructions: list[str]) -> list[Sample]:
-    """One `Sample` per row, the reference solution and its `<|im_end|>` as the response.
+    """One `Sample` per row, the reference solution and its `<|im_end|>` as the response; a row with
+    `tool_turns`, the episode of those turns with the tools' answers between them (`replay_episode`).
 
     The prompt is encoded by the rollout engine's `encode_prompt` and the response tokenized as the
     engine would emit it, so `Batch.from_samples` gives the learner exactly what an RL step would.
@@ -136,6 +145,9 @@ def sft_samples(processor, rows: list[dict], instructions: list[str]) -> list[Sa
     samples = []
     for index, (ex, instruction) in enumerate(zip(rows, instructions)):
         prompt = encode_prompt(processor, ex, instruction)
+        if ex.get("tool_turns"):
+            samples.append(replay_episode(tok, prompt, ex["tool_turns"], ToolEnv(ex, InlineTools()), index))
+            continue
         response = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [end]
         samples.append(Sample(prompt.ids, response, [0.0] * len(response), [0.0] * len(response), ex["solution"],
                               True, index, prompt.vision))
@@ -204,6 +216,23 @@ def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> l
     return out
 
 
+def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: random.Random) -> list[dict]:
+    """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`), a share
+    `error_rate` of those a sloppy teacher's (a missed call or a needless one)."""
+    from sapo_ray.data.synthvista import Knobs, tool_turns
+
+    out = []
+    for ex in batch:
+        params = json.loads(ex["metadata"]["params"])
+        if rate > 0 and params["template"] != "count" and rng.random() < rate:
+            sloppy = error_rate > 0 and rng.random() < error_rate
+            miss = sloppy and rng.random() < 0.5
+            turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss)
+            ex = {**ex, "tool_turns": turns}
+        out.append(ex)
+    return out
+
+
 def _lr_factor(step: int, cfg: SFTConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -227,6 +256,7 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
                         text_only=text_only, hint=cfg.hint)
         teacher = random.Random(derive_seed(cfg.seed, "sft/teacher", step))
         rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
+        rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher)
         instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
         batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

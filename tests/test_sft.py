@@ -1,4 +1,5 @@
 import json
+import math
 import os
 from pathlib import Path
 
@@ -172,3 +173,26 @@ def test_a_fine_tune_keeps_the_report_of_the_model_it_started_from(tmp_path):
     # Fine-tuning in place still records the stage it overwrote.
     third = run(cfg("b", init=str(tmp_path / "b"), seed=2), log=lambda *_: None)
     assert third["init_report"]["config"]["seed"] == 1 and third["init_report"]["init_report"] == second["init_report"]
+
+
+def test_tool_using_rows_train_as_episodes_with_their_observations_masked(tmp_path):
+    """`tool_use_rate=1`: every bar-chart row becomes a two-turn episode (`colour_at` at each bar, the tools'
+    answers, the solution), a share of them a sloppy teacher's; the loss counts the model's tokens only."""
+    import random
+
+    from sapo_ray.sft import with_tool_turns
+
+    rows = examples(40, seed=5, split="train", text_only=False, hint=False)
+    tooled = with_tool_turns(rows, 1.0, 0.5, random.Random(0))
+    bars = [r for r in tooled if r["metadata"]["template"] != "count"]
+    assert bars and all(len(r["tool_turns"]) in (2, 3) for r in bars)
+    assert any(len(r["tool_turns"]) == 3 for r in bars) and any("calculator" in r["tool_turns"][0] for r in bars)
+    assert all("tool_turns" not in r for r in tooled if r["metadata"]["template"] == "count")
+    proc = load_processor("bundled:tiny-vlm")
+    samples = sft_samples(proc, bars[:4], [""] * 4)
+    assert all(s.episode.turns >= 2 and sum(s.observation_mask) > 0 for s in samples)
+    model = load_policy("bundled:tiny-vlm")
+    cfg = SFTConfig(steps=6, batch_size=4, warmup_steps=1, lr=3e-3, threads=1, log_every=100, hint=False,
+                    tool_use_rate=1.0, teacher_error_rate=0.5)
+    losses = train(model, proc, cfg, log=lambda *_: None)["losses"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
