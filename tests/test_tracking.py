@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -54,10 +55,16 @@ def test_wandb_offline_logs_every_step(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     log_rows(tmp_path, "wandb")
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    # W&B's own process writes the file; on a loaded machine its last records can land after `finish()`
+    # returned: read once the run's `exit` record is there.
+    deadline = time.monotonic() + 60
+    while True:
+        records = [pb.Record.FromString(raw) for raw in wandb_records(run_file)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     history, config = {}, {}
-    for raw in wandb_records(run_file):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
