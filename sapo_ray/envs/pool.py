@@ -79,13 +79,8 @@ class ToolPool:
         sent = [i for i, (call, _) in enumerate(calls)
                 if isinstance(call, ToolCall) and (self.allowed is None or call.name in self.allowed)]
         for i, (call, context) in enumerate(calls):
-            if i in sent:
-                continue
-            if isinstance(call, ToolCall):
-                results[i] = ToolResult(f"Error: there is no tool {call.name!r} (tools: {', '.join(sorted(self.allowed))}).",
-                                        "unknown_tool")
-            else:
-                results[i] = run_call(call, context)
+            if i not in sent:
+                results[i] = run_call(call, context, allowed=self.allowed)
         for i, outcome in zip(sent, self._workers.map([calls[i] for i in sent])):
             name = calls[i][0].name
             if outcome.timed_out:

@@ -128,13 +128,16 @@ def parse_tool_calls(text: str) -> list[ToolCall | BadCall]:
     return calls
 
 
-def run_call(call: ToolCall | BadCall, context: ToolContext, max_chars: int = 1000) -> ToolResult:
-    """Run one call in this process (the caller bounds its time); never raises."""
+def run_call(call: ToolCall | BadCall, context: ToolContext, max_chars: int = 1000,
+             allowed: set[str] | None = None) -> ToolResult:
+    """Run one call in this process (the caller bounds its time); never raises. `allowed`: the tools a turn
+    may call (None: every registered one); any other is unknown."""
     if isinstance(call, BadCall):
         return ToolResult(f"Error: {call.why}.", "malformed_call")
-    tool = TOOLS.get(call.name)
+    names = set(TOOLS) if allowed is None else allowed & set(TOOLS)
+    tool = TOOLS.get(call.name) if call.name in names else None
     if tool is None:
-        return ToolResult(f"Error: there is no tool {call.name!r} (tools: {', '.join(sorted(TOOLS))}).", "unknown_tool")
+        return ToolResult(f"Error: there is no tool {call.name!r} (tools: {', '.join(sorted(names))}).", "unknown_tool")
     try:
         inspect.signature(tool.fn).bind(context, **call.arguments)
     except TypeError as err:
