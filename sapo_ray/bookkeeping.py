@@ -90,6 +90,7 @@ class Draws:
         ("data/prompt_too_long", "reward/errors", "reward/timeouts", "reward/samples", "rollout/dropped_groups",
          "rollout/skipped_update"), 0.0))
     count: int = 0
+    kept: list[Group] = field(default_factory=list)  # the groups of the last `batch`, in its row order
 
     def add(self, samples: list[Sample], scores: list[dict], examples: list[dict], too_long: int,
             counts: dict[str, float], means: dict[str, float], staleness: int = 0) -> bool:
@@ -116,7 +117,7 @@ class Draws:
     def batch(self, rows_multiple: int, pad_id: int) -> tuple[Batch | None, dict[str, float]]:
         """The first `target` whole groups whose rows split over `rows_multiple` ranks (`trim_groups`) as a
         batch, and the draws' metrics; None when no group is left (the step skips its update)."""
-        trimmed = trim_groups(self.groups, self.target, rows_multiple)
+        trimmed = self.kept = trim_groups(self.groups, self.target, rows_multiple)
         metrics = {**self.metrics, "rollout/trimmed_groups": float(min(len(self.groups), self.target) - len(trimmed))}
         if not trimmed:
             return None, {**metrics, "rollout/skipped_update": 1.0, "batch/rows": 0.0, "batch/groups": 0.0}

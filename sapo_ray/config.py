@@ -425,6 +425,9 @@ class LearnerWorkerConfig:
     # The run's data has videos: each forward pass runs the vision tower for images and again for videos, on
     # every rank alike (`sapo_ray.learner.vision`).
     videos: bool = False
+    # The policy keeps what its loss saw per token in each update (`PolicyWorker.loss_trace`), for the
+    # experience dumps (`trainer.dump_rollouts`).
+    trace_loss: bool = False
 
 
 def optimizer_steps(cfg, role: str) -> int:
@@ -459,6 +462,7 @@ def learner_worker_config(cfg, role: str, videos: bool = False) -> LearnerWorker
         role=role, model=OmegaConf.to_object(cfg.model), learner=OmegaConf.to_object(cfg[role]), algorithm=spec,
         rollout=OmegaConf.to_object(cfg.rollout), seed=cfg.seed, optimizer_steps=optimizer_steps(cfg, role),
         needs_ref=role == "actor" and spec.needs_ref, videos=videos,
+        trace_loss=role == "actor" and cfg.trainer.dump_rollouts,
     )
 
 

@@ -35,6 +35,57 @@ def generation_records(samples, examples: list[dict], scores: list[dict], **fiel
     return records
 
 
+def experience_records(batch, samples: list, examples: list[dict], texts: list[list[str]], trace=None, images: list[list[str]] | None = None,
+                       **fields) -> list[dict]:
+    """One JSON-able record per row of a trained `batch` (`sapo_ray.inspect` reads them): `fields`, the row's
+    example (`examples[i]`), reward, and per response token (observations included, no padding) its text
+    (`texts`, `bookkeeping.token_texts`), whether an environment wrote it, the old policy's entropy, the
+    advantage and, where the algorithm has them, the critic's value, return and value anchors, the segment
+    ends, and what the policy loss saw (`trace`: a `LossTrace` of the update); a multi-turn episode's counts
+    (`samples[i].episode`, its transcript left to the tokens). `images`: each row's image files, relative
+    to the dump."""
+    filled = batch.filled()
+
+    def per_token(name: str, i: int, n: int, kind=float):
+        return None if name not in filled else [kind(x) for x in filled[name][i, :n].tolist()]
+
+    records = []
+    for i, (sample, example, tokens) in enumerate(zip(samples, examples, texts)):
+        n = len(tokens)
+        episode = None if sample.episode is None else {k: v for k, v in asdict(sample.episode).items() if k != "transcript"}
+        records.append({
+            **fields, "row": i, "group": int(batch.group_index[i]), "pid": example["pid"], "prompt": example["query"],
+            "answer": example["answer"], "score": float(batch.scores[i]), "acc": float(batch.acc[i]),
+            "format": float(batch.format[i]), "images": [] if images is None else images[i], "tokens": tokens,
+            "observation": [int(x) for x in batch.observation_mask[i, :n].tolist()],
+            "entropy": per_token("entropy", i, n), "advantages": per_token("advantages", i, n),
+            "values": per_token("values", i, n), "anchors": per_token("value_mask", i, n, int),
+            "returns": per_token("returns", i, n), "seg_end": per_token("seg_end", i, n, int),
+            "log_ratio": None if trace is None else trace.log_ratio[i, :n].tolist(),
+            "clipped": None if trace is None else [int(x) for x in trace.held[i, :n].tolist()],
+            "episode": episode})
+    return records
+
+
+def save_images(images: list, directory: Path) -> list[str]:
+    """`images` (PIL) as PNG files in `directory`, each named by its content's hash (a prompt's image is
+    written once however often it is sampled); their names."""
+    import hashlib
+    import io
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        name = hashlib.sha1(data).hexdigest()[:16] + ".png"
+        if not (directory / name).exists():
+            (directory / name).write_bytes(data)
+        names.append(name)
+    return names
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:

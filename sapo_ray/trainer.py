@@ -29,7 +29,7 @@ from sapo_ray.remote import ActorFailure, Restarts
 from sapo_ray.reward.scorer import Scorer
 from sapo_ray.rollouts import Rollout, RolloutGroup
 from sapo_ray.signals import StopSignals
-from sapo_ray.tracking import Tracker, generation_records, write_jsonl
+from sapo_ray.tracking import Tracker, experience_records, generation_records, save_images, write_jsonl
 from sapo_ray.utils import rng_state, seed_everything, set_rng_state, timer
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class Trainer:
         cfg, spec, timing = self.cfg, self.spec, {}
         t0 = time.perf_counter()
         # 1-2. Generate G responses per prompt and score them (DAPO draws again for the groups it drops).
-        batch, metrics = self.generate_and_score()
+        batch, groups, metrics = self.generate_and_score()
         if cfg.rollout.max_staleness:
             # One step off-policy: the next step's first draw samples on these weights while the learners update
             # them (the engines take the new weights after it). The last step too: its checkpoint keeps the draw.
@@ -158,6 +158,8 @@ class Trainer:
                 self.learners_ahead = True  # until the step is counted (`run_step`)
                 with timer("update", timing):
                     metrics.update(self.update(batch, train_actor))
+                if cfg.trainer.dump_rollouts:
+                    self.dump_experience(batch, groups, texts, train_actor)
                 # 6. The new policy into the engines.
                 if train_actor:
                     self.policy_version += 1
@@ -172,9 +174,10 @@ class Trainer:
             metrics.update(bookkeeping.perf_metrics(batch, timing["step"], peaks))
         return {**metrics, **{f"timing_s/{k}": v for k, v in timing.items()}}
 
-    def generate_and_score(self) -> tuple[Batch | None, dict]:
+    def generate_and_score(self) -> tuple[Batch | None, list[bookkeeping.Group], dict]:
         """Generate and score prompt groups until a full batch (DAPO's dynamic sampling may draw more
-        prompts), then keep whole groups whose rows split over the learner ranks (None: no update)."""
+        prompts), then keep whole groups whose rows split over the learner ranks (None: no update); the
+        batch, its groups and the metrics."""
         cfg, spec, timing = self.cfg, self.spec, {}
         draws = bookkeeping.Draws(cfg.data.prompts_per_step, spec.dynamic_sampling)
         for draw in range(1 + (spec.max_refill if spec.dynamic_sampling else 0)):
@@ -197,7 +200,25 @@ class Trainer:
         if batch is None:
             log.warning("step %d: no usable rollouts (prompts too long, groups dropped by dynamic sampling, or fewer "
                         "rows than learner ranks); skipping the update", self.step + 1)
-        return batch, {**metrics, "reward/error_rate": error_rate, **{f"timing_s/{k}": v for k, v in timing.items()}}
+        return batch, draws.kept, {**metrics, "reward/error_rate": error_rate,
+                                   **{f"timing_s/{k}": v for k, v in timing.items()}}
+
+    def dump_experience(self, batch: Batch, groups: list[bookkeeping.Group], texts: list[list[str]] | None,
+                        traced: bool) -> None:
+        """The trained rows, per token, as `generations/experience_step_XXXXXX.jsonl` (`sapo_ray.inspect`);
+        `traced`: the policy was updated, so its loss trace is this step's."""
+        out = self.run_dir / "generations"
+        rows = [(sample, g.example) for g in groups for sample in g.samples]
+        samples, examples = [r[0] for r in rows], [r[1] for r in rows]
+        images = {id(e): [f"images/{n}" for n in save_images(e.get("images") or [], out / "images")]
+                  for e in {id(e): e for e in examples}.values()}
+        trace = self.learners.actor.loss_trace(batch.response_ids.shape[1]) if traced else None
+        spec = self.spec
+        records = experience_records(
+            batch, samples, examples, texts or bookkeeping.token_texts(self.tokenizer, batch), trace,
+            [images[id(e)] for e in examples], step=self.step + 1, algorithm=spec.name,
+            segmenter=spec.segmenter if spec.needs_segments else None, ratio_level=spec.ratio_level)
+        write_jsonl(out / f"experience_step_{self.step + 1:06d}.jsonl", records)
 
     def forward(self, batch: Batch) -> Batch:
         """The batch with the old policy's log-probs and entropies (recomputed, or the engine's), the

@@ -31,6 +31,8 @@ __all__ = [
     "aggregate",
     "log_ratio",
     "policy_loss",
+    "LossTrace",
+    "loss_trace",
     "value_loss",
 ]
 
@@ -370,12 +372,9 @@ def policy_loss(
     the valid tokens (``pg_clipfrac``, ``pg_clipfrac_lower`` for ``clipped``) and ``ppo_kl``, the
     masked mean of ``-log s`` (approximate KL(old || new) at the chosen level).
     """
-    fn = _lookup(POLICY_LOSSES, kind, "policy loss")
     valid = mask.bool()
-    log_s = log_ratio(logp, old_logp, valid, level, segments)  # 0 on padding
-    adv = _zero_outside(adv.detach(), valid)  # so every padding term is exactly 0
-    pg, masks = fn(log_s, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
-                   tau_neg=tau_neg)
+    pg, masks, log_s = _policy_terms(logp, old_logp, adv, valid, level, segments, kind, clip_low=clip_low,
+                                     clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos, tau_neg=tau_neg)
     if is_weights is not None:
         pg = pg * is_weights.detach()
     loss = aggregate(pg, valid, agg, segments=segments, norm_len=norm_len, agg_denom=agg_denom)
@@ -384,6 +383,38 @@ def policy_loss(
         metrics = {name: torch.count_nonzero(m & valid).to(logp.dtype) / n for name, m in masks.items()}
         metrics["ppo_kl"] = -log_s.detach().sum() / n
     return loss, metrics
+
+
+def _policy_terms(logp, old_logp, adv, valid, level, segments, kind, **knobs):
+    """The per-token loss of the registered policy loss `kind`, its masks and the log ratio ``log s``."""
+    fn = _lookup(POLICY_LOSSES, kind, "policy loss")
+    log_s = log_ratio(logp, old_logp, valid, level, segments)  # 0 on padding
+    adv = _zero_outside(adv.detach(), valid)  # so every padding term is exactly 0
+    pg, masks = fn(log_s, adv, valid, **knobs)
+    return pg, masks, log_s
+
+
+@dataclass
+class LossTrace:
+    """Per token `[B, R]`, what a policy loss saw: the log importance ratio at its level, and where its clip
+    (or gate) held the token's gradient back, the union of the loss's masks (an inspector's view of an update)."""
+
+    log_ratio: torch.Tensor
+    held: torch.Tensor  # bool
+
+
+def loss_trace(logp, old_logp, adv, mask, level: str = "segment", segments: Segments | None = None,
+               clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0, kind: str = "clipped",
+               tau_pos: float = 1.0, tau_neg: float = 1.05) -> LossTrace:
+    """The `LossTrace` of `policy_loss` with the same arguments."""
+    valid = mask.bool()
+    with torch.no_grad():
+        _, masks, log_s = _policy_terms(logp.detach(), old_logp, adv, valid, level, segments, kind, clip_low=clip_low,
+                                        clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos, tau_neg=tau_neg)
+        held = torch.zeros_like(valid)
+        for m in masks.values():
+            held |= m & valid
+    return LossTrace(log_s, held)
 
 
 # --------------------------------------------------------------------------------------------

@@ -325,24 +325,19 @@ def policy_loss(
     agg_denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``losses.policy_loss`` with the spec's loss, ratio level, clip ranges and aggregation."""
-    return losses.policy_loss(
-        logp,
-        old_logp,
-        adv,
-        mask,
-        level=spec.ratio_level,
-        segments=segments,
-        clip_low=spec.clip_low,
-        clip_high=spec.clip_high,
-        dual_clip=spec.dual_clip,
-        agg=spec.loss_agg,
-        is_weights=is_weights,
-        norm_len=norm_len,
-        agg_denom=agg_denom,
-        kind=spec.policy_loss,
-        tau_pos=spec.tau_pos,
-        tau_neg=spec.tau_neg,
-    )
+    return losses.policy_loss(logp, old_logp, adv, mask, segments=segments, agg=spec.loss_agg, is_weights=is_weights,
+                              norm_len=norm_len, agg_denom=agg_denom, **_loss_knobs(spec))
+
+
+def loss_trace(spec: AlgorithmSpec, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+               segments: Segments | None = None) -> losses.LossTrace:
+    """``losses.loss_trace`` of the spec's policy loss: what `policy_loss` saw, per token."""
+    return losses.loss_trace(logp, old_logp, adv, mask, segments=segments, **_loss_knobs(spec))
+
+
+def _loss_knobs(spec: AlgorithmSpec) -> dict[str, Any]:
+    return dict(level=spec.ratio_level, clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip,
+                kind=spec.policy_loss, tau_pos=spec.tau_pos, tau_neg=spec.tau_neg)
 
 
 def critic_mask(spec: AlgorithmSpec, mask: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:

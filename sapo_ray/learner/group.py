@@ -17,6 +17,7 @@ from typing import Callable, Generic, Literal, TypeVar
 import ray
 import torch
 
+from sapo_ray.algo.losses import LossTrace
 from sapo_ray.batch import Batch, LogProbs
 from sapo_ray.config import LearnerWorkerConfig, learner_worker_config
 from sapo_ray.learner.worker import CriticWorker, FSDPWorker, PolicyWorker
@@ -136,6 +137,11 @@ class PolicyGroup(WorkerGroup):
 
     def compute_logprobs(self, batch: Batch, model: Literal["policy", "reference"] = "policy") -> Pending[LogProbs]:
         return self._rows(PolicyWorker.compute_logprobs, batch, model)
+
+    def loss_trace(self, width: int) -> LossTrace:
+        """What the policy loss saw per token in the last update, over the whole batch's rows (`width` columns)."""
+        parts = self._each(PolicyWorker.loss_trace)
+        return LossTrace(concat_rows([p.log_ratio for p in parts], width), concat_rows([p.held for p in parts], width))
 
     def engine_state_dict(self) -> dict[str, torch.Tensor]:
         """The full weights in the engines' dtype (`model.dtype`)."""

@@ -387,6 +387,13 @@ class PolicyWorker(FSDPWorker):
             ref.requires_grad_(False)
             self.ref = self._shard(ref).eval()
         self._make_optimizer()
+        self.trace: losses.LossTrace | None = None
+
+    def loss_trace(self) -> losses.LossTrace:
+        """What the loss saw of this rank's rows in the last `update` (`trace_loss`)."""
+        if self.trace is None:
+            raise RuntimeError("no loss trace: the policy traces its updates with trace_loss (trainer.dump_rollouts)")
+        return self.trace
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, model: Literal["policy", "reference"] = "policy") -> LogProbs:
@@ -416,8 +423,11 @@ class PolicyWorker(FSDPWorker):
         """
         self.model.train()
         stats: dict[str, list[float]] = {}
-        for minibatch in self._minibatches(batch):
-            for k, v in self._update_minibatch(minibatch).items():
+        if self.cfg.trace_loss:
+            R = batch.response_ids.shape[1]
+            self.trace = losses.LossTrace(torch.zeros(len(batch), R), torch.zeros(len(batch), R, dtype=torch.bool))
+        for index in self._minibatch_rows(batch):
+            for k, v in self._update_minibatch(batch.select(index), index).items():
                 stats.setdefault(k, []).append(v)
         out = {k: _mean(v) for k, v in stats.items()}
         out["actor/pg_loss"] = out.pop("actor/pg_loss_sum")
@@ -427,8 +437,9 @@ class PolicyWorker(FSDPWorker):
         out["actor/lr"] = self.lr()
         return out
 
-    def _update_minibatch(self, minibatch: Batch) -> dict[str, float]:
-        """Accumulate the micro-batches' gradients, then one optimizer step; the mini-batch's metrics."""
+    def _update_minibatch(self, minibatch: Batch, index: list[int]) -> dict[str, float]:
+        """Accumulate the micro-batches' gradients, then one optimizer step; the mini-batch's metrics. With
+        `trace_loss`, what the loss saw of rows `index` (of the update's batch) goes into `self.trace`."""
         spec = self.cfg.algorithm
         units: dict[str, float] = {}  # each aggregation's count once: one all-reduce each, however often it is used
         count = lambda agg: units[agg] if agg in units else units.setdefault(agg, self._global_units(minibatch, agg))
@@ -436,8 +447,8 @@ class PolicyWorker(FSDPWorker):
         kl_active = spec.kl_loss and spec.kl_loss_coef > 0
         kl_denom = count(losses.LOSS_AGGS[spec.loss_agg].kl_agg or spec.loss_agg) if kl_active else None
         stats: dict[str, list[float]] = {}
-        for micro in self._micro_batches(minibatch):
-            micro = self._to_device(micro)
+        for rows in self._micro_rows(minibatch):
+            micro = self._to_device(minibatch.select(rows))
             with self._autocast():
                 # The entropy is always reported; it joins the graph only when it is in the loss.
                 logp, entropy = policy_forward(self.model, micro, self.cfg.rollout.temperature, self.banned,
@@ -449,6 +460,11 @@ class PolicyWorker(FSDPWorker):
             loss, m = registry.policy_loss(spec, logp, micro.old_logp, micro.advantages, mask, segments=seg,
                                            is_weights=micro.is_weights if self.cfg.rollout.tis_cap > 0 else None,
                                            norm_len=self.cfg.rollout.max_new_tokens, agg_denom=denom)
+            if self.cfg.trace_loss:  # the row's last pass wins (`ppo_epochs`)
+                t = registry.loss_trace(spec, logp, micro.old_logp, micro.advantages, mask, seg)
+                at, width = [index[r] for r in rows], t.log_ratio.shape[1]
+                self.trace.log_ratio[at, :width] = t.log_ratio.float().cpu()
+                self.trace.held[at, :width] = t.held.cpu()
             m = {f"actor/{k}": float(v) for k, v in m.items()}
             m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
             if kl_active:

@@ -348,3 +348,27 @@ def test_soft_gate_equals_verls_sapo_loss_in_value_and_gradient():
         (g_ref,) = torch.autograd.grad(ref, logp)
         assert f(ours.detach()) == pytest.approx(f(ref.detach()), abs=1e-6)
         torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-6)
+
+
+def test_loss_trace_marks_the_tokens_whose_gradient_the_clip_or_gate_held_back():
+    """The by-hand tokens above: s = 1.5 (A = 1) and s = 0.5 (A = -1) clipped, s = 1.1 not, padding never;
+    s = 5 (A = -1) held by the dual clip; at the segment level each token carries its segment's mean log ratio;
+    the soft gate's faded token (r = e^2, A = 1) is held, r = 1 is not."""
+    mask = lmask([3], 4)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1), 7.0]], dtype=D)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]], dtype=D)
+    t = losses.loss_trace(logp, torch.zeros_like(logp), adv, mask, level="token", clip_low=0.2, clip_high=0.28,
+                          dual_clip=3.0)
+    assert t.held.tolist() == [[True, True, False, False]]
+    assert t.log_ratio.tolist()[0][:3] == pytest.approx([math.log(1.5), math.log(0.5), math.log(1.1)])
+    assert float(t.log_ratio[0, 3]) == 0.0
+    five = torch.tensor([[math.log(5.0)]], dtype=D)
+    held = losses.loss_trace(five, torch.zeros_like(five), -torch.ones(1, 1, dtype=D), lmask([1], 1), level="token").held
+    assert held.tolist() == [[True]]
+    seg = Segments.from_end_mask(torch.tensor([[False, True, True, False]]), mask)
+    t = losses.loss_trace(logp, torch.zeros_like(logp), adv, mask, level="segment", segments=seg)
+    assert t.log_ratio.tolist()[0][:3] == pytest.approx([math.log(0.75) / 2] * 2 + [math.log(1.1)])  # geometric mean
+    logp = torch.tensor([[0.0, 2.0]], dtype=D)
+    t = losses.loss_trace(logp, torch.zeros_like(logp), torch.tensor([[-2.0, 1.0]], dtype=D), torch.ones(1, 2),
+                          level="token", kind="soft_gate", tau_pos=1.0, tau_neg=1.05)
+    assert t.held.tolist() == [[False, True]]

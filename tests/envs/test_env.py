@@ -66,6 +66,23 @@ def test_episodes_train_end_to_end(algorithm, ray_cluster, tmp_path):
               for line in f.read_text().splitlines()]
     two = [d for d in dumped if d["turns"] == 2]
     assert two and all("<tool_response>\n7\n</tool_response>" in d["transcript"] and d["tool_calls"] == 1 for d in two)
+    # The experience dumps (`sapo_ray.inspect`): every trained row per token, its observations marked, the
+    # loss's trace once the policy trains, the images beside them.
+    gen = tmp_path / "run" / "generations"
+    experience = {step: [json.loads(line) for line in (gen / f"experience_step_{step:06d}.jsonl").read_text().splitlines()]
+                  for step in (1, 2)}
+    assert [len(experience[s]) for s in (1, 2)] == [r["batch/rows"] for r in trained]
+    for record in experience[1] + experience[2]:
+        n = len(record["tokens"])
+        assert all(len(record[k]) == n for k in ("observation", "entropy", "advantages", "values", "returns", "anchors"))
+        assert (record["seg_end"] is None) == (algorithm == "ppo")
+        observed = "".join(t for t, o in zip(record["tokens"], record["observation"]) if o)
+        assert ("<tool_response>\n7\n</tool_response>" in observed) == (record["episode"]["turns"] == 2)
+        assert not any(a for a, o in zip(record["advantages"], record["observation"]) if o)
+        assert all((gen / image).is_file() for image in record["images"]) and record["images"]
+    traced = [r for r in experience[1] + experience[2] if r["log_ratio"] is not None]
+    assert traced and all(len(r["log_ratio"]) == len(r["clipped"]) == len(r["tokens"]) for r in traced)
+    assert not any(x for r in traced for x, o in zip(r["log_ratio"], r["observation"]) if o)
 
 
 def test_prompts_list_the_tools_where_the_chat_template_has_a_place_for_them():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import ray
 import torch
@@ -425,3 +427,34 @@ def test_the_first_update_sees_a_ratio_of_one_with_recomputed_old_logprobs(algor
         old = worker.compute_logprobs(batch)
         worker.update(batch.with_fields(old_logp=old.logp, ref_logp=old.logp))
     assert len(deviations) == 2 and max(deviations) <= 1e-6, deviations
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "sapo"])
+def test_the_loss_trace_puts_what_the_loss_saw_back_on_each_row(algorithm, random_tiny_models):
+    """`trace_loss`: old log-probs shifted by a constant `c_i` per row make every model token's log ratio `-c_i`
+    at the first pass (a segment's and a token's alike); 16 shuffled rows in micro-batches of 4 come back in
+    the batch's order, held exactly where the clip rule says, and nothing on padding."""
+    path = random_tiny_models["vlm"]
+    spec = registry.get_algorithm(algorithm)
+    batch, _ = sample_batch(path, prompts=4, n=4, max_new_tokens=12)
+    mask = batch.response_mask
+    gen = torch.Generator().manual_seed(0)
+    seg = registry.make_segments(spec, mask, entropy=torch.rand(mask.shape, generator=gen))
+    adv = torch.randn(mask.shape, generator=gen) * mask
+    shift = torch.linspace(-0.5, 0.5, len(batch))[torch.randperm(len(batch), generator=gen)]
+    with local_process_group():
+        worker = PolicyWorker(0, 1, dataclasses.replace(
+            learner_cfg(path, algorithm=algorithm, shuffle=True, micro_batch_size=4, mini_batch_size=len(batch)),
+            trace_loss=True))
+        worker.setup()
+        old = worker.compute_logprobs(batch).logp
+        worker.update(batch.with_fields(old_logp=old + shift[:, None] * mask, ref_logp=old, advantages=adv,
+                                        seg_end=None if seg is None else seg.end_mask))
+        trace = worker.loss_trace()
+    valid = mask.bool()
+    expected = (-shift[:, None]).expand_as(mask)
+    assert float((trace.log_ratio - expected)[valid].abs().max()) < 1e-5
+    assert not trace.log_ratio[~valid].any() and not trace.held[~valid].any()
+    ratio = torch.exp(expected)
+    clipped = ((adv > 0) & (ratio > 1 + spec.clip_high)) | ((adv < 0) & (ratio < 1 - spec.clip_low))
+    assert torch.equal(trace.held, clipped & valid) and trace.held.any() and not trace.held[valid].all()
