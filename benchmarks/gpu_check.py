@@ -149,7 +149,7 @@ def learner_throughput(config_path: str, layers: int, rows: int, seq: int, check
         half = seq // 2
         cfg = LearnerWorkerConfig(role="actor", model=model, learner=learner, algorithm=get_algorithm("rloo"),
                                   rollout=RolloutConfig(temperature=1.0, max_new_tokens=half), seed=0,
-                                  optimizer_steps=repeats + 1)
+                                  optimizer_steps=repeats + 1, response_tokens=half)
         if not dist.is_initialized():
             listener = listen(LOOPBACK)
             store = tcp_store(LOOPBACK, listener.getsockname()[1], 1, listener)

@@ -8,7 +8,7 @@ The trainer (`Trainer.train_step`) calls them in this order::
     ...old/ref log-probs and values from the learners...
     batch, metrics = tis_weights(batch, cap)                        # rollout.tis_cap > 0
     seg            = segments(spec, batch, token_texts)             # segment-level algorithms
-    batch, metrics = advantages(spec, batch, seg, max_new_tokens)   # + the critic's mask
+    batch, metrics = advantages(spec, batch, seg, response_tokens)  # + the critic's mask
     ...critic and policy updates; check_skipped_steps(metrics, limit)...
     metrics = stability.update({**metrics, **batch_metrics(batch)}) # run-level, kept in checkpoints
 """
@@ -187,14 +187,15 @@ def segments(spec: AlgorithmSpec, batch: Batch, token_texts: list[list[str]] | N
     return Segments.from_end_mask(seg.end_mask | turn_ends(mask, batch.observation_mask), mask)
 
 
-def advantages(spec: AlgorithmSpec, batch: Batch, seg: Segments | None, max_new_tokens: int) -> tuple[Batch, dict]:
+def advantages(spec: AlgorithmSpec, batch: Batch, seg: Segments | None, response_tokens: int) -> tuple[Batch, dict]:
     """Shaped scores, the registered estimator's advantages and returns over segments `seg`, and the
-    critic's loss mask; the batch with them and their metrics.
+    critic's loss mask; the batch with them and their metrics. `response_tokens`: the longest response
+    (`config.response_tokens`; DAPO's overlong penalty measures a response, observations included, to it).
 
     Needs the batch's scores and `old_logp` (and `values` with a critic, `ref_logp` with a KL term).
     """
     mask = batch.response_mask
-    scores = registry.shape_scores(spec, batch.scores, mask.sum(1), max_new_tokens)
+    scores = registry.shape_scores(spec, batch.scores, batch.sequence_mask.sum(1), response_tokens)
     adv, returns = registry.compute_advantages(spec, scores=scores, mask=mask, segments=seg, **_estimator_inputs(spec, batch))
     value_mask = registry.critic_mask(spec, mask, seg).float() if spec.needs_critic else None
     valid = mask.bool()

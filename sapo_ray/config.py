@@ -416,10 +416,12 @@ class LearnerWorkerConfig:
     model: ModelConfig
     learner: LearnerConfig  # the `actor` or `critic` section
     algorithm: AlgorithmSpec
-    rollout: RolloutConfig  # its temperature (log-probs) and max_new_tokens (Dr.GRPO's constant length)
+    rollout: RolloutConfig  # its temperature (log-probs)
     seed: int
     # Optimizer steps over the whole run: the length of the learning-rate schedule.
     optimizer_steps: int
+    # The longest response a step trains on (`response_tokens`): Dr.GRPO's constant length.
+    response_tokens: int
     # The policy also holds the frozen reference (KL in the reward or as a loss).
     needs_ref: bool = False
     # The run's data has videos: each forward pass runs the vision tower for images and again for videos, on
@@ -462,7 +464,7 @@ def learner_worker_config(cfg, role: str, videos: bool = False) -> LearnerWorker
         role=role, model=OmegaConf.to_object(cfg.model), learner=OmegaConf.to_object(cfg[role]), algorithm=spec,
         rollout=OmegaConf.to_object(cfg.rollout), seed=cfg.seed, optimizer_steps=optimizer_steps(cfg, role),
         needs_ref=role == "actor" and spec.needs_ref, videos=videos,
-        trace_loss=role == "actor" and cfg.trainer.dump_rollouts,
+        trace_loss=role == "actor" and cfg.trainer.dump_rollouts, response_tokens=response_tokens(cfg),
     )
 
 

@@ -20,7 +20,7 @@ from sapo_ray import bookkeeping, placement, preflight, startup, validation
 from sapo_ray.algo import registry
 from sapo_ray.batch import Batch, LogProbs, SamplingParams
 from sapo_ray.checkpoints import Checkpoints
-from sapo_ray.config import algorithm_spec, resolve_model_path
+from sapo_ray.config import algorithm_spec, resolve_model_path, response_tokens
 from sapo_ray.data.run_data import load_run_data
 from sapo_ray.errors import StopRun
 from sapo_ray.learner.group import Learners
@@ -151,7 +151,7 @@ class Trainer:
                 with timer("adv", timing):
                     texts = bookkeeping.token_texts(self.tokenizer, batch) if registry.needs_token_texts(spec) else None
                     batch, m = bookkeeping.advantages(spec, batch, bookkeeping.segments(spec, batch, texts),
-                                                      cfg.rollout.max_new_tokens)
+                                                      response_tokens(cfg))
                 metrics.update(m)
                 # 5. Critic and policy updates, at the same time (the policy waits out `critic_warmup`).
                 train_actor = not self.learners.critic or self.step >= spec.critic_warmup

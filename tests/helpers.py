@@ -68,7 +68,7 @@ def learner_cfg(path: str, role: str = "actor", algorithm: str = "sapo", model: 
               "optim": OptimConfig(lr=1e-3), "autocast_bf16": "false", **learner}
     return LearnerWorkerConfig(role=role, model=ModelConfig(path=path, **(model or {})), learner=LearnerConfig(**fields),
                                algorithm=get_algorithm(algorithm), rollout=RolloutConfig(temperature=1.0, max_new_tokens=12),
-                               seed=0, optimizer_steps=10, videos=videos)
+                               seed=0, optimizer_steps=10, response_tokens=12, videos=videos)
 
 
 def free_ports(n: int) -> list[int]:

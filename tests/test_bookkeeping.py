@@ -217,7 +217,7 @@ def test_advantages_grpo_hand_values():
     groups = [group(0, 2, lengths=[3, 1], scores=[1.0, 0.0]), group(1, 2, lengths=[2, 2], scores=[0.1, 0.1])]
     b = _batch_with_policy_data(groups)
     spec = registry.get_algorithm("grpo")
-    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
+    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), response_tokens=8)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)  # [1, 0]: mean 0.5, unbiased std sqrt(0.5)
     expected = torch.tensor([[a, a, a], [-a, 0, 0], [0, 0, 0], [0, 0, 0]])
     assert torch.allclose(out.advantages, expected, atol=1e-6)
@@ -241,7 +241,7 @@ def test_advantages_sapo_parity_with_registry():
     b = b.with_fields(old_logp=old_logp, ref_logp=ref_logp, entropy=torch.rand(shape) * mask,
                     values=torch.randn(shape) * mask)
     spec = registry.get_algorithm("sapo")
-    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
+    out, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), response_tokens=8)
 
     seg = registry.make_segments(spec, mask, entropy=b.entropy, logprobs=old_logp)
     adv, ret = registry.compute_advantages(spec, scores=b.scores, mask=mask, values=b.values,
@@ -270,12 +270,33 @@ def test_advantages_dapo_uses_shaped_scores():
     groups = [group(0, 3, lengths=[8, 9, 10], scores=[1.0, 1.0, 1.0])]
     b = _batch_with_policy_data(groups)
     spec = registry.get_algorithm("dapo")
-    out, _ = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=10)
+    out, _ = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), response_tokens=10)
     a = 0.5 / (0.5 + 1e-6)  # mean 0.5, unbiased std sqrt((.25 + 0 + .25) / 2) = 0.5
     first = out.advantages[:, 0]
     assert torch.allclose(first, torch.tensor([a, 0.0, -a]), atol=1e-6)
     assert out.advantages[0, 8:].abs().sum() == 0  # padding of the 8-token row
     assert torch.allclose(out.returns[:, 0], torch.tensor([1.0, 0.5, 0.0]))
+
+
+def test_dapo_overlong_penalty_counts_an_episodes_observations():
+    """An episode is cut at its whole length (`env.max_tokens`): the 9-token row with one observation token
+    (8 of the model's) is shaped as a 9-token response, 0.5, as above."""
+    b = _batch_with_policy_data([group(0, 3, lengths=[8, 9, 10], scores=[1.0, 1.0, 1.0])])
+    b.response_mask[1, 3], b.observation_mask[1, 3] = 0.0, 1.0
+    spec = registry.get_algorithm("dapo")
+    out, _ = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), response_tokens=10)
+    assert torch.allclose(out.returns[:, 0], torch.tensor([1.0, 0.5, 0.0]))
+
+
+def test_dr_grpos_constant_length_is_an_episodes_budget():
+    """The learners' `response_tokens` (Dr.GRPO's constant): `rollout.max_new_tokens` for one turn, the
+    episode's `env.max_tokens` for multi-turn episodes."""
+    from sapo_ray.config import compose_config, learner_worker_config
+
+    one = compose_config("algorithm=dr_grpo", "rollout.max_new_tokens=96")
+    episodes = compose_config("algorithm=dr_grpo", "rollout.max_new_tokens=96", "env.name=tools", "env.max_tokens=400")
+    assert learner_worker_config(one, "actor").response_tokens == 96
+    assert learner_worker_config(episodes, "actor").response_tokens == 400
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +361,7 @@ def test_td_error_std_by_hand_for_token_gae():
     b = _batch_with_policy_data([group(0, 2, lengths=[3, 2], scores=[1.0, 0.0])])
     b = b.with_fields(ref_logp=b.old_logp, values=torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.4, 0.0]]))
     spec = registry.get_algorithm("ppo")
-    _, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), max_new_tokens=8)
+    _, metrics = bookkeeping.advantages(spec, b, bookkeeping.segments(spec, b), response_tokens=8)
     deltas = torch.tensor([0.3, 0.2, 0.3, 0.3, -0.4])
     assert metrics["critic/td_error_std"] == pytest.approx(float(deltas.std()), abs=1e-6)
 

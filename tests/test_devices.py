@@ -32,7 +32,7 @@ def test_the_learner_and_the_engine_refuse_too(monkeypatch):
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = LearnerWorkerConfig(role="critic", model=ModelConfig(), learner=LearnerConfig(num_gpus=1.0),
-                              algorithm=get_algorithm("ppo"), rollout=RolloutConfig(), seed=0, optimizer_steps=1)
+                              algorithm=get_algorithm("ppo"), rollout=RolloutConfig(), seed=0, optimizer_steps=1, response_tokens=96)
     with pytest.raises(RuntimeError, match="critic rank 1 holds a GPU share"):
         PolicyWorker(1, 2, cfg)
     with pytest.raises(RuntimeError, match="rollout worker 2 holds a GPU share"):

@@ -459,7 +459,7 @@ class PolicyWorker(FSDPWorker):
             seg = Segments.from_end_mask(micro.seg_end.bool(), mask) if spec.needs_segments else None
             loss, m = registry.policy_loss(spec, logp, micro.old_logp, micro.advantages, mask, segments=seg,
                                            is_weights=micro.is_weights if self.cfg.rollout.tis_cap > 0 else None,
-                                           norm_len=self.cfg.rollout.max_new_tokens, agg_denom=denom)
+                                           norm_len=self.cfg.response_tokens, agg_denom=denom)
             if self.cfg.trace_loss:  # the row's last pass wins (`ppo_epochs`)
                 t = registry.loss_trace(spec, logp, micro.old_logp, micro.advantages, mask, seg)
                 at, width = [index[r] for r in rows], t.log_ratio.shape[1]
@@ -469,7 +469,7 @@ class PolicyWorker(FSDPWorker):
             m["actor/pg_loss_sum"] = float(loss.detach())  # a share of the mini-batch's loss
             if kl_active:
                 kl_term = registry.kl_loss(spec, logp, micro.ref_logp, mask, agg_denom=kl_denom,
-                                           norm_len=self.cfg.rollout.max_new_tokens)
+                                           norm_len=self.cfg.response_tokens)
                 loss = loss + kl_term
                 m["actor/kl_loss"] = float(kl_term.detach())
             entropy_sum = losses.masked_sum(entropy, mask)
