@@ -55,7 +55,7 @@ def experience_records(batch, samples: list, examples: list[dict], texts: list[l
         episode = None if sample.episode is None else {k: v for k, v in asdict(sample.episode).items() if k != "transcript"}
         records.append({
             **fields, "row": i, "group": int(batch.group_index[i]), "pid": example["pid"], "prompt": example["query"],
-            "answer": example["answer"], "score": float(batch.scores[i]), "acc": float(batch.acc[i]),
+            "answer": example["answer"], "score": round(float(batch.scores[i]), 6), "acc": float(batch.acc[i]),
             "format": float(batch.format[i]), "images": [] if images is None else images[i], "tokens": tokens,
             "observation": [int(x) for x in batch.observation_mask[i, :n].tolist()],
             "entropy": per_token("entropy", i, n), "advantages": per_token("advantages", i, n),

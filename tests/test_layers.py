@@ -31,7 +31,7 @@ LAYERS = {
     "driver": ["sapo_ray.rollouts", "sapo_ray.checkpoints", "sapo_ray.validation", "sapo_ray.preflight",
                "sapo_ray.startup", "sapo_ray.trainer"],
     # Command-line entry points.
-    "entry points": ["sapo_ray.main", "sapo_ray.sft", "sapo_ray.export", "sapo_ray.compare"],
+    "entry points": ["sapo_ray.main", "sapo_ray.sft", "sapo_ray.export", "sapo_ray.compare", "sapo_ray.inspect"],
 }
 __doc__ += "".join(f"\n- {name}: {', '.join(m.removeprefix('sapo_ray.') for m in mods)}" for name, mods in LAYERS.items())
 
