@@ -1,7 +1,7 @@
 """Greedy tool-using episodes of a checkpoint on synthvista's held-out split: how often it calls tools, how
 many calls, which fail, and its accuracy (the first measurement of a tool-use warm start, RESULTS.md).
 
-    python benchmarks/tool_use_eval.py MODEL_DIR [N]
+    python benchmarks/tool_use_eval.py MODEL_DIR [N] [TEMPLATE,TEMPLATE,...]
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from sapo_ray.rollout.engine import HFEngine, encode_prompt
 from sapo_ray.rollout.episodes import EpisodeLimits, run_episodes
 
 
-def main(path: str, n: int = 64) -> dict:
+def main(path: str, n: int = 64, templates: str | None = None) -> dict:
     processor = load_processor(path)
     engine = HFEngine(load_policy(path), processor.tokenizer, 64)
-    examples = load_dataset_split("synthvista", None, "test", n=n, seed=0, hint=False)
+    knobs = {"templates": tuple(templates.split(","))} if templates else {}
+    examples = load_dataset_split("synthvista", None, "test", n=n, seed=0, hint=False, **knobs)
     prompts = [encode_prompt(processor, e) for e in examples]
     with ToolPool(2, 5.0) as pool:
         samples = run_episodes(engine.generate, processor.tokenizer, prompts, examples,
@@ -33,10 +34,10 @@ def main(path: str, n: int = 64) -> dict:
     bars = [i for i, e in enumerate(examples) if e["metadata"]["template"] != "count"]
     calls = [samples[i].episode.tool_calls for i in bars]
     errors = sum((Counter(s.episode.tool_errors) for s in samples), Counter())
-    return {"model": path, "n": n, "accuracy": sum(acc) / n, "bar_accuracy": sum(acc[i] for i in bars) / len(bars),
+    return {"model": path, "n": n, "templates": templates, "accuracy": sum(acc) / n, "bar_accuracy": sum(acc[i] for i in bars) / len(bars),
             "bar_episodes_calling": sum(c > 0 for c in calls) / len(bars), "calls_per_bar_episode": sum(calls) / len(bars),
             "turns": sum(s.episode.turns for s in samples) / n, "failed_calls": dict(errors)}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], *(int(a) for a in sys.argv[2:]))))
+    print(json.dumps(main(sys.argv[1], *(int(a) if a.isdigit() else a for a in sys.argv[2:]))))

@@ -92,6 +92,9 @@ class SFTConfig:
     at each bar, the tools' answers, then the solution), their observations masked out of the loss. Of
     those, a share `teacher_error_rate` comes from a sloppy teacher: a missed call asked again, or a
     needless calculator call (half each)."""
+    tool_stepwise: bool = False
+    """Tool-using rows call one tool a turn, each turn first saying what the last answer named
+    (`synthvista.tool_turns(stepwise=True)`), instead of every call in the first turn."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -216,9 +219,10 @@ def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> l
     return out
 
 
-def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: random.Random) -> list[dict]:
-    """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`), a share
-    `error_rate` of those a sloppy teacher's (a missed call or a needless one)."""
+def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: random.Random,
+                    stepwise: bool = False) -> list[dict]:
+    """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`, one call a
+    turn with `stepwise`), a share `error_rate` of those a sloppy teacher's (a missed call or a needless one)."""
     from sapo_ray.data.synthvista import Knobs, tool_turns
 
     out = []
@@ -227,7 +231,8 @@ def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: rand
         if rate > 0 and params["template"] != "count" and rng.random() < rate:
             sloppy = error_rate > 0 and rng.random() < error_rate
             miss = sloppy and rng.random() < 0.5
-            turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss)
+            turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss,
+                               stepwise=stepwise)
             ex = {**ex, "tool_turns": turns}
         out.append(ex)
     return out
@@ -256,7 +261,7 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
                         text_only=text_only, hint=cfg.hint)
         teacher = random.Random(derive_seed(cfg.seed, "sft/teacher", step))
         rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
-        rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher)
+        rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher, cfg.tool_stepwise)
         instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
         batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -188,6 +188,9 @@ def test_tool_using_rows_train_as_episodes_with_their_observations_masked(tmp_pa
     assert bars and all(len(r["tool_turns"]) in (2, 3) for r in bars)
     assert any(len(r["tool_turns"]) == 3 for r in bars) and any("calculator" in r["tool_turns"][0] for r in bars)
     assert all("tool_turns" not in r for r in tooled if r["metadata"]["template"] == "count")
+    stepwise = [r for r in with_tool_turns(rows, 1.0, 0.0, random.Random(0), stepwise=True)
+                if r["metadata"]["template"] != "count"]
+    assert all(len(r["tool_turns"]) == len(json.loads(r["metadata"]["params"])["bars"]) + 1 for r in stepwise)
     proc = load_processor("bundled:tiny-vlm")
     samples = sft_samples(proc, bars[:4], [""] * 4)
     assert all(s.episode.turns >= 2 and sum(s.observation_mask) > 0 for s in samples)

@@ -335,32 +335,42 @@ def _colour_call(x: int, y: int) -> str:
     return f'<tool_call>\n{{"name": "colour_at", "arguments": {{"x": {x}, "y": {y}}}}}\n</tool_call>'
 
 
-def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False) -> list[str]:
+def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False, stepwise: bool = False) -> list[str]:
     """A tool-using solution of a bar chart question, as the model's turns: the first reads the values and
     asks `colour_at` the colour of each bar at `bar_point`; the last, with the colours known, solves as
-    `question_answer_solution` does. A sloppy teacher's variants: `miss` aims the first call above the
-    first bar (the background answers "white") and asks again in a turn of its own; `needless` also asks
-    the calculator for a sum the solution then writes out. The tools' answers come between the turns
-    (`sapo_ray.envs`), and are what these turns expect."""
+    `question_answer_solution` does. `stepwise`: one call a turn, each turn first saying the colour the last
+    answer named (`Bar 1 is red.`), so that no colour has to be carried over more than one observation. A
+    sloppy teacher's variants: `miss` aims the first call above the first bar (the background answers
+    "white") and asks again in a turn of its own; `needless` also asks the calculator for a sum the
+    solution then writes out. The tools' answers come between the turns (`sapo_ray.envs`), and are what
+    these turns expect."""
     if params["template"] == "count":
         raise ValueError("tool_turns solves bar charts; a count scene has no bars")
     bars = params["bars"]
     values = ", ".join(str(b["value"]) for b in bars)
     points = [bar_point(params, k, i) for i in range(len(bars))]
-    first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. Their colours:</think>"
+    calls = [_colour_call(x, y) for x, y in points]
+    sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{" + ".join(str(b["value"]) for b in bars)}"}}}}\n</tool_call>'
+    _, _, solution = question_answer_solution(params)
     turns = []
+    if stepwise:
+        first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. The colour of bar 1:</think>"
+        if miss:
+            turns.append(first + _colour_call(points[0][0], round(0.03 * k.image_size)))
+            first = "<think>That is the background. Lower, inside bar 1:</think>"
+        turns.append(first + calls[0])
+        for i in range(1, len(bars)):
+            turns.append(f"<think>Bar {i} is {bars[i - 1]['colour']}. The colour of bar {i + 1}:</think>{calls[i]}")
+        if needless:
+            turns.append(f"<think>Bar {len(bars)} is {bars[-1]['colour']}. Their sum:</think>{sum_call}")
+        return turns + [solution]
+    first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. Their colours:</think>"
     if miss:
         x, _ = points[0]
         turns.append(first + _colour_call(x, round(0.03 * k.image_size)))  # above the tallest bar there can be
         first = "<think>That is the background. Lower, inside the bars:</think>"
-    calls = [_colour_call(x, y) for x, y in points]
-    if needless:
-        expression = " + ".join(str(b["value"]) for b in bars)
-        calls.append(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>')
-    turns.append(first + "".join(calls))
-    _, _, solution = question_answer_solution(params)
-    turns.append(solution)
-    return turns
+    turns.append(first + "".join(calls + ([sum_call] if needless else [])))
+    return turns + [solution]
 
 
 def _solution(steps: list[str], answer: str) -> str:

@@ -290,3 +290,31 @@ def test_tool_turns_ask_the_tools_what_the_picture_shows():
         assert all(isinstance(c, ToolCall) for c in calls)
     with pytest.raises(ValueError, match="bar charts"):
         sv.tool_turns({"template": "count"}, k)
+
+
+def test_stepwise_tool_turns_ask_one_bar_a_turn_and_say_what_the_last_answer_named():
+    """`stepwise`: one `colour_at` call a turn, left to right, each answered with its bar's colour by the real
+    tool on the rendered chart; the turn after an answer starts by saying it (`Bar 2 is blue.`); a missed
+    first call names the background and is asked again; a needless calculator call sums the values; the
+    last turn is the reference solution."""
+    from sapo_ray.envs.tools import ToolContext, parse_tool_calls, run_call
+
+    k = sv.Knobs(templates=("bar_sum", "bar_argmax", "bar_diff"))
+    for r in sv.generate(20, seed=4, templates=list(k.templates)):
+        params = json.loads(r["metadata"]["params"])
+        context = ToolContext([r["decoded_image"]])
+        colours = [b["colour"] for b in params["bars"]]
+        turns = sv.tool_turns(params, k, stepwise=True)
+        assert len(turns) == len(colours) + 1 and turns[-1] == r["solution"]
+        answers = []
+        for turn in turns[:-1]:
+            calls = parse_tool_calls(turn)
+            assert len(calls) == 1
+            answers.append(run_call(calls[0], context).text)
+        assert answers == colours
+        assert all(turns[i].startswith(f"<think>Bar {i} is {colours[i - 1]}.") for i in range(1, len(colours)))
+        sloppy = sv.tool_turns(params, k, miss=True, needless=True, stepwise=True)
+        assert len(sloppy) == len(colours) + 3
+        named = [run_call(parse_tool_calls(t)[0], context).text for t in sloppy[:-1]]
+        assert named == ["white"] + colours + [str(sum(b["value"] for b in params["bars"]))]
+        assert sloppy[-2].startswith(f"<think>Bar {len(colours)} is {colours[-1]}.")
