@@ -103,3 +103,22 @@ def test_prompts_list_the_tools_where_the_chat_template_has_a_place_for_them():
     listing.chat_template = ("{% if tools %}Tools: {{ tools | map(attribute='function') | map(attribute='name') "
                              "| join(', ') }}\n{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert listing.decode(encode_prompt(listing, example, tools=tools).ids).startswith("Tools: calculator\n")
+
+
+@pytest.mark.slow
+def test_the_agent_demo_runs_tool_using_episodes(ray_cluster, tmp_path):
+    """`+experiment=agent_demo`, cut to one step of 4 prompts: its bundled warm start calls `colour_at` in its
+    episodes (the colour questions' tool), the calls succeed, and validation runs the episodes too."""
+    import json
+
+    from sapo_ray.config import compose_config
+    from sapo_ray.main import run
+
+    run(compose_config("+experiment=agent_demo", f"trainer.run_dir={tmp_path / 'run'}", "trainer.steps=1",
+                       "trainer.val_every=0", "trainer.loggers=[jsonl]", "data.prompts_per_step=4", "data.val_size=4",
+                       "rollout.val_n=1", "algorithm.critic_warmup=0", "actor.mini_batch_size=16",
+                       "critic.mini_batch_size=16"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = rows[1]
+    assert trained["episode/tool_calls"] > 0 and trained["episode/turns"] > 1
+    assert trained["actor/grad_norm"] > 0 and "val/episode/tool_calls" in rows[-1]

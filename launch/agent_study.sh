@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The study of turn-level credit (benchmarks/RESULTS.md, "The agent demo and turn-level credit"): on the
+# agent demo's tool-using episodes (`+experiment=agent_demo`), SAPO with each turn a segment against SAPO
+# with entropy segments, PPO, GRPO and GSPO. Each run goes into benchmarks/agent_study/<name>/ and keeps
+# only small text files: metrics.jsonl, the resolved config.yaml and command.txt (the line that reruns it
+# from the repository root; runs are deterministic on the CPU).
+#
+#   launch/agent_study.sh --list                      # the runs, with their overrides
+#   launch/agent_study.sh                             # every run not yet in benchmarks/agent_study
+#   launch/agent_study.sh ppo-seed0 sapo_turn-seed0   # these runs (again)
+#   launch/agent_study.sh --tables                    # the tables from the committed metrics
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+STUDY=benchmarks/agent_study
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
+
+runs() {
+  for seed in 0 1 2; do
+    echo "sapo_turn-seed$seed algorithm=sapo algorithm.segmenter=turn seed=$seed"
+    echo "sapo_entropy-seed$seed algorithm=sapo algorithm.segmenter=entropy_topk seed=$seed"
+    for alg in ppo grpo gspo; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
+  done
+}
+
+run() {
+  local name=$1; shift
+  local dir=$STUDY/$name
+  local args=(+experiment=agent_demo "$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]"
+              trainer.export_hf=false)
+  echo "== $name: python -m sapo_ray.main ${args[*]}"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  local start=$SECONDS
+  "$PYTHON" -m sapo_ray.main "${args[@]}"
+  echo "== $name: $((SECONDS - start)) s"
+  echo "python -m sapo_ray.main ${args[*]}" > "$dir/command.txt"
+  rm -rf "$dir/checkpoints" "$dir/generations"
+}
+
+tables() {
+  local dirs=()
+  for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
+  for metric in val/accuracy val/accuracy_greedy val/episode/tool_calls critic/vf_explained_var episode/acc_with_tools; do
+    "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric "$metric" --out ''
+  done
+}
+
+case "${1:-}" in
+  --list) runs; exit 0 ;;
+  --tables) tables; exit 0 ;;
+esac
+if (($#)); then
+  for name in "$@"; do
+    line=$(runs | awk -v n="$name" '$1 == n')
+    [[ -n $line ]] || { echo "unknown run $name (launch/agent_study.sh --list)" >&2; exit 2; }
+    # shellcheck disable=SC2086
+    run $line
+  done
+else
+  runs | while read -r name overrides; do
+    [[ -f $STUDY/$name/command.txt ]] || run "$name" $overrides
+  done
+fi
+tables
