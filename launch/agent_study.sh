@@ -13,6 +13,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 STUDY=benchmarks/agent_study
+RUN_FIRST=(+experiment=agent_demo)
+# shellcheck source=launch/study_lib.sh
+source launch/study_lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 
 runs() {
@@ -23,21 +26,6 @@ runs() {
   done
 }
 
-run() {
-  local name=$1; shift
-  local dir=$STUDY/$name
-  local args=(+experiment=agent_demo "$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]"
-              trainer.export_hf=false)
-  echo "== $name: python -m sapo_ray.main ${args[*]}"
-  rm -rf "$dir"
-  mkdir -p "$dir"
-  local start=$SECONDS
-  "$PYTHON" -m sapo_ray.main "${args[@]}"
-  echo "== $name: $((SECONDS - start)) s"
-  echo "python -m sapo_ray.main ${args[*]}" > "$dir/command.txt"
-  rm -rf "$dir/checkpoints" "$dir/generations"
-}
-
 tables() {
   local dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
@@ -46,20 +34,4 @@ tables() {
   done
 }
 
-case "${1:-}" in
-  --list) runs; exit 0 ;;
-  --tables) tables; exit 0 ;;
-esac
-if (($#)); then
-  for name in "$@"; do
-    line=$(runs | awk -v n="$name" '$1 == n')
-    [[ -n $line ]] || { echo "unknown run $name (launch/agent_study.sh --list)" >&2; exit 2; }
-    # shellcheck disable=SC2086
-    run $line
-  done
-else
-  runs | while read -r name overrides; do
-    [[ -f $STUDY/$name/command.txt ]] || run "$name" $overrides
-  done
-fi
-tables
+study_main "$@"

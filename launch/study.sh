@@ -15,6 +15,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 STUDY=benchmarks/study
+RUN_FIRST=()
+# shellcheck source=launch/study_lib.sh
+source launch/study_lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 
 # Each algorithm's actor lr in the main table: of the grid's 1e-5, 2e-5 (the demo's) and 4e-5, the one with
@@ -56,20 +59,6 @@ runs() {
   echo "sapo-anchor_seg_start-seed0 algorithm=sapo algorithm.value_anchor=seg_start seed=0"
 }
 
-run() {
-  local name=$1; shift
-  local dir=$STUDY/$name
-  local args=("$@" "trainer.run_dir=$dir" trainer.resume=never "trainer.loggers=[console,jsonl]" trainer.export_hf=false)
-  echo "== $name: python -m sapo_ray.main ${args[*]}"
-  rm -rf "$dir"
-  mkdir -p "$dir"
-  local start=$SECONDS
-  "$PYTHON" -m sapo_ray.main "${args[@]}"
-  echo "== $name: $((SECONDS - start)) s"
-  echo "python -m sapo_ray.main ${args[*]}" > "$dir/command.txt"
-  rm -rf "$dir/checkpoints" "$dir/generations"
-}
-
 tables() {
   local main=() dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
@@ -90,20 +79,4 @@ tables() {
   "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric val/accuracy --out ''
 }
 
-case "${1:-}" in
-  --list) runs; exit 0 ;;
-  --tables) tables; exit 0 ;;
-esac
-if (($#)); then
-  for name in "$@"; do
-    line=$(runs | awk -v n="$name" '$1 == n')
-    [[ -n $line ]] || { echo "unknown run $name (launch/study.sh --list)" >&2; exit 2; }
-    # shellcheck disable=SC2086
-    run $line
-  done
-else
-  runs | while read -r name overrides; do
-    [[ -f $STUDY/$name/command.txt ]] || run "$name" $overrides
-  done
-fi
-tables
+study_main "$@"
