@@ -208,15 +208,17 @@ class Trainer:
         """The trained rows, per token, as `generations/experience_step_XXXXXX.jsonl` (`sapo_ray.inspect`);
         `traced`: the policy was updated, so its loss trace is this step's."""
         out = self.run_dir / "generations"
-        rows = [(sample, g.example) for g in groups for sample in g.samples]
-        samples, examples = [r[0] for r in rows], [r[1] for r in rows]
-        images = {id(e): [f"images/{n}" for n in save_images(e.get("images") or [], out / "images")]
-                  for e in {id(e): e for e in examples}.values()}
+        samples, examples, images = [], [], []
+        for g in groups:  # a group is one prompt: its images written once
+            names = [f"images/{n}" for n in save_images(g.example.get("images") or [], out / "images")]
+            samples += g.samples
+            examples += [g.example] * len(g)
+            images += [names] * len(g)
         trace = self.learners.actor.loss_trace(batch.response_ids.shape[1]) if traced else None
         spec = self.spec
         records = experience_records(
-            batch, samples, examples, texts or bookkeeping.token_texts(self.tokenizer, batch), trace,
-            [images[id(e)] for e in examples], step=self.step + 1, algorithm=spec.name,
+            batch, samples, examples, texts or bookkeeping.token_texts(self.tokenizer, batch), trace, images,
+            step=self.step + 1, algorithm=spec.name,
             segmenter=spec.segmenter if spec.needs_segments else None, ratio_level=spec.ratio_level)
         write_jsonl(out / f"experience_step_{self.step + 1:06d}.jsonl", records)
 
