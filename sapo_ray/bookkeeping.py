@@ -246,7 +246,7 @@ def tis_weights(batch: Batch, cap: float) -> tuple[Batch, dict]:
 
 def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
     """Size, rewards and lengths of the step's batch; with `compare_rollout_logp` (old log-probs
-    recomputed by the learner) how far the engine's log-probs are from the learner's."""
+    recomputed by the learner) how far the engine's log-probs are from the learner's (`logp_gap`)."""
     mask = batch.response_mask
     informative = registry.dynamic_sampling_groups(batch.acc.double(), batch.group_index)
     m = {"batch/rows": float(len(batch)), "batch/groups": float(len(torch.unique(batch.group_index))),
@@ -258,10 +258,18 @@ def batch_metrics(batch: Batch, compare_rollout_logp: bool) -> dict[str, float]:
          "response_length/clip_ratio": float((~batch.finished).float().mean()),
          **_stats("prompt_length", batch.prompt_mask.sum(1).float())}
     if compare_rollout_logp:
-        diff = (batch.rollout_logp - batch.old_logp).abs()[mask.bool()]
-        if diff.numel():
-            m["rollout/logp_diff_mean"], m["rollout/logp_diff_max"] = float(diff.mean()), float(diff.max())
+        m.update(logp_gap(batch.old_logp, batch.rollout_logp, mask))
     return m
+
+
+def logp_gap(learner_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """`rollout/logp_gap_mean` and `_max`: |engine - learner| log-prob of the sampled tokens over `mask`, the
+    learner scoring them with the weights the engine was sent. Precision and kernels alone keep it small; an
+    engine serving other weights than the learner's (a stale or partial sync) shows here whatever the algorithm."""
+    gap = (engine_logp.float() - learner_logp.float()).abs()[mask.bool()]
+    if not gap.numel():
+        return {}
+    return {"rollout/logp_gap_mean": float(gap.mean()), "rollout/logp_gap_max": float(gap.max())}
 
 
 def perf_metrics(batch: Batch, seconds: float, peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:

@@ -219,7 +219,7 @@ class LearnerConfig:
     shuffle: bool = True
     # Recompute old log-probs and entropies with the learner (verl's default). Off: use the engine's
     # rollout-time values, exact when engine and learner run the same weights in the same precision
-    # (the hf engine in float32; `rollout/logp_diff_*` would show otherwise) and one forward cheaper.
+    # (the hf engine in float32; `rollout/logp_gap_*` would show otherwise) and one forward cheaper.
     recompute_old_logp: bool = True
     # CPU only: run forward and backward matmuls in bfloat16 (torch.autocast) over float32 weights.
     # auto (default): only where this CPU's bf16 matmuls are clearly faster (a short probe, cached per

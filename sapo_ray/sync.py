@@ -11,6 +11,10 @@ group and vLLM's own groups in the same processes.
 
 Both ends agree on the buckets beforehand: `bucket_specs` (names, dtypes, shapes) is computed once
 from the gathered state dict and handed to the receivers, who allocate and receive in that order.
+
+Every sync, by either method, is then checked (`check_fingerprints`): the sender fingerprints each tensor
+it sends, each engine fingerprints the same names in what it holds once loaded, and a difference stops
+the run naming the tensor, so that no step samples from an engine that missed, kept or misplaced a weight.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sapo_ray.errors import StopRun
 from sapo_ray.net import tcp_store
 
 BucketSpec = list[tuple[str, str, list[int]]]  # (name, dtype name, shape) of each tensor of one bucket
@@ -33,6 +38,44 @@ SYNC_METHODS = ("object_store", "broadcast")
 def bucket_specs(buckets: list[list[tuple[str, torch.Tensor]]]) -> list[BucketSpec]:
     """What a receiver needs to allocate each bucket: `(name, dtype, shape)` per tensor."""
     return [[(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket] for bucket in buckets]
+
+
+# -- proof of delivery ---------------------------------------------------------------------------------
+FINGERPRINT_POINTS = 64  # elements read per tensor: a sync's check costs microseconds per tensor
+
+
+def fingerprint(tensor: torch.Tensor) -> float:
+    """A checksum of a tensor's values: `sum_k (k + 1) * x[i_k]` in float64 over `FINGERPRINT_POINTS`
+    evenly spaced flat positions `i_k` (every element of a smaller tensor), the weights telling a
+    permutation apart. Exact for the same values in any floating dtype that holds them (a bfloat16 weight
+    loaded into a float32 engine keeps its fingerprint), and the same on any device: only the sampled
+    elements leave it, and the sum is taken on the CPU."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return 0.0
+    k = min(n, FINGERPRINT_POINTS)
+    at = torch.arange(k, dtype=torch.int64) * n // k
+    values = flat[at.to(flat.device)].to("cpu", torch.float64)
+    return float((values * torch.arange(1, k + 1, dtype=torch.float64)).sum())
+
+
+def fingerprints(named_tensors) -> dict[str, float]:
+    """`fingerprint` of each `(name, tensor)` pair, by name."""
+    return {name: fingerprint(tensor) for name, tensor in named_tensors}
+
+
+def check_fingerprints(sent: dict[str, float], held: dict[str, float], engine: str) -> None:
+    """Stop the run unless `engine` holds every tensor of `sent` with the same fingerprint (`held` may name
+    more: buffers the learner does not send)."""
+    for name, value in sent.items():
+        if name not in held:
+            raise StopRun(f"weight sync: {engine} does not hold {name!r} after the sync (it never arrived, or "
+                          "arrived under another name); no step samples from an engine with stale weights")
+        if held[name] != value and not (value != value and held[name] != held[name]):  # NaN holds NaN
+            raise StopRun(f"weight sync: {engine} holds another {name!r} than the learner sent (fingerprint "
+                          f"{held[name]!r} instead of {value!r}): the tensor was skipped, stale or overwritten; "
+                          "no step samples from an engine with stale weights")
 
 
 # -- a bucket as an RPC payload ------------------------------------------------------------------------
@@ -180,19 +223,23 @@ class WeightSync:
             self.specs = actor.weight_bucket_specs(bucket_bytes)
 
     def __call__(self, only: list[int] | None = None) -> dict:
-        """One sync into every worker, or the workers `only` lists (object_store); returns `sync/bytes`,
-        `sync/gb_per_s` and `sync/buckets`."""
+        """One sync into every worker, or the workers `only` lists (object_store), each checked by
+        `check_fingerprints`; returns `sync/bytes`, `sync/gb_per_s`, `sync/buckets` and `sync/verified` (1:
+        every engine holds what was sent; a mismatch raises `StopRun` instead)."""
         start = time.perf_counter()
         workers = list(range(len(self.rollout))) if only is None else only
         if self.method == "broadcast":
             refs = [self.rollout[i].receive_weights.remote(self.specs) for i in workers]  # in flight before the send
-            self.actor.broadcast_weights(self.bucket_bytes)
+            sent = self.actor.broadcast_weights(self.bucket_bytes)
             n_buckets = len(self.specs)
         else:
-            buckets = self.actor.weight_buckets(self.bucket_bytes)
+            buckets, sent = self.actor.weight_buckets(self.bucket_bytes)
             refs = [self.rollout[i].update_weights.remote(buckets) for i in workers]
             n_buckets = len(buckets)
         nbytes = self.wait(refs, workers)[0][0]
         seconds = time.perf_counter() - start
+        held = self.wait([self.rollout[i].weight_fingerprints.remote() for i in workers], workers)
+        for i, engine in zip(workers, held):
+            check_fingerprints(sent, engine, f"rollout worker {i}")
         return {"sync/bytes": float(nbytes), "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
-                "sync/buckets": float(n_buckets)}
+                "sync/buckets": float(n_buckets), "sync/verified": 1.0}

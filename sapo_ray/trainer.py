@@ -240,8 +240,13 @@ class Trainer:
         metrics = {}
         for pending in filter(None, (critic, actor)):
             parts = pending.get()
-            metrics.update({k: float(np.mean([p[k] for p in parts])) for k in parts[0]})
-        return metrics if train_actor else {**metrics, "actor/lr": self.learners.actor.lr()}
+            metrics.update({k: float((np.max if k.endswith("_max") else np.mean)([p[k] for p in parts])) for k in parts[0]})
+        if train_actor:
+            return metrics
+        if not self.cfg.actor.recompute_old_logp:  # what the update's first pass would have measured
+            learner = self.learners.actor.compute_logprobs(batch, model="policy").get()
+            metrics.update(bookkeeping.logp_gap(learner.logp, batch.rollout_logp, batch.response_mask))
+        return {**metrics, "actor/lr": self.learners.actor.lr()}
 
     def validate(self) -> dict:
         return validation.validate(self.cfg, self.step, self.val_examples, self.rollouts.generate, self.scorer, self.run_dir)

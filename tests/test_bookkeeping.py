@@ -334,20 +334,20 @@ def test_batch_metrics_hand_counts():
     assert m["response_length/max"] == 4 and m["response_length/min"] == 2
     assert m["response_length/clip_ratio"] == pytest.approx(1 / 6)
     assert m["critic/score/mean"] == pytest.approx(0.5)
-    assert "rollout/logp_diff_max" not in m and "rollout/logp_diff_mean" not in m
+    assert "rollout/logp_gap_max" not in m and "rollout/logp_gap_mean" not in m
     assert m["batch/groups_without_signal"] == pytest.approx(2 / 3)  # groups 1 and 2: both samples wrong
 
 
-def test_batch_metrics_logp_diff_only_when_compared():
-    """`rollout/logp_diff_*` appear only with compare_rollout_logp, with hand max/mean over valid tokens."""
+def test_batch_metrics_logp_gap_only_when_compared():
+    """`rollout/logp_gap_*` appear only with compare_rollout_logp, with hand max/mean over valid tokens."""
     b = bookkeeping.make_batch([group(0, 2, lengths=[2, 1])], pad_id=0)
     rollout = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
     old = torch.tensor([[-1.25, -1.5], [-0.5, 9.0]])  # |diff| 0.25, 0.5, 0 on valid; 9 on padding
     b = b.with_fields(rollout_logp=rollout, old_logp=old)
     m = bookkeeping.batch_metrics(b, compare_rollout_logp=True)
-    assert m["rollout/logp_diff_max"] == pytest.approx(0.5)
-    assert m["rollout/logp_diff_mean"] == pytest.approx(0.25)
-    assert "rollout/logp_diff_max" not in bookkeeping.batch_metrics(b, compare_rollout_logp=False)
+    assert m["rollout/logp_gap_max"] == pytest.approx(0.5)
+    assert m["rollout/logp_gap_mean"] == pytest.approx(0.25)
+    assert "rollout/logp_gap_max" not in bookkeeping.batch_metrics(b, compare_rollout_logp=False)
 
 
 # ----------------------------------------------------------------------------------------------

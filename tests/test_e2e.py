@@ -29,7 +29,8 @@ def test_algorithm_runs(algorithm, ray_cluster, tmp_path):
     masks = {"soft_sapo": "actor/pg_gate_faded"}  # the soft gate clips nothing: its mask is the faded tokens
     expected = {"actor/pg_loss", masks.get(algorithm, "actor/pg_clipfrac"), "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
                 "critic/score/mean", "response_length/mean", "timing_s/gen", "timing_s/forward", "timing_s/update",
-                "timing_s/update_weights", "perf/throughput", "val/accuracy", "val/accuracy_greedy"}
+                "timing_s/update_weights", "perf/throughput", "val/accuracy", "val/accuracy_greedy",
+                "rollout/logp_gap_mean", "rollout/logp_gap_max", "sync/verified"}
     if algorithm in ("sapo", "ppo", "vc_ppo"):
         expected |= {"critic/vf_loss", "critic/vf_explained_var", "critic/padding_ratio"}
     if algorithm == "sapo":
@@ -50,6 +51,7 @@ def test_critic_warmup_and_bf16_autocast(ray_cluster, tmp_path):
                  "critic.autocast_bf16=true", "trainer.export_hf=false"))
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert "critic/vf_loss" in rows[1] and "actor/pg_loss" not in rows[1] and "sync/bytes" not in rows[1]
+    assert rows[1]["rollout/logp_gap_mean"] < 0.1 and rows[2]["rollout/logp_gap_mean"] < 0.1  # bf16 learner, float32 engine
     assert {"critic/vf_loss", "actor/pg_loss", "sync/bytes"} <= set(rows[2])
     assert all(math.isfinite(v) for v in rows[2].values())
 

@@ -1,5 +1,6 @@
 """The weight-bucket payload (`sapo_ray.sync.encode_bucket` / `decode_bucket`): what a bucket becomes to cross
-vLLM's msgpack RPC path. Its round trip through vLLM's own encoder and decoder, and a weight update through
+vLLM's msgpack RPC path; the fingerprints that check a sync arrived (`fingerprint`, `check_fingerprints`; the
+broken syncs they catch, end to end, are in tests/learner/test_workers.py). Its round trip through vLLM's own encoder and decoder, and a weight update through
 the multiprocessing engine, are in tests/rollout/test_vllm_engine.py (they need vllm)."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sapo_ray.sync import decode_bucket, encode_bucket
+from sapo_ray.errors import StopRun
+from sapo_ray.sync import check_fingerprints, decode_bucket, encode_bucket, fingerprint, fingerprints
 
 MSGPACK_NATIVE = (str, int, float, bool, bytes, type(None))
 
@@ -90,3 +92,32 @@ def test_cuda_bucket_travels_as_ipc_handles_to_another_process():
     assert torch.equal(first, cpu[0][1])
     del cuda
     torch.cuda.ipc_collect()
+
+
+def test_fingerprint_by_hand():
+    """`sum_k (k + 1) x[i_k]`: every element of a small tensor; 64 evenly spaced ones of a larger (here the even
+    positions of 128, values 2k: 2 * sum_k (k + 1) k = 2 * (85344 + 2016))."""
+    assert fingerprint(torch.arange(10.0)) == sum((k + 1) * k for k in range(10)) == 330.0
+    assert fingerprint(torch.arange(128.0).reshape(8, 16)) == 174720.0
+    assert fingerprint(torch.empty(0, 3)) == 0.0
+    assert fingerprint(torch.tensor(2.5)) == 2.5
+
+
+def test_fingerprint_sees_values_not_dtypes_and_tells_permutations_apart():
+    w = torch.randn(300, 7, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert fingerprint(w) == fingerprint(w.float()) == fingerprint(w.double())  # a bf16 weight in a float32 engine
+    assert fingerprint(w) != fingerprint(w.flip(0))
+    changed = w.clone().reshape(-1)
+    changed[3 * 2100 // 64] += 1  # the fourth of the positions sampled of 2,100 elements (k * 2100 // 64)
+    assert fingerprint(changed.reshape(300, 7)) != fingerprint(w)
+
+
+def test_check_fingerprints_names_the_tensor_an_engine_got_wrong():
+    sent = fingerprints([("a", torch.ones(3)), ("b", torch.arange(4.0)), ("nan", torch.tensor([float("nan")]))])
+    check_fingerprints(sent, {**sent, "buffer": 1.0}, "rollout worker 0")  # more held than sent is fine
+    with pytest.raises(StopRun, match="rollout worker 1 does not hold 'b'"):
+        check_fingerprints(sent, {"a": sent["a"], "nan": sent["nan"]}, "rollout worker 1")
+    with pytest.raises(StopRun, match="rollout worker 0 holds another 'a'"):
+        check_fingerprints(sent, {**sent, "a": fingerprint(torch.zeros(3))}, "rollout worker 0")
+    with pytest.raises(StopRun, match="holds another 'nan'"):
+        check_fingerprints(sent, {**sent, "nan": 0.0}, "rollout worker 0")

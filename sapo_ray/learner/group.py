@@ -147,8 +147,8 @@ class PolicyGroup(WorkerGroup):
         """The full weights in the engines' dtype (`model.dtype`)."""
         return self._each(PolicyWorker.engine_state_dict)[0]
 
-    def weight_buckets(self, bucket_bytes: int) -> list:
-        """The full weights as object-store references of at most `bucket_bytes` each."""
+    def weight_buckets(self, bucket_bytes: int) -> tuple[list, dict[str, float]]:
+        """The full weights as object-store references of at most `bucket_bytes` each, and their fingerprints."""
         return self._each(PolicyWorker.weight_buckets, bucket_bytes)[0]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> Pending[list]:
@@ -158,8 +158,9 @@ class PolicyGroup(WorkerGroup):
     def weight_bucket_specs(self, bucket_bytes: int) -> list:
         return self._each(PolicyWorker.weight_bucket_specs, bucket_bytes)[0]
 
-    def broadcast_weights(self, bucket_bytes: int) -> None:
-        self._each(PolicyWorker.broadcast_weights, bucket_bytes)
+    def broadcast_weights(self, bucket_bytes: int) -> dict[str, float]:
+        """Broadcast the full weights from rank 0; their fingerprints."""
+        return self._each(PolicyWorker.broadcast_weights, bucket_bytes)[0]
 
     def export_hf(self, out_dir: str) -> None:
         self._each(PolicyWorker.export_hf, out_dir)

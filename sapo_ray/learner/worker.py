@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from sapo_ray import bookkeeping
 from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, LogProbs, pack_by_tokens
@@ -388,6 +389,7 @@ class PolicyWorker(FSDPWorker):
             self.ref = self._shard(ref).eval()
         self._make_optimizer()
         self.trace: losses.LossTrace | None = None
+        self.gap: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (learner, engine) log-probs, while measured
 
     def loss_trace(self) -> losses.LossTrace:
         """What the loss saw of this rank's rows in the last `update` (`trace_loss`)."""
@@ -426,10 +428,19 @@ class PolicyWorker(FSDPWorker):
         if self.cfg.trace_loss:
             R = batch.response_ids.shape[1]
             self.trace = losses.LossTrace(torch.zeros(len(batch), R), torch.zeros(len(batch), R, dtype=torch.bool))
-        for index in self._minibatch_rows(batch):
+        # Without recomputed old log-probs, the first mini-batch's pass (before any optimizer step) is where the
+        # learner scores the engine's tokens with the weights the engine was sent: the engine-learner gap.
+        measure = not self.cfg.learner.recompute_old_logp
+        self.gap, first = ([] if measure else None), []
+        for i, index in enumerate(self._minibatch_rows(batch)):
             for k, v in self._update_minibatch(batch.select(index), index).items():
                 stats.setdefault(k, []).append(v)
+            if i == 0 and measure:
+                first, self.gap = self.gap, None
         out = {k: _mean(v) for k, v in stats.items()}
+        if first:
+            learner, engine = (torch.cat(x) for x in zip(*first))
+            out.update(bookkeeping.logp_gap(learner, engine, torch.ones_like(learner, dtype=torch.bool)))
         out["actor/pg_loss"] = out.pop("actor/pg_loss_sum")
         out["actor/skipped_steps"] = float(sum(stats["actor/skipped_steps"]))
         out["actor/skipped_in_a_row"] = float(self.skipped_in_a_row)
@@ -456,6 +467,8 @@ class PolicyWorker(FSDPWorker):
                                                entropy_grad=spec.entropy_coef > 0,
                                                layout=self._layout(True))
             mask = micro.response_mask
+            if self.gap is not None:
+                self.gap.append((logp.detach()[mask.bool()].float().cpu(), micro.rollout_logp[mask.bool()].float().cpu()))
             seg = Segments.from_end_mask(micro.seg_end.bool(), mask) if spec.needs_segments else None
             loss, m = registry.policy_loss(spec, logp, micro.old_logp, micro.advantages, mask, segments=seg,
                                            is_weights=micro.is_weights if self.cfg.rollout.tis_cap > 0 else None,
@@ -490,12 +503,17 @@ class PolicyWorker(FSDPWorker):
         dtype = DTYPES[self.cfg.model.dtype]
         return None if sd is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
-    def weight_buckets(self, bucket_bytes: int) -> list:
-        """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes` (rank 0 only)."""
+    def weight_buckets(self, bucket_bytes: int) -> tuple[list, dict[str, float]] | None:
+        """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes`, with their
+        fingerprints (`sapo_ray.sync.fingerprints`; rank 0 only)."""
         import ray
 
+        from sapo_ray.sync import fingerprints
+
         sd = self.engine_state_dict()
-        return [] if sd is None else [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)]
+        if sd is None:
+            return None
+        return [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)], fingerprints(sd.items())
 
     # `rollout.weight_sync=broadcast` (sapo_ray.sync): rank 0 is rank 0 of the weight-broadcast group.
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
@@ -510,12 +528,17 @@ class PolicyWorker(FSDPWorker):
         sd = self.engine_state_dict()
         return None if sd is None else bucket_specs(bucket_tensors(sd, bucket_bytes))
 
-    def broadcast_weights(self, bucket_bytes: int) -> None:
-        """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0."""
+    def broadcast_weights(self, bucket_bytes: int) -> dict[str, float] | None:
+        """Gather the full weights (every rank) and broadcast them bucket by bucket from rank 0; their
+        fingerprints (rank 0)."""
+        from sapo_ray.sync import fingerprints
+
         sd = self.engine_state_dict()
-        if sd is not None:
-            for bucket in bucket_tensors(sd, bucket_bytes):
-                self.weight_group.send(bucket)
+        if sd is None:
+            return None
+        for bucket in bucket_tensors(sd, bucket_bytes):
+            self.weight_group.send(bucket)
+        return fingerprints(sd.items())
 
     def export_hf(self, out_dir: str) -> None:
         """Save the policy as a Hugging Face directory (safetensors in `model.dtype` + processor files) on rank 0."""

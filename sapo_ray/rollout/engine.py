@@ -318,6 +318,12 @@ class HFEngine:
             loaded += tensor.numel() * tensor.element_size()
         return loaded
 
+    def weight_fingerprints(self) -> dict[str, float]:
+        """The fingerprints of the parameters and buffers this engine samples with, read back from the model."""
+        from sapo_ray.sync import fingerprints
+
+        return fingerprints(self.model.state_dict().items())
+
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join the weight-broadcast group with learner rank 0 as `rank` (`rollout.weight_sync=broadcast`)."""
         from sapo_ray.sync import WeightGroup

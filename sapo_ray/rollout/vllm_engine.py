@@ -5,7 +5,7 @@ What it returns matches the hf engine: for each sampled token its log-prob under
 distribution (`sapo_ray.learner.forward.logprobs_and_entropy`). vLLM gets there with
 `logprobs_mode="processed_logprobs"` (log-probs taken after its logits processors and temperature,
 see `vllm.v1.sample.sampler`) and a logits processor that sets the banned ids to -inf for every
-request. Two differences, both visible in `rollout/logp_diff_*`:
+request. Two differences, both visible in `rollout/logp_gap_*`:
 - with `top_p < 1` vLLM's processed log-probs are those of the renormalised nucleus, not of the full
   distribution the learner scores (the hf engine returns the latter);
 - no per-token entropies (vLLM would have to return the full vocabulary): `rollout_entropy` is NaN,
@@ -107,6 +107,7 @@ class WorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
+        self.sapo_received: dict[str, float] = {}
 
     def sapo_load_weight_bucket(self, payload: list) -> int:
         """Load one bucket (`sapo_ray.sync.encode_bucket`'s payload of Hugging Face-named full tensors) through
@@ -116,6 +117,9 @@ class WorkerExtension:
     def _sapo_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
 
+        from sapo_ray.sync import fingerprints
+
+        self.sapo_received.update(fingerprints(named_tensors))
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights(weights=((n, t.to(self.device)) for n, t in named_tensors))
         return sum(t.numel() * t.element_size() for _, t in named_tensors)
@@ -127,6 +131,10 @@ class WorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
         self.model_runner.reset_encoder_cache()  # image features computed with the old vision tower
+
+    def sapo_weight_fingerprints(self) -> dict[str, float]:
+        """The fingerprints of the tensors this worker received in its last weight update, on its device."""
+        return dict(getattr(self, "sapo_received", {}))
 
     def sapo_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """Join the weight-broadcast group with learner rank 0 (`sapo_ray.sync.WeightGroup`: NCCL on GPUs,
@@ -306,6 +314,15 @@ class VLLMEngine:
     def receive_weights(self, spec: list) -> int:
         """Every vLLM worker receives one broadcast bucket and loads its shard of it; returns bytes."""
         return self.llm.collective_rpc("sapo_receive_weights", args=(spec,))[0]
+
+    def weight_fingerprints(self) -> dict[str, float]:
+        """The fingerprints of the tensors every worker received in the last weight update, by Hugging Face name
+        (NaN where the workers disagree). vLLM's kernels hold the weights repacked (fused q/k/v, tensor-parallel
+        shards, the CPU build's packed buffers), not as the learner names them, so what is checked is what
+        reached each worker's `load_weights`, after the transport, rather than a read-back."""
+        first, *others = self.llm.collective_rpc("sapo_weight_fingerprints")
+        return {name: value if all(o.get(name) == value for o in others) else float("nan")
+                for name, value in first.items()}
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("sapo_finish_weight_update")

@@ -47,6 +47,10 @@ class RolloutWorker:
         """Receive the buckets learner rank 0 broadcasts (`sapo_ray.sync.bucket_specs`); returns (bytes, seconds)."""
         return self._load(self.engine.receive_weights(spec) for spec in specs)
 
+    def weight_fingerprints(self) -> dict[str, float]:
+        """The fingerprints of the weights the engine holds (`sapo_ray.sync.fingerprint`), by the learner's names."""
+        return self.engine.weight_fingerprints()
+
     def _load(self, loads) -> tuple[int, float]:
         """Run `loads` (a lazy generator of per-bucket byte counts) inside the engine's update bracket."""
         start = time.perf_counter()

@@ -87,6 +87,7 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     metrics = sync()
     assert metrics["sync/buckets"] > 1
     assert metrics["sync/bytes"] > 0
+    assert metrics["sync/verified"] == 1.0
     # Generate with the synced engine, then score the same tokens with the learner.
     from helpers import encode
     from sapo_ray.data.datasets import load_dataset_split
@@ -105,6 +106,79 @@ def test_sync_makes_engine_sample_with_new_weights(method, ray_cluster, random_t
     diff = float((learner.entropy - fresh.rollout_entropy).abs()[m].max())
     assert diff < 1e-4, f"engine and learner entropies disagree by {diff} after the sync"
     ray.kill(rollout)
+    group.shutdown()
+
+
+def test_the_update_measures_the_engine_learner_gap_before_its_first_step(ray_cluster, random_tiny_models):
+    """`actor.recompute_old_logp=false`: `rollout/logp_gap_*` are |engine - learner| log-probs of the first
+    mini-batch's tokens, scored before any optimizer step. The sampling engine holds the learner's weights (float32
+    both: a gap of ~1e-6), so engine log-probs shifted by 0, 0.25 and 0.5 by row give the shifts' token mean and max."""
+    path = random_tiny_models["vlm"]
+    batch, _ = _train_batch(path, registry.get_algorithm("rloo"))
+    mask = batch.response_mask.bool()
+    shift = (torch.arange(len(batch)) % 3 * 0.25)[:, None].expand_as(mask)
+    engine = batch.rollout_logp - shift * mask
+    batch = batch.with_fields(rollout_logp=engine, old_logp=engine)
+    group = PolicyGroup(learner_cfg(path, algorithm="rloo", mini_batch_size=4, recompute_old_logp=False))
+    metrics = group.update(batch).get()[0]
+    group.shutdown()
+    first = mask[:4]  # no shuffling: the first mini-batch is rows 0-3; the second is scored after a step
+    assert metrics["rollout/logp_gap_mean"] == pytest.approx(float(shift[:4][first].mean()), abs=1e-4)
+    assert metrics["rollout/logp_gap_max"] == pytest.approx(0.5, abs=1e-4)
+    recomputing = PolicyGroup(learner_cfg(path, algorithm="rloo", recompute_old_logp=True))
+    assert "rollout/logp_gap_mean" not in recomputing.update(batch).get()[0]  # the trainer measures the whole batch
+    recomputing.shutdown()
+
+
+def _faulty_rollout_worker(cfg, fault: str, name: str, other: str):
+    """A rollout worker whose engine mishandles the tensor `name` of every weight load: `skip` drops it, `stale`
+    loads the engine's first value of it instead, `rename` loads it under `other` (a tensor of the same shape)."""
+
+    class FaultyRolloutWorker(RolloutWorker):  # defined here so that Ray ships it by value
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            load, first = self.engine.update_weights, self.engine.model.state_dict()[name].clone()
+
+            def faulty(named_tensors):
+                out = []
+                for n, t in named_tensors:
+                    if n == name and fault == "skip":
+                        continue
+                    out.append((other if n == name and fault == "rename" else n,
+                                first if n == name and fault == "stale" else t))
+                return load(out)
+
+            self.engine.update_weights = faulty
+
+    return ray.remote(FaultyRolloutWorker).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(1)}).remote(cfg)
+
+
+def test_the_sync_check_catches_a_skipped_a_stale_and_a_misnamed_tensor(ray_cluster, random_tiny_models):
+    """Engines that drop a tensor, keep its old value, or load it under another tensor's name: every sync method
+    stops the run naming the tensor, where without the check the engine would sample from stale weights."""
+    from sapo_ray.errors import StopRun
+    from sapo_ray.sync import WeightSync
+
+    path = random_tiny_models["vlm"]
+    spec = registry.get_algorithm("rloo")
+    batch, _ = _train_batch(path, spec)
+    group = PolicyGroup(learner_cfg(path, algorithm="rloo"))
+    group.update(batch).get()
+    name, other = "model.language_model.layers.0.mlp.down_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight"
+    assert name in group.engine_state_dict() and other in group.engine_state_dict()
+    cfg = rollout_cfg(path, max_batch_size=64)
+    faults = ["skip", "stale", "rename"]
+    workers = [_faulty_rollout_worker(cfg, fault, name, other) for fault in faults]
+    sync = WeightSync(group, workers, "object_store", 64 * 1024)
+    for i, fault in enumerate(faults):
+        with pytest.raises(StopRun, match=f"rollout worker {i} (does not hold|holds another) '{name}'"):
+            sync(only=[i])
+    # Broadcast: the same check over the process group (a group is built once per learner: one fault).
+    workers.append(_faulty_rollout_worker(cfg, "stale", name, other))
+    with pytest.raises(StopRun, match=f"rollout worker 0 holds another '{name}'"):
+        WeightSync(group, workers[3:], "broadcast", 64 * 1024)()
+    for w in workers:
+        ray.kill(w)
     group.shutdown()
 
 

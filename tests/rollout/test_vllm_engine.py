@@ -187,7 +187,8 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     before = vllm.generate(prompts, params)
 
     gen = torch.Generator().manual_seed(0)
-    state = {k: v + 0.1 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=gen)
+    perturbed = {}  # by storage: tied tensors (the embedding and the LM head) stay tied, as a learner sends them
+    state = {k: perturbed.setdefault(v.data_ptr(), v + 0.1 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=gen))
              for k, v in hf.model.state_dict().items()}
     buckets = bucket_tensors(state, 256 * 1024)
     assert len(buckets) > 3
@@ -199,6 +200,19 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     assert _compare(after_hf, after) < LOGP_ATOL
     changed = sum(x.response_ids != y.response_ids for x, y in zip(before, after))
     assert changed >= 4, f"the update changed only {changed}/{len(prompts)} greedy responses"
+
+    # The sync's check (`sapo_ray.sync.check_fingerprints`): both engines hold what was sent; a load that
+    # leaves a tensor out is caught by name.
+    from sapo_ray.errors import StopRun
+    from sapo_ray.sync import check_fingerprints, fingerprints
+
+    sent = fingerprints(state.items())
+    check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
+    check_fingerprints(sent, hf.weight_fingerprints(), "hf")
+    skipped = next(iter(state))
+    worker.update_weights([ray.put([(n, t) for n, t in b if n != skipped]) for b in buckets])
+    with pytest.raises(StopRun, match=f"vllm does not hold '{skipped}'"):
+        check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
 
 
 @needs_vllm
@@ -339,12 +353,12 @@ def test_training_steps_with_vllm_engine(algorithm, extra, ray_cluster, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     last = rows[-1]
-    expected = {"actor/pg_loss", "actor/grad_norm", "rollout/logp_diff_mean", "rollout/logp_diff_max",
+    expected = {"actor/pg_loss", "actor/grad_norm", "rollout/logp_gap_mean", "rollout/logp_gap_max",
                 "timing_s/gen", "timing_s/update_weights", "sync/bytes", "val/accuracy"}
     assert expected <= set(last), sorted(expected - set(last))
     assert all(v is not None and math.isfinite(v) for v in last.values()), last
     assert any(r["actor/grad_norm"] > 1e-3 for r in rows[1:3]), "no update before the last rollout"
     # Engine and learner hold the same float32 weights after each sync: log-probs agree closely.
-    assert all(r["rollout/logp_diff_max"] < LOGP_ATOL for r in rows[1:]), [r["rollout/logp_diff_max"] for r in rows[1:]]
+    assert all(r["rollout/logp_gap_max"] < LOGP_ATOL for r in rows[1:]), [r["rollout/logp_gap_max"] for r in rows[1:]]
     if "rollout.tis_cap=2" in extra:  # truncated importance sampling on: weights ~1 since engine and learner agree
         assert all(r["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) for r in rows[1:])
