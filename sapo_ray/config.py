@@ -188,6 +188,24 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Adapter rank: 0 trains every weight (full fine-tuning); r > 0 trains a rank-r adapter on each targeted
+    # linear layer of the policy and freezes the rest (`sapo_ray.learner.lora`; the policy only).
+    rank: int = 0
+    # The adapter's output is scaled by alpha / rank.
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # The language model's layers given adapters, by their last name (Qwen2.5-VL's and Qwen3-VL's attention and
+    # MLP projections).
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])
+    # Adapters in the vision tower's blocks too (`vision_target_modules`); else the tower stays frozen.
+    vision: bool = False
+    vision_target_modules: list = field(default_factory=lambda: ["qkv", "proj", "gate_proj", "up_proj", "down_proj",
+                                                                 "linear_fc1", "linear_fc2"])
+
+
+@dataclass
 class LearnerConfig:
     # FSDP2 ranks (Ray actors) in this group.
     world_size: int = 1
@@ -235,6 +253,8 @@ class LearnerConfig:
     # (verl's param/optimizer offload); costs two host<->GPU copies of that state per step. A no-op on CPUs.
     offload: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # LoRA instead of full fine-tuning (the policy only: `critic.lora.rank` must stay 0).
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Ray custom resources each rank requires (placement on nodes started with
     # `ray start --resources='{"learner_node": 1}'`); add keys with `+`: '+actor.resources={learner_node: 0.01}'.
     resources: dict = field(default_factory=dict)

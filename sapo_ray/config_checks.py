@@ -107,6 +107,7 @@ def validate(cfg) -> None:
                f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in (0, rollout.max_new_tokens="
                f"{r.max_new_tokens}], or null for a fifth of rollout.max_new_tokens")
     _check(a.critic_warmup >= 0, f"algorithm.critic_warmup={a.critic_warmup} must be >= 0")
+    _check_lora(cfg)
     _check_env(cfg.env)
     _check(a.max_refill >= 0, f"algorithm.max_refill={a.max_refill} must be >= 0")
     _validate_batch(cfg, spec)
@@ -185,6 +186,17 @@ def _validate_batch(cfg, spec: AlgorithmSpec) -> None:
         _check(g.max_tokens_per_micro_batch == 0 or g.max_tokens_per_micro_batch >= longest,
                f"{role}.max_tokens_per_micro_batch={g.max_tokens_per_micro_batch} must hold one whole row: >= "
                f"data.max_prompt_length + {response} = {longest} (or 0 for micro_batch_size rows)")
+
+
+def _check_lora(cfg) -> None:
+    lora = cfg.actor.lora
+    _check(cfg.critic.lora.rank == 0, f"critic.lora.rank={cfg.critic.lora.rank}: the critic trains every weight "
+                                      "(LoRA is on the policy: actor.lora.rank)")
+    _check(lora.rank >= 0, f"actor.lora.rank={lora.rank} must be >= 0 (0: full fine-tuning)")
+    if lora.rank:
+        _check(lora.alpha > 0, f"actor.lora.alpha={lora.alpha} must be > 0")
+        _check(0 <= lora.dropout < 1, f"actor.lora.dropout={lora.dropout} must be in [0, 1)")
+        _check(len(lora.target_modules) > 0, "actor.lora.target_modules is empty: name the layers to adapt")
 
 
 def _check_env(e) -> None:

@@ -78,16 +78,37 @@ class ModelShape:
     merge_size: int = 2
 
 
-def model_shape(path: str) -> ModelShape:
-    """The shape of the model at `path`, built on the meta device (no weights read)."""
+def _meta_model(path: str) -> torch.nn.Module:
+    """The architecture at `path` on the meta device (no weights read, no memory)."""
     from transformers import AutoConfig
 
     from sapo_ray.models.loading import build_from_config
     from sapo_ray.models.processor import _check_dir
 
-    config = AutoConfig.from_pretrained(_check_dir(path))
     with torch.device("meta"):
-        model = build_from_config(config, torch.bfloat16, "sdpa")
+        return build_from_config(AutoConfig.from_pretrained(_check_dir(path)), torch.bfloat16, "sdpa")
+
+
+def adapter_params(path: str, lora_cfg) -> int:
+    """The parameters of the LoRA adapters `lora_cfg` (`actor.lora`) gives the model at `path`:
+    `rank * (in + out)` for each targeted linear layer (`sapo_ray.learner.lora.target_pattern`)."""
+    import re
+
+    from sapo_ray.learner.lora import target_pattern
+
+    pattern = target_pattern(lora_cfg)
+    return sum(lora_cfg.rank * (m.in_features + m.out_features) for name, m in _meta_model(path).named_modules()
+               if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, name))
+
+
+def model_shape(path: str) -> ModelShape:
+    """The shape of the model at `path`, built on the meta device (no weights read)."""
+    from transformers import AutoConfig
+
+    from sapo_ray.models.processor import _check_dir
+
+    config = AutoConfig.from_pretrained(_check_dir(path))
+    model = _meta_model(path)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     in_units = {id(p) for m in units for p in m.parameters()}
@@ -153,17 +174,19 @@ def vision_activation_bytes(shape: ModelShape, patches: int, checkpointing: bool
     return shape.vision_layers * block
 
 
-def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[str, float]:
-    """One rank of `role` (actor or critic): resident state and the activation peak, in GiB."""
+def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool, adapters: int = 0) -> dict[str, float]:
+    """One rank of `role` (actor or critic): resident state and the activation peak, in GiB. `adapters`: the
+    LoRA adapters' parameters (`adapter_params`) when the role trains those alone (`actor.lora.rank`); its
+    reference is then itself with the adapters off (no copy)."""
     g, m = cfg[role], cfg.model
     master = 4  # float32 weights, gradients and moments (sapo_ray.learner.worker.MASTER_DTYPE)
     params = shape.params - (shape.lm_head_params if role == "critic" else 0)
-    trainable = params - (shape.vision_params if g.freeze_vision_tower else 0)
+    trainable = adapters or params - (shape.vision_params if g.freeze_vision_tower else 0)
     world = g.world_size
-    out = {"weights": master * params / world, "gradients": master * trainable / world,
+    out = {"weights": master * (params + adapters) / world, "gradients": master * trainable / world,
            "optimizer": 2 * master * trainable / world,
            "gathered": 2 * (shape.root_params + 2 * shape.block_params)}
-    if with_ref:
+    if with_ref and not adapters:
         out["reference"] = DTYPE_BYTES[m.dtype] * shape.params / world
     tokens = g.micro_batch_size * (cfg.data.max_prompt_length + response_tokens(cfg))
     out["activations"] = activation_bytes(shape, tokens, m.gradient_checkpointing)
@@ -171,8 +194,9 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool) -> dict[st
     out["forward_activations"] = block_activation_bytes(shape, tokens)
     if shape.vision_layers:
         patches = vision_patches(shape, cfg, g.micro_batch_size)
+        vision_trained = not g.freeze_vision_tower and (not adapters or g.lora.vision)
         out["vision_activations"] = vision_activation_bytes(shape, patches, m.gradient_checkpointing,
-                                                            trained=not g.freeze_vision_tower)
+                                                            trained=vision_trained)
         out["forward_vision"] = vision_activation_bytes(shape, patches, m.gradient_checkpointing, trained=False)
     # The root unit (embeddings, lm_head, norms, vision patch embedding and merger) gathers whole and its
     # gradient is reduced whole: unsharded in the compute dtype, plus the float32 copy the reduce-scatter
@@ -246,6 +270,7 @@ def memory_plan(cfg) -> dict:
         raise ValueError("the memory plan is for GPU placements: set cluster.placement=colocate or split and "
                          "GPU shares (rollout/actor/critic.num_gpus)")
     shape = model_shape(cfg.model.path)
+    adapters = adapter_params(cfg.model.path, cfg.actor.lora) if cfg.actor.lora.rank else 0
     budget = cfg.cluster.gpu_memory_gb
     per_node = cfg.cluster.gpus_per_node
     gpus, index = [], 0
@@ -257,7 +282,8 @@ def memory_plan(cfg) -> dict:
                 if s.role == "rollout":
                     parts["rollout"] = engine_memory(shape, cfg)
                 else:
-                    parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and spec.needs_ref)
+                    parts[s.role] = learner_memory(shape, cfg, s.role, s.role == "actor" and spec.needs_ref,
+                                                   adapters if s.role == "actor" else 0)
             phases = phase_totals(parts, cfg.rollout.enable_sleep_mode,
                                   {role: cfg[role].offload for role in parts if role != "rollout"})
             total = max(phases.values())
@@ -270,11 +296,12 @@ def memory_plan(cfg) -> dict:
             index += 1
     return {"fits": all(g["fits"] for g in gpus), "gpu_memory_gb": budget, "model": cfg.model.path,
             "params_b": round(shape.params / 1e9, 3), "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "gpus": gpus}
+            "lora_params_m": round(adapters / 1e6, 2), "gpus": gpus}
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"{p['model']}: {p['params_b']}B parameters, gradient checkpointing "
+    lora = f", LoRA adapters {p['lora_params_m']:g}M parameters" if p["lora_params_m"] else ""
+    lines = [f"{p['model']}: {p['params_b']}B parameters{lora}, gradient checkpointing "
              f"{'on' if p['gradient_checkpointing'] else 'off'}, budget {p['gpu_memory_gb']:g} GiB per GPU"]
     for g in p["gpus"]:
         actors = ", ".join(f"{a['role']} {a['rank']} ({a['share']:g})" for a in g["actors"])

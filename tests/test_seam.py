@@ -23,7 +23,7 @@ from helpers import learner_cfg, local_process_group, sample_batch
 from sapo_ray.algo import registry
 from sapo_ray.algo.registry import AlgorithmSpec
 from sapo_ray.config import compose_config as compose_cfg
-from sapo_ray.config import (LearnerConfig, ModelConfig, RolloutConfig, learner_worker_config,
+from sapo_ray.config import (LearnerConfig, LoraConfig, ModelConfig, RolloutConfig, learner_worker_config,
                              rollout_worker_config)
 
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "actor": LearnerConfig, "critic": LearnerConfig,
@@ -140,8 +140,11 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
     expected |= {"model.path", "model.dtype", "model.attn_implementation", "model.gradient_checkpointing"}
     with local_process_group():
         for cls, role in ((PolicyWorker, "actor"), (CriticWorker, "critic")):
+            # The policy with LoRA adapters (vision tower too): what reads the lora fields; the critic trains
+            # every weight (`critic.lora.rank` must be 0) and reads only the rank.
+            lora = {"lora": LoraConfig(rank=2, vision=True)} if role == "actor" else {}
             cfg = learner_cfg(path, role=role, model={"gradient_checkpointing": True}, shuffle=True, ppo_epochs=2,
-                              mini_batch_size=2, micro_batch_size=1)
+                              mini_batch_size=2, micro_batch_size=1, **lora)
             reads: set[str] = set()
             cfg.learner, cfg.model = Recorder(cfg.learner, reads, "learner"), Recorder(cfg.model, reads, "model")
             worker = cls(0, 1, cfg)
@@ -158,5 +161,7 @@ def test_learner_ranks_read_every_learner_field(random_tiny_models):
             assert metrics[f"{role}/skipped_steps"] == 0 and f"{role}/lr" in metrics
             assert worker.scheduler.last_epoch == 4  # 2 epochs x 2 mini-batches of 2 rows
             missing = expected - reads - ({"model.critic_path"} if role == "actor" else set())
+            if role == "critic":
+                missing -= {key for key in expected if key.startswith("learner.lora.") and key != "learner.lora.rank"}
             assert not missing, f"{role} rank never reads {sorted(missing)}"
             assert role == "actor" or "model.critic_path" in reads

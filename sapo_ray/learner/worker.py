@@ -29,6 +29,7 @@ from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, LogProbs, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
+from sapo_ray.learner import lora
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.learner.vision import run_vision_in_every_forward
 from sapo_ray.net import listen, tcp_store
@@ -147,7 +148,8 @@ class FSDPWorker:
 
     def _shard_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         """The trained model of this group: vision tower frozen when `freeze_vision_tower`, activations
-        recomputed in the backward pass when `model.gradient_checkpointing`, then sharded."""
+        recomputed in the backward pass when `model.gradient_checkpointing`, adapters in place of full
+        training with `lora.rank`, then sharded."""
         if self.cfg.learner.freeze_vision_tower:
             from sapo_ray.models import freeze_vision_tower
 
@@ -155,6 +157,8 @@ class FSDPWorker:
         if self.cfg.model.gradient_checkpointing:
             # Non-reentrant checkpointing: the variant that composes with FSDP2 and frozen inputs.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.learner.lora.rank:
+            model = lora.add_adapters(model, self.cfg.learner.lora)
         return self._shard(model)
 
     def _autocast(self):
@@ -383,7 +387,7 @@ class PolicyWorker(FSDPWorker):
             lambda: empty_policy(m.path, dtype, m.attn_implementation))
         self.model = self._shard_trainable(model(MASTER_DTYPE))
         self.ref = None
-        if self.cfg.needs_ref:
+        if self.cfg.needs_ref and not self.cfg.learner.lora.rank:  # with LoRA: the policy, adapters off
             ref = model(DTYPES[m.dtype])  # frozen: no master copy needed
             ref.requires_grad_(False)
             self.ref = self._shard(ref).eval()
@@ -403,7 +407,7 @@ class PolicyWorker(FSDPWorker):
         if model not in ("policy", "reference"):
             raise ValueError(f"compute_logprobs(model={model!r}): 'policy' or 'reference'")
         policy = model == "policy"
-        module = self.model if policy else self.ref
+        module = self.model if policy or self.ref is None else self.ref
         module.eval()
         # The policy's old log-probs are computed as `update`'s first pass will compute the new ones (the same
         # micro-batches, layout and precision): the first ratio is exactly 1, not 1 up to the rounding of
@@ -414,7 +418,9 @@ class PolicyWorker(FSDPWorker):
             return policy_forward(module, micro, self.cfg.rollout.temperature, self.banned, self.vision_tokens,
                                   with_entropy=policy, layout=layout)
 
-        return LogProbs(*self._forward_rows(batch, forward, self._first_pass_rows(batch) if policy else None))
+        base = contextlib.nullcontext() if policy or self.ref is not None else lora.adapters_off(self.model)
+        with base:
+            return LogProbs(*self._forward_rows(batch, forward, self._first_pass_rows(batch) if policy else None))
 
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches of the algorithm's policy loss at its ratio level.
@@ -500,6 +506,8 @@ class PolicyWorker(FSDPWorker):
     def engine_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full weights in the engines' dtype (`model.dtype`) on rank 0; a collective like `full_state_dict`."""
         sd = self.full_state_dict()
+        if sd is not None and self.cfg.learner.lora.rank:  # the engines serve the base architecture
+            sd = lora.merged_state_dict(sd, lora.adapter_scale(self.cfg.learner.lora))
         dtype = DTYPES[self.cfg.model.dtype]
         return None if sd is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
