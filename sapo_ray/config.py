@@ -190,7 +190,7 @@ class OptimConfig:
 @dataclass
 class LoraConfig:
     # Adapter rank: 0 trains every weight (full fine-tuning); r > 0 trains a rank-r adapter on each targeted
-    # linear layer of the policy and freezes the rest (`sapo_ray.learner.lora`; the policy only).
+    # linear layer of the policy and freezes the rest (`sapo_ray.models.lora`; the policy only).
     rank: int = 0
     # The adapter's output is scaled by alpha / rank.
     alpha: float = 32.0
@@ -426,6 +426,9 @@ class RolloutWorkerConfig:
     min_pixels: Optional[int] = None
     # Multi-turn episodes (`env.name` set): the worker runs the environments and their tools.
     env: EnvConfig = field(default_factory=EnvConfig)
+    # The policy's LoRA adapters (`actor.lora`): an engine that takes adapters (`EngineTraits.adapters`) holds the
+    # base with the same adapters beside it, and each sync sends the adapters alone.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -450,6 +453,9 @@ class LearnerWorkerConfig:
     # The policy keeps what its loss saw per token in each update (`PolicyWorker.loss_trace`), for the
     # experience dumps (`trainer.dump_rollouts`).
     trace_loss: bool = False
+    # The weight sync sends the LoRA adapters alone (the engines hold the base and take adapters), else the
+    # merged model.
+    sync_adapters: bool = False
 
 
 def optimizer_steps(cfg, role: str) -> int:
@@ -475,16 +481,17 @@ def response_tokens(cfg) -> int:
 def rollout_worker_config(cfg, index: int) -> RolloutWorkerConfig:
     return RolloutWorkerConfig(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.rollout), index, cfg.seed,
                                max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels,
-                               env=OmegaConf.to_object(cfg.env))
+                               env=OmegaConf.to_object(cfg.env), lora=OmegaConf.to_object(cfg.actor.lora))
 
 
-def learner_worker_config(cfg, role: str, videos: bool = False) -> LearnerWorkerConfig:
+def learner_worker_config(cfg, role: str, videos: bool = False, sync_adapters: bool = False) -> LearnerWorkerConfig:
     spec = algorithm_spec(cfg)
     return LearnerWorkerConfig(
         role=role, model=OmegaConf.to_object(cfg.model), learner=OmegaConf.to_object(cfg[role]), algorithm=spec,
         rollout=OmegaConf.to_object(cfg.rollout), seed=cfg.seed, optimizer_steps=optimizer_steps(cfg, role),
         needs_ref=role == "actor" and spec.needs_ref, videos=videos,
         trace_loss=role == "actor" and cfg.trainer.dump_rollouts, response_tokens=response_tokens(cfg),
+        sync_adapters=role == "actor" and sync_adapters,
     )
 
 

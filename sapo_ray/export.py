@@ -1,6 +1,6 @@
 """Export a training checkpoint as a Hugging Face model directory.
 
-    python -m sapo_ray.export CHECKPOINT_DIR OUT_DIR [--role actor|critic] [--model-path DIR] [--dtype DTYPE]
+    python -m sapo_ray.export CHECKPOINT_DIR OUT_DIR [--role actor|critic] [--model-path DIR] [--dtype DTYPE] [--adapter]
 
 CHECKPOINT_DIR is a checkpoint of a run, `RUN_DIR/checkpoints/step_000040`, or a run directory (or
 its `checkpoints/`), which stands for the latest checkpoint there. OUT_DIR (new or empty) receives
@@ -10,6 +10,9 @@ processor), taken from the model directory the run started from:
 - `--role actor` (default): the policy, which `transformers` loads as the run did
   (`AutoModelForImageTextToText` for a vision-language model, `AutoModelForCausalLM` for a text-only
   one; `sapo_ray.models.load_policy(OUT_DIR)`), and which `model.path=OUT_DIR` trains further;
+- a LoRA policy (`actor.lora.rank > 0`): its adapters merged into the base's weights, a plain model as above;
+  with `--adapter`, the adapters alone as a `peft` adapter directory (`adapter_config.json`,
+  `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(base_model, OUT_DIR)` loads;
 - `--role critic`: the value model, `sapo_ray.models.ValueModel.from_pretrained(OUT_DIR)` (the
   backbone plus `value_head`; `model.critic_path=OUT_DIR` starts a critic from it).
 
@@ -32,6 +35,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from sapo_ray.models import lora
 
 STATE_FILE = "trainer_state.json"  # in every checkpoint (Trainer.save_checkpoint renames only complete ones into place)
 ROLES = ("actor", "critic")
@@ -142,9 +147,28 @@ def _model_dirs(checkpoint: Path, role: str, cfg, cfg_path: Path | None, model_p
         raise ExportError(f"{err} ({source}); pass --model-path with the model directory the run started from") from None
 
 
+def _lora_config(cfg):
+    from omegaconf import OmegaConf
+
+    from sapo_ray.config import LoraConfig
+
+    return LoraConfig(**OmegaConf.to_container(cfg.actor.lora))
+
+
+def _lora_state(state: dict[str, torch.Tensor], adapted: bool, adapter: bool, cfg, checkpoint: Path) -> dict:
+    """A LoRA policy's weights: the adapters as they are for `--adapter`, else merged into the base's names."""
+    if not adapted:
+        raise ExportError(f"{checkpoint}: --adapter, but the policy has no LoRA adapters (actor.lora.rank was 0)")
+    if cfg is None:
+        raise ExportError(f"{checkpoint}: a LoRA policy, and no config.yaml in it or in its run directory to give "
+                          "its actor.lora (rank and alpha)")
+    return state if adapter else lora.merged_state_dict(state, lora.adapter_scale(_lora_config(cfg)))
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, role: str = "actor", model_path: str | None = None,
-           dtype: str | None = None) -> Path:
-    """Write `role` of `checkpoint` as a Hugging Face directory `out_dir` (see the module docstring)."""
+           dtype: str | None = None, adapter: bool = False) -> Path:
+    """Write `role` of `checkpoint` as a Hugging Face directory `out_dir`, or with `adapter` a LoRA policy's
+    adapters as a `peft` adapter directory (see the module docstring)."""
     from sapo_ray.learner.worker import DTYPES
     from sapo_ray.models import load_processor
 
@@ -163,6 +187,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, role: str = "actor", mod
         raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
     state = model_state(checkpoint / role)
+    adapted = any(lora.is_adapter(k) for k in state)
+    if adapted or adapter:
+        state = _lora_state(state, adapted, adapter, cfg, checkpoint)
+        if adapter:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lora.save_adapter({k: v.to(DTYPES[dtype]) for k, v in state.items()}, _lora_config(cfg), model_dir, out_dir)
+            return out_dir
     model = _empty_model(role, model_dir, DTYPES[dtype])
     _check_fits(state, model, model_dir)
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
@@ -185,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", default=None,
                         help="model directory the run started from (default: model.path of the run's config)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the run's model.dtype)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA policy's adapters alone, for peft (default: the model with them merged)")
     args = parser.parse_args(argv)
     try:
         checkpoint = find_checkpoint(args.checkpoint)
-        out = export(checkpoint, args.out, args.role, args.model_path, args.dtype)
+        out = export(checkpoint, args.out, args.role, args.model_path, args.dtype, args.adapter)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -91,10 +91,10 @@ def _meta_model(path: str) -> torch.nn.Module:
 
 def adapter_params(path: str, lora_cfg) -> int:
     """The parameters of the LoRA adapters `lora_cfg` (`actor.lora`) gives the model at `path`:
-    `rank * (in + out)` for each targeted linear layer (`sapo_ray.learner.lora.target_pattern`)."""
+    `rank * (in + out)` for each targeted linear layer (`sapo_ray.models.lora.target_pattern`)."""
     import re
 
-    from sapo_ray.learner.lora import target_pattern
+    from sapo_ray.models.lora import target_pattern
 
     pattern = target_pattern(lora_cfg)
     return sum(lora_cfg.rank * (m.in_features + m.out_features) for name, m in _meta_model(path).named_modules()

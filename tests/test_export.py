@@ -232,3 +232,50 @@ def test_module_entry_point(run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sapo_ray.export", str(checkpoint / "actor"), str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A run directory with one checkpoint of a LoRA policy (rank 4) whose adapters are drawn at random, saved by
+    `Trainer.save_checkpoint`; and the merged weights the rank serves (`engine_state_dict`)."""
+    run_dir = tmp_path_factory.mktemp("lora_run")
+    cfg = tiny_cfg(run_dir, "bundled:tiny-vlm", "algorithm=grpo", "actor.lora.rank=4", "actor.lora.alpha=8")
+    trainer = Trainer(cfg)
+    with local_process_group():
+        worker = PolicyWorker(0, 1, learner_worker_config(cfg, "actor"))
+        worker.setup()
+        full = worker.full_state_dict()
+        gen = torch.Generator().manual_seed(0)
+        noisy = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if ".lora_B." in k else v for k, v in full.items()}
+        set_model_state_dict(worker.model, noisy, options=StateDictOptions(full_state_dict=True))
+        merged = worker.engine_state_dict()
+        trainer.learners = Learners(InProcessGroup(worker))
+        trainer.loader = PromptLoader([{"id": i} for i in range(8)], 4, seed=0)
+        trainer.step = 2
+        checkpoint = trainer.save_checkpoint()
+    return checkpoint, merged
+
+
+def test_a_lora_policy_exports_merged_or_as_its_adapter(lora_run, tmp_path):
+    """By default the adapters merged into the base's names, exactly the weights the rank served; with `--adapter`
+    a peft adapter directory, which peft loads onto the base model to compute the merged model's logits."""
+    from peft import PeftModel
+
+    checkpoint, merged = lora_run
+    assert export.main([str(checkpoint), str(tmp_path / "merged")]) == 0
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert loaded.state_dict().keys() == merged.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in merged.items())
+    assert not torch.equal(merged["model.language_model.layers.0.self_attn.q_proj.weight"],
+                           load_policy(BASE).state_dict()["model.language_model.layers.0.self_attn.q_proj.weight"])
+    assert export.main([str(checkpoint), str(tmp_path / "adapter"), "--adapter"]) == 0
+    adapted = PeftModel.from_pretrained(load_policy(BASE), str(tmp_path / "adapter")).eval()
+    batch = vlm_batch(load_processor(BASE))
+    with torch.no_grad():
+        assert float((adapted(**batch).logits - loaded(**batch).logits).abs().max()) < 1e-5
+
+
+def test_adapter_export_of_a_full_policy_is_a_clear_error(run, tmp_path, capsys):
+    _, checkpoint, _ = run
+    assert export.main([str(checkpoint), str(tmp_path / "adapter"), "--adapter"]) == 2
+    assert "has no LoRA adapters" in capsys.readouterr().err

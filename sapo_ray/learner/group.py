@@ -196,7 +196,11 @@ class Learners:
               videos: bool = False) -> "Learners":
         """The groups of run config `cfg` (`learner_worker_config` gives each its config); `videos`: the run's
         data has videos."""
-        actor = PolicyGroup(learner_worker_config(cfg, "actor", videos), placement, hide_gpus, timeout_s)
+        from sapo_ray.rollout.engine import engine_traits
+
+        adapters = cfg.actor.lora.rank > 0 and engine_traits(cfg.rollout.engine).adapters
+        actor = PolicyGroup(learner_worker_config(cfg, "actor", videos, sync_adapters=adapters), placement, hide_gpus,
+                            timeout_s)
         critic = (CriticGroup(learner_worker_config(cfg, "critic", videos), placement, hide_gpus, timeout_s)
                   if needs_critic else None)
         return cls(actor, critic)

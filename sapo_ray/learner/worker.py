@@ -29,7 +29,7 @@ from sapo_ray.algo import losses, registry
 from sapo_ray.algo.segments import Segments
 from sapo_ray.batch import Batch, LogProbs, pack_by_tokens
 from sapo_ray.config import LearnerWorkerConfig
-from sapo_ray.learner import lora
+from sapo_ray.models import lora
 from sapo_ray.learner.forward import policy_forward, value_forward
 from sapo_ray.learner.vision import run_vision_in_every_forward
 from sapo_ray.net import listen, tcp_store
@@ -511,6 +511,20 @@ class PolicyWorker(FSDPWorker):
         dtype = DTYPES[self.cfg.model.dtype]
         return None if sd is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
+    def sync_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """What a weight sync sends (rank 0; a collective): the LoRA adapters alone when the engines hold the base
+        (`sync_adapters`), gathered in `model.dtype` without the frozen weights; else `engine_state_dict`."""
+        if not self.cfg.sync_adapters:
+            return self.engine_state_dict()
+        from torch.distributed.tensor import DTensor
+
+        dtype, out = DTYPES[self.cfg.model.dtype], {}
+        for name, param in self.model.named_parameters():
+            if lora.is_adapter(name):
+                full = param.full_tensor() if isinstance(param, DTensor) else param  # an all-gather per adapter
+                out[name] = full.detach().to("cpu", dtype)
+        return out if self.rank == 0 else None
+
     def weight_buckets(self, bucket_bytes: int) -> tuple[list, dict[str, float]] | None:
         """Gather the full weights and `ray.put` them in buckets of at most `bucket_bytes`, with their
         fingerprints (`sapo_ray.sync.fingerprints`; rank 0 only)."""
@@ -518,7 +532,7 @@ class PolicyWorker(FSDPWorker):
 
         from sapo_ray.sync import fingerprints
 
-        sd = self.engine_state_dict()
+        sd = self.sync_state_dict()
         if sd is None:
             return None
         return [ray.put(bucket) for bucket in bucket_tensors(sd, bucket_bytes)], fingerprints(sd.items())
@@ -533,7 +547,7 @@ class PolicyWorker(FSDPWorker):
         """The buckets `broadcast_weights` sends, as `(name, dtype, shape)` lists (rank 0; a collective)."""
         from sapo_ray.sync import bucket_specs
 
-        sd = self.engine_state_dict()
+        sd = self.sync_state_dict()
         return None if sd is None else bucket_specs(bucket_tensors(sd, bucket_bytes))
 
     def broadcast_weights(self, bucket_bytes: int) -> dict[str, float] | None:
@@ -541,7 +555,7 @@ class PolicyWorker(FSDPWorker):
         fingerprints (rank 0)."""
         from sapo_ray.sync import fingerprints
 
-        sd = self.engine_state_dict()
+        sd = self.sync_state_dict()
         if sd is None:
             return None
         for bucket in bucket_tensors(sd, bucket_bytes):

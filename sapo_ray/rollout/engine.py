@@ -57,6 +57,7 @@ class EngineTraits:
     memory_pool: bool = False  # reserves `rollout.gpu_memory_utilization` of its GPU for weights and KV cache
     sleep_mode: bool = False  # frees that memory between generations (`rollout.enable_sleep_mode`)
     videos: bool = True  # takes prompts with videos
+    adapters: bool = False  # holds the policy's LoRA adapters beside the base: syncs send the adapters alone
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,9 @@ class _PreallocatedLayer(DynamicLayer):
             self._views()
 
 
-# The learner's own forward code and dtype, token by token: its log-probs equal the learner's.
-@register_engine("hf", EngineTraits(learner_kernels=True))
+# The learner's own forward code and dtype, token by token: its log-probs equal the learner's; with LoRA it
+# computes the adapters beside the base as the learner does.
+@register_engine("hf", EngineTraits(learner_kernels=True, adapters=True))
 class HFEngine:
     """A batched decoding loop over a Hugging Face model and its KV cache, with the banned
     (special/vision) tokens never sampled.
@@ -213,8 +215,12 @@ class HFEngine:
         processor = load_processor(cfg.model.path)
         device = compute_device(cfg.rollout.num_gpus, f"rollout worker {cfg.index}")
         model = load_policy(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
-                            attn_implementation=cfg.model.attn_implementation).to(device)
-        return cls(model, getattr(processor, "tokenizer", processor), cfg.rollout.max_batch_size)
+                            attn_implementation=cfg.model.attn_implementation)
+        if cfg.lora.rank:  # the learner's adapters, zero until the first sync: the engine starts as the base
+            from sapo_ray.models import lora
+
+            model = lora.add_adapters(model, cfg.lora)
+        return cls(model.to(device), getattr(processor, "tokenizer", processor), cfg.rollout.max_batch_size)
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Sample]:

@@ -1,4 +1,4 @@
-"""LoRA on the policy (`sapo_ray.learner.lora`, `actor.lora`): the merge by hand, the targeted layers, the
+"""LoRA on the policy (`sapo_ray.models.lora`, `actor.lora`): the merge by hand, the targeted layers, the
 adapted model against its merged copy, and a LoRA policy group's update, reference and weight sync."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from helpers import learner_cfg, rollout_cfg, sample_batch
 from sapo_ray.config import LoraConfig, resolve_model_path
-from sapo_ray.learner import lora
+from sapo_ray.models import lora
 from sapo_ray.learner.group import PolicyGroup
 from sapo_ray.models import load_policy
 from sapo_ray.rollout.worker import RolloutWorker
@@ -78,28 +78,31 @@ def test_an_adapted_model_computes_as_its_merged_copy_and_as_its_base_with_adapt
         assert float((merged(input_ids=ids).logits - moved).abs().max()) < 1e-5
 
 
-def test_a_lora_policy_trains_its_adapters_keeps_its_base_as_reference_and_syncs_the_merge(ray_cluster):
-    """An update at lr 1e-2 moves the adapters alone (the optimizer holds no other state); the reference's
-    log-probs are the unchanged base's; the engine, given the merged weights, samples with the learner's log-probs."""
+def test_a_lora_policy_trains_its_adapters_keeps_its_base_as_reference_and_syncs_them(ray_cluster):
+    """An update at lr 1e-2 moves the adapters alone; the reference's log-probs are the unchanged base's. The sync
+    sends the adapters alone (their bytes, not the model's) to an hf engine holding the base with adapters, which
+    then samples with the learner's log-probs; the merged model (what vLLM and the export get) scores the same."""
     from sapo_ray.batch import Batch, SamplingParams
+    from sapo_ray.rollout.engine import HFEngine
     from sapo_ray.sync import WeightSync
 
     path = resolve_model_path("bundled:tiny-vlm")
     batch, engine = sample_batch(path, prompts=4, n=2, max_new_tokens=12)
     gen = torch.Generator().manual_seed(0)
     batch = batch.with_fields(old_logp=batch.rollout_logp, advantages=torch.randn(batch.response_mask.shape, generator=gen))
-    cfg = dataclasses.replace(learner_cfg(path, algorithm="rloo", lora=LoraConfig(rank=4, alpha=8.0)), needs_ref=True)
-    group = PolicyGroup(dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, optim=dataclasses.replace(
-        cfg.learner.optim, lr=1e-2))))
+    adapters = LoraConfig(rank=4, alpha=8.0)
+    cfg = learner_cfg(path, algorithm="rloo", lora=adapters)
+    cfg = dataclasses.replace(cfg, needs_ref=True, sync_adapters=True, learner=dataclasses.replace(
+        cfg.learner, optim=dataclasses.replace(cfg.learner.optim, lr=1e-2)))
+    group = PolicyGroup(cfg)
     before = group.compute_logprobs(batch).get().logp
     group.update(batch).get()
     state = group.full_state_dict()
     initial = load_policy(path).state_dict()
     mask = batch.response_mask.bool()
     for name, tensor in state.items():
-        plain = name.replace(".base_layer.", ".")
-        if ".lora_" not in name:
-            assert torch.equal(tensor, initial[plain]), f"{name} moved"
+        if not lora.is_adapter(name):
+            assert torch.equal(tensor, initial[name.replace(".base_layer.", ".")]), f"{name} moved"
     assert max(float(t.abs().max()) for n, t in state.items() if ".lora_B." in n) > 1e-3
     after = group.compute_logprobs(batch).get().logp
     assert float((after - before).abs()[mask].max()) > 1e-2, "the update did not change the policy"
@@ -107,14 +110,21 @@ def test_a_lora_policy_trains_its_adapters_keeps_its_base_as_reference_and_syncs
     assert float((reference - before).abs()[mask].max()) < 1e-5  # the base, adapters off
 
     rollout = ray.remote(RolloutWorker).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(1)}).remote(
-        rollout_cfg(path, max_batch_size=64))
+        dataclasses.replace(rollout_cfg(path, max_batch_size=64), lora=adapters))
     metrics = WeightSync(group, [rollout], "object_store", 1 << 20)()
-    assert metrics["sync/verified"] == 1.0
-    fresh = ray.get(rollout.generate.remote(_prompts(path), SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3)))
-    fresh = Batch.from_samples(fresh, engine.pad_id)
+    adapter_bytes = sum(4 * t.numel() for n, t in state.items() if lora.is_adapter(n))
+    assert metrics["sync/verified"] == 1.0 and metrics["sync/bytes"] == adapter_bytes
+    assert adapter_bytes < 0.1 * sum(4 * t.numel() for t in initial.values())
+    prompts, params = _prompts(path), SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3)
+    fresh = Batch.from_samples(ray.get(rollout.generate.remote(prompts, params)), engine.pad_id)
     learner = group.compute_logprobs(fresh).get().logp
     m = fresh.response_mask.bool()
     assert float((learner - fresh.rollout_logp).abs()[m].max()) < 1e-4
+    merged = HFEngine(load_policy(path), engine.tokenizer, 64)
+    merged.update_weights(group.engine_state_dict().items())
+    again = Batch.from_samples(merged.generate(prompts, params), engine.pad_id)
+    assert again.response_ids.tolist() == fresh.response_ids.tolist()
+    assert float((again.rollout_logp - fresh.rollout_logp).abs()[m].max()) < 1e-4
     ray.kill(rollout)
     group.shutdown()
 

@@ -153,20 +153,24 @@ def _faulty_rollout_worker(cfg, fault: str, name: str, other: str):
     return ray.remote(FaultyRolloutWorker).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(1)}).remote(cfg)
 
 
-def test_the_sync_check_catches_a_skipped_a_stale_and_a_misnamed_tensor(ray_cluster, random_tiny_models):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_sync_check_catches_a_skipped_a_stale_and_a_misnamed_tensor(lora_rank, ray_cluster, random_tiny_models):
     """Engines that drop a tensor, keep its old value, or load it under another tensor's name: every sync method
-    stops the run naming the tensor, where without the check the engine would sample from stale weights."""
+    stops the run naming the tensor, where without the check the engine would sample from stale weights. With
+    LoRA (`lora_rank`) the sync sends the adapters alone, and the tensor is an adapter."""
+    from sapo_ray.config import LoraConfig
     from sapo_ray.errors import StopRun
     from sapo_ray.sync import WeightSync
 
     path = random_tiny_models["vlm"]
-    spec = registry.get_algorithm("rloo")
-    batch, _ = _train_batch(path, spec)
-    group = PolicyGroup(learner_cfg(path, algorithm="rloo"))
+    batch, _ = _train_batch(path, registry.get_algorithm("rloo"))
+    adapters = LoraConfig(rank=lora_rank)
+    group = PolicyGroup(dataclasses.replace(learner_cfg(path, algorithm="rloo", lora=adapters), sync_adapters=lora_rank > 0))
     group.update(batch).get()
-    name, other = "model.language_model.layers.0.mlp.down_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight"
-    assert name in group.engine_state_dict() and other in group.engine_state_dict()
-    cfg = rollout_cfg(path, max_batch_size=64)
+    layer = "model.language_model.layers.{}.mlp.down_proj" + (".lora_B.default.weight" if lora_rank else ".weight")
+    name, other = layer.format(0), layer.format(1)
+    assert name in group.full_state_dict() and other in group.full_state_dict()
+    cfg = dataclasses.replace(rollout_cfg(path, max_batch_size=64), lora=adapters)
     faults = ["skip", "stale", "rename"]
     workers = [_faulty_rollout_worker(cfg, fault, name, other) for fault in faults]
     sync = WeightSync(group, workers, "object_store", 64 * 1024)

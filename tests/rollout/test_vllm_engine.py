@@ -339,8 +339,9 @@ def test_tis_weights_are_truncated_ratios():
 
 @needs_vllm
 @pytest.mark.parametrize("algorithm,extra", [("sapo", ["rollout.tis_cap=2"]), ("grpo", []),
-                                             ("grpo", ["rollout.weight_sync=broadcast"])],
-                         ids=["sapo-tis", "grpo", "grpo-broadcast"])
+                                             ("grpo", ["rollout.weight_sync=broadcast"]),
+                                             ("grpo", ["actor.lora.rank=4", "actor.optim.lr=1e-2"])],
+                         ids=["sapo-tis", "grpo", "grpo-broadcast", "grpo-lora"])
 def test_training_steps_with_vllm_engine(algorithm, extra, ray_cluster, tmp_path):
     import json
 
@@ -360,5 +361,8 @@ def test_training_steps_with_vllm_engine(algorithm, extra, ray_cluster, tmp_path
     assert any(r["actor/grad_norm"] > 1e-3 for r in rows[1:3]), "no update before the last rollout"
     # Engine and learner hold the same float32 weights after each sync: log-probs agree closely.
     assert all(r["rollout/logp_gap_max"] < LOGP_ATOL for r in rows[1:]), [r["rollout/logp_gap_max"] for r in rows[1:]]
+    assert all(r["sync/verified"] == 1.0 for r in rows[1:])
+    if "actor.lora.rank=4" in extra:  # vLLM takes the merged model: the base's bytes, every sync
+        assert all(r["sync/bytes"] == rows[1]["sync/bytes"] > 1e6 for r in rows[1:])
     if "rollout.tis_cap=2" in extra:  # truncated importance sampling on: weights ~1 since engine and learner agree
         assert all(r["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) for r in rows[1:])

@@ -50,8 +50,13 @@ def add_adapters(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
                               bias="none")
     model = inject_adapter_in_model(peft_cfg, model)
     for name, param in model.named_parameters():
-        param.requires_grad_(ADAPTER_A in f".{name}" or ADAPTER_B in f".{name}")
+        param.requires_grad_(is_adapter(name))
     return model
+
+
+def is_adapter(name: str) -> bool:
+    """Whether the parameter `name` is an adapter's (`A` or `B`)."""
+    return ADAPTER_A in name or ADAPTER_B in name
 
 
 @contextlib.contextmanager
@@ -75,7 +80,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str,
     gone. `scale` is `alpha / rank` (`adapter_scale`)."""
     out = {}
     for name, tensor in state.items():
-        if ADAPTER_A in name or ADAPTER_B in name:
+        if is_adapter(name):
             continue
         if BASE in name:
             layer, kind = name.split(BASE)
@@ -90,3 +95,17 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str,
 def adapter_scale(cfg: LoraConfig) -> float:
     """The factor of an adapter's output, `alpha / rank`."""
     return cfg.alpha / cfg.rank
+
+
+def save_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, base_path: str, out_dir) -> None:
+    """Write the adapters of an adapted model's `state` as a `peft` adapter directory (`adapter_config.json`,
+    `adapter_model.safetensors`), which `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base."""
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_pattern(cfg),
+                   bias="none", base_model_name_or_path=base_path).save_pretrained(str(out_dir))
+    # peft's file names each adapter tensor under the wrapper's prefix, without the adapter's name.
+    tensors = {f"base_model.model.{name.replace('.default.', '.')}": t.contiguous()
+               for name, t in state.items() if is_adapter(name)}
+    save_file(tensors, f"{out_dir}/adapter_model.safetensors")
