@@ -18,7 +18,8 @@ processor), taken from the model directory the run started from:
 
 The weights come from the role's torch.distributed.checkpoint shards, read in this one process
 whatever number of ranks wrote them, and are cast to `--dtype` (default: the run's `model.dtype`,
-as the trainer's own `hf_policy/` export; checkpoints hold float32). The architecture and processor
+as the trainer's own `hf_policy/` export; checkpoints hold float32). Weights that never train (a LoRA policy's
+base, a frozen vision tower) are not in checkpoints: they are read from the model directory. The architecture and processor
 come from the run's config: the `config.yaml` saved in the checkpoint, else the run directory's
 `config.yaml` or `.hydra/config.yaml` (`model.path`; for the critic `model.critic_path` when set).
 `--model-path DIR` names that directory instead, e.g. when the run's path does not exist on this
@@ -147,6 +148,27 @@ def _model_dirs(checkpoint: Path, role: str, cfg, cfg_path: Path | None, model_p
         raise ExportError(f"{err} ({source}); pass --model-path with the model directory the run started from") from None
 
 
+def _with_frozen(state: dict[str, torch.Tensor], role: str, model: torch.nn.Module, model_dir: str) -> dict:
+    """`state` with the weights a checkpoint leaves out because they never train (a LoRA policy's base, a frozen
+    vision tower) read from the model directory the run started from, under the checkpoint's names (an adapted
+    layer's `X.weight` is `X.base_layer.weight`). `model`: the role's architecture (on the meta device)."""
+    from sapo_ray.models import load_policy
+    from sapo_ray.models.value import ValueModel
+
+    adapted = {k.split(lora.ADAPTER_A)[0] for k in state if lora.ADAPTER_A in k}
+
+    def stored(key: str) -> str:
+        layer, _, kind = key.rpartition(".")
+        return f"{layer}{lora.BASE}{kind}" if layer in adapted else key
+
+    names = {k: stored(k) for k in model.state_dict()}
+    missing = [k for k, name in names.items() if name not in state]
+    if not missing or not {k for k in state if not lora.is_adapter(k)} <= set(names.values()):
+        return state  # complete, or weights of another architecture (`_check_fits` names them)
+    base = (load_policy(model_dir) if role == "actor" else ValueModel.from_pretrained(model_dir)).state_dict()
+    return {**state, **{stored(k): base[k] for k in missing}}
+
+
 def _lora_config(cfg):
     from omegaconf import OmegaConf
 
@@ -188,13 +210,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, role: str = "actor", mod
 
     state = model_state(checkpoint / role)
     adapted = any(lora.is_adapter(k) for k in state)
-    if adapted or adapter:
+    if adapter:
         state = _lora_state(state, adapted, adapter, cfg, checkpoint)
-        if adapter:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lora.save_adapter({k: v.to(DTYPES[dtype]) for k, v in state.items()}, _lora_config(cfg), model_dir, out_dir)
-            return out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lora.save_adapter({k: v.to(DTYPES[dtype]) for k, v in state.items()}, _lora_config(cfg), model_dir, out_dir)
+        return out_dir
     model = _empty_model(role, model_dir, DTYPES[dtype])
+    state = _with_frozen(state, role, model, model_dir)
+    if adapted:
+        state = _lora_state(state, adapted, adapter, cfg, checkpoint)
     _check_fits(state, model, model_dir)
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     if role == "actor" and os.path.isfile(os.path.join(model_dir, "generation_config.json")):

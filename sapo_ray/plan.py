@@ -183,7 +183,9 @@ def learner_memory(shape: ModelShape, cfg, role: str, with_ref: bool, adapters: 
     params = shape.params - (shape.lm_head_params if role == "critic" else 0)
     trainable = adapters or params - (shape.vision_params if g.freeze_vision_tower else 0)
     world = g.world_size
-    out = {"weights": master * (params + adapters) / world, "gradients": master * trainable / world,
+    # With LoRA the frozen base is held in `model.dtype` and the adapters are the float32 masters.
+    weights = DTYPE_BYTES[m.dtype] * params + master * adapters if adapters else master * params
+    out = {"weights": weights / world, "gradients": master * trainable / world,
            "optimizer": 2 * master * trainable / world,
            "gathered": 2 * (shape.root_params + 2 * shape.block_params)}
     if with_ref and not adapters:

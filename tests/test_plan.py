@@ -190,7 +190,7 @@ def test_lora_adapters_and_what_they_save_by_hand(capsys):
     """Rank-64 adapters on the language model's 7 projections: per layer 64 x (in + out) summed over q (2048 ->
     2048), k and v (2048 -> 256), o (2048 -> 2048), gate and up (2048 -> 11008), down (11008 -> 2048), i.e.
     64 x (9 x 2048 + 2 x 256 + 3 x 11008), times 36 layers. The actor then holds gradients and AdamW moments for
-    those alone, float32 weights for the base and the adapters, and no reference copy."""
+    those alone, the frozen base in bf16 (`model.dtype`), float32 adapters, and no reference copy."""
     from sapo_ray.config import LoraConfig, compose_config
 
     adapters = plan_mod.adapter_params("bundled:configs/qwen2_5_vl_3b", LoraConfig(rank=64))
@@ -202,7 +202,8 @@ def test_lora_adapters_and_what_they_save_by_hand(capsys):
     world = cfg.actor.world_size
     assert lora["gradients"] * GiB == pytest.approx(4 * adapters / world)
     assert lora["optimizer"] * GiB == pytest.approx(8 * adapters / world)
-    assert lora["weights"] * GiB == pytest.approx(4 * (P_3B + adapters) / world)
+    assert cfg.model.dtype == "bfloat16"
+    assert lora["weights"] * GiB == pytest.approx((2 * P_3B + 4 * adapters) / world)
     assert "reference" in full and "reference" not in lora
     code, p = run_plan(capsys, "actor.lora.rank=64")
     assert code == 0 and p["lora_params_m"] == 119.73

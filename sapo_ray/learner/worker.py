@@ -42,6 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # nothing). `model.dtype` is the compute dtype (FSDP2's mixed precision on GPUs, autocast on CPUs), the
 # frozen reference's and the engines' dtype; weights are cast to it when they are synced or exported.
 MASTER_DTYPE = torch.float32
+# What a checkpoint holds of a model: its trained parameters (frozen ones are the checkpoint at `model.path`).
+# Loading is not strict about the frozen ones: `dcp.load` has already failed on any trained tensor it lacks.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _constant(progress: float) -> float:
@@ -149,7 +152,7 @@ class FSDPWorker:
     def _shard_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         """The trained model of this group: vision tower frozen when `freeze_vision_tower`, activations
         recomputed in the backward pass when `model.gradient_checkpointing`, adapters in place of full
-        training with `lora.rank`, then sharded."""
+        training with `lora.rank` (the frozen base then held in `model.dtype`), then sharded."""
         if self.cfg.learner.freeze_vision_tower:
             from sapo_ray.models import freeze_vision_tower
 
@@ -158,7 +161,7 @@ class FSDPWorker:
             # Non-reentrant checkpointing: the variant that composes with FSDP2 and frozen inputs.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.learner.lora.rank:
-            model = lora.add_adapters(model, self.cfg.learner.lora)
+            model = lora.add_adapters(model, self.cfg.learner.lora, base_dtype=DTYPES[self.cfg.model.dtype])
         return self._shard(model)
 
     def _autocast(self):
@@ -303,18 +306,26 @@ class FSDPWorker:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
-        """Sharded model + optimizer state (torch.distributed.checkpoint) and the LR schedule position."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        """The trained parameters and their optimizer state, sharded (torch.distributed.checkpoint), and the LR
+        schedule position. Frozen weights (a LoRA policy's base, a frozen vision tower) are left out: they are
+        `model.path`'s, and a resumed run loads them from there."""
+        dcp.save(self._checkpoint_state(), checkpoint_id=path)
         if self.rank == 0:
             Path(path, "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
 
     def load_checkpoint(self, path: str) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = self._checkpoint_state()
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=TRAINED_ONLY)
         self.scheduler.load_state_dict(json.loads(Path(path, "scheduler.json").read_text()))
+
+    def _checkpoint_state(self) -> dict:
+        """The model's trained tensors and the optimizer's state, as a checkpoint holds them: torch leaves out
+        frozen parameters but keeps a tied alias of one (a LoRA policy's `lm_head.weight`), dropped here."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=TRAINED_ONLY)
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optim": optim_sd}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded weights on rank 0 (CPU); every rank must call it (it is a collective)."""

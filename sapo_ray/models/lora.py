@@ -3,7 +3,8 @@
 The policy's linear layers named by `actor.lora.target_modules` (the language model's attention and MLP
 projections; the vision tower's blocks too with `actor.lora.vision`) get a low-rank adapter
 `W x + (alpha / rank) B A x`, `A` drawn at random and `B` zero, so the adapted model starts as the base.
-Everything else is frozen: gradients and optimizer state exist for the adapters alone, in float32. The
+Everything else is frozen and held in `model.dtype`: gradients, optimizer state and float32 masters exist for
+the adapters alone, and a checkpoint holds those (the base is the model at `model.path`). The
 adapters are injected into the model in place (`peft.inject_adapter_in_model`), which keeps its class, its
 attributes and its names (a layer's weight becomes `X.base_layer.weight` beside `X.lora_A.default.weight`
 and `X.lora_B.default.weight`). The frozen reference is the same model with its adapters switched off
@@ -36,9 +37,11 @@ def target_pattern(cfg: LoraConfig) -> str:
     return rf"{language}|.*\bvisual\..*\.({'|'.join(map(re.escape, cfg.vision_target_modules))})"
 
 
-def add_adapters(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """`model` with an adapter injected into each targeted linear layer, in place; only the adapters train. A
-    config that adapts nothing is an error naming the keys."""
+def add_adapters(model: torch.nn.Module, cfg: LoraConfig, base_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`model` with an adapter injected into each targeted linear layer, in place; only the adapters train. With
+    `base_dtype` (the learner's case) the adapters are float32 masters and every other, frozen, parameter is cast
+    to `base_dtype`: a weight that never changes needs no float32 master, so a bf16 model's base takes half the
+    memory. A config that adapts nothing is an error naming the keys."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
@@ -51,6 +54,8 @@ def add_adapters(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     model = inject_adapter_in_model(peft_cfg, model)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+        if base_dtype is not None and param.is_floating_point():
+            param.data = param.data.to(torch.float32 if is_adapter(name) else base_dtype)
     return model
 
 

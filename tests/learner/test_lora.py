@@ -11,7 +11,7 @@ import ray
 import torch
 
 from helpers import learner_cfg, rollout_cfg, sample_batch
-from sapo_ray.config import LoraConfig, resolve_model_path
+from sapo_ray.config import LoraConfig, OptimConfig, resolve_model_path
 from sapo_ray.models import lora
 from sapo_ray.learner.group import PolicyGroup
 from sapo_ray.models import load_policy
@@ -136,3 +136,65 @@ def _prompts(path: str) -> list:
 
     processor = load_processor(path)
     return [encode(processor, e) for e in load_dataset_split("synthvista", None, "train", n=3, seed=5)]
+
+
+def test_a_bf16_lora_policy_holds_its_base_in_bf16_and_checkpoints_its_adapters_alone(tmp_path):
+    """With `model.dtype=bfloat16` the frozen base is held in bf16 and the adapters are float32 masters (the only
+    tensors with optimizer state). A checkpoint holds the adapters and their AdamW moments alone; a fresh rank
+    that loads it holds the weights and optimizer state of the saved one, and its next update is the same."""
+    import torch.distributed.checkpoint as dcp
+
+    from helpers import local_process_group
+    from sapo_ray.learner.worker import PolicyWorker
+
+    path = resolve_model_path("bundled:tiny-vlm")
+    batch, _ = sample_batch(path, prompts=2, n=2, max_new_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    batch = batch.with_fields(old_logp=batch.rollout_logp, advantages=torch.randn(batch.response_mask.shape, generator=gen))
+    cfg = learner_cfg(path, algorithm="rloo", model={"dtype": "bfloat16"}, lora=LoraConfig(rank=4, alpha=8.0),
+                      mini_batch_size=4)
+    with local_process_group():
+        saved = PolicyWorker(0, 1, cfg)
+        saved.setup()
+        dtypes = {n: p.dtype for n, p in saved.model.named_parameters()}
+        assert {d for n, d in dtypes.items() if lora.is_adapter(n)} == {torch.float32}
+        assert {d for n, d in dtypes.items() if not lora.is_adapter(n)} == {torch.bfloat16}
+        saved.update(batch)
+        saved.save_checkpoint(str(tmp_path))
+        meta = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+        stored = {k for k in meta if k.startswith("model.")}
+        assert stored == {f"model.{n}" for n in dtypes if lora.is_adapter(n)}
+        assert all(lora.is_adapter(k) for k in meta if k.startswith("optim.state."))
+
+        loaded = PolicyWorker(0, 1, cfg)
+        loaded.setup()
+        loaded.load_checkpoint(str(tmp_path))
+        for worker in (saved, loaded):
+            worker.update(batch)
+        a, b = saved.full_state_dict(), loaded.full_state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert max(float(t.abs().max()) for n, t in a.items() if ".lora_B." in n) > 0
+
+
+def test_a_bf16_lora_policy_sharded_over_two_ranks_computes_as_one_rank(ray_cluster):
+    """FSDP2 over two ranks gathers a bf16 base and float32 adapters in one all-gather (mixed dtypes): the
+    log-probs before and after an update and the gradient norm are one rank's, within bf16 noise."""
+    path = resolve_model_path("bundled:tiny-vlm")
+    batch, _ = sample_batch(path, prompts=4, n=2, max_new_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    batch = batch.with_fields(old_logp=batch.rollout_logp, advantages=torch.randn(batch.response_mask.shape, generator=gen))
+    runs = []
+    for world_size in (1, 2):
+        group = PolicyGroup(learner_cfg(path, algorithm="rloo", model={"dtype": "bfloat16"},
+                                        lora=LoraConfig(rank=4, alpha=8.0), world_size=world_size,
+                                        optim=OptimConfig(lr=1e-2)))
+        before = group.compute_logprobs(batch).get().logp
+        metrics = group.update(batch).get()[0]
+        runs.append((before, metrics, group.compute_logprobs(batch).get().logp))
+        group.shutdown()
+    (before1, m1, after1), (before2, m2, after2) = runs
+    mask = batch.response_mask.bool()
+    assert float((after1 - before1).abs()[mask].max()) > 1e-2, "the update did not change the policy"
+    torch.testing.assert_close(before2[mask], before1[mask], rtol=0, atol=2e-2)
+    torch.testing.assert_close(after2[mask], after1[mask], rtol=0, atol=2e-2)
+    assert m2["actor/grad_norm"] == pytest.approx(m1["actor/grad_norm"], rel=2e-2)
