@@ -187,6 +187,7 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     before = vllm.generate(prompts, params)
 
     gen = torch.Generator().manual_seed(0)
+    unperturbed = {k: v.clone() for k, v in hf.model.state_dict().items()}
     perturbed = {}  # by storage: tied tensors (the embedding and the LM head) stay tied, as a learner sends them
     state = {k: perturbed.setdefault(v.data_ptr(), v + 0.1 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=gen))
              for k, v in hf.model.state_dict().items()}
@@ -202,16 +203,30 @@ def test_weight_sync_changes_outputs_like_hf(engines, ray_cluster):
     assert changed >= 4, f"the update changed only {changed}/{len(prompts)} greedy responses"
 
     # The sync's check (`sapo_ray.sync.check_fingerprints`): both engines hold what was sent; a load that
-    # leaves a tensor out is caught by name.
+    # leaves a tensor out, loads a stale one, or loads one under another tensor's name is caught by name.
     from sapo_ray.errors import StopRun
     from sapo_ray.sync import check_fingerprints, fingerprints
 
     sent = fingerprints(state.items())
     check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
     check_fingerprints(sent, hf.weight_fingerprints(), "hf")
-    skipped = next(iter(state))
+    names = list(state)
+    skipped = names[0]
     worker.update_weights([ray.put([(n, t) for n, t in b if n != skipped]) for b in buckets])
     with pytest.raises(StopRun, match=f"vllm does not hold '{skipped}'"):
+        check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
+    # Stale: one projection as it was before the perturbation.
+    stale = next(n for n in names if n.endswith("q_proj.weight"))
+    old = unperturbed[stale]
+    worker.update_weights([ray.put([(n, old if n == stale else t) for n, t in b]) for b in buckets])
+    with pytest.raises(StopRun, match=f"vllm holds another '{stale}'"):
+        check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
+    # Misnamed: two layers' projections of one shape swapped.
+    first = next(n for n in names if n.endswith("o_proj.weight"))
+    second = next(n for n in names if n.endswith("o_proj.weight") and n != first)
+    swap = {first: second, second: first}
+    worker.update_weights([ray.put([(swap.get(n, n), t) for n, t in b]) for b in buckets])
+    with pytest.raises(StopRun, match="vllm holds another '.*o_proj.weight'"):
         check_fingerprints(sent, worker.weight_fingerprints(), "vllm")
 
 
