@@ -59,20 +59,21 @@ def test_critic_warmup_and_bf16_autocast(ray_cluster, tmp_path):
     assert all(math.isfinite(v) for v in rows[2].values())
 
 
-@pytest.mark.parametrize("staleness,lora_rank", [(0, 0), (1, 0), (0, 4)])
+@pytest.mark.parametrize("staleness,lora_rank", [(1, 0), (0, 4)])
 def test_resume_reproduces_uninterrupted_run(staleness, lora_rank, ray_cluster, tmp_path):
-    """3 steps straight == 2 steps, stop, resume for the third (CPU, same seeds). One step off-policy
-    (`rollout.max_staleness=1`), step 3 trains on samples drawn during step 2 with the weights before
-    its update, kept in step 2's checkpoint. With LoRA (`actor.lora.rank`), the adapters and their optimizer
-    state resume."""
+    """3 steps straight == 2 steps, stop, resume for the third (CPU, same seeds; the on-policy full run is
+    `tests/faults/test_stop_signals.py`'s). One step off-policy (`rollout.max_staleness=1`), step 3 trains on
+    samples drawn during step 2 with the weights before its update, kept in step 2's checkpoint. With LoRA
+    (`actor.lora.rank`, KL in the reward: the reference is the policy with its adapters off), the adapters and
+    their optimizer state resume, every sync is verified, and `hf_policy` is a plain model of the base
+    architecture, loadable by transformers, whose weights differ from the base's only in the adapted layers."""
     from sapo_ray.main import run
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["trainer.save_every=1", "trainer.export_hf=false", f"rollout.max_staleness={staleness}",
-              f"actor.lora.rank={lora_rank}"]
-    run(tiny_cfg(straight, "bundled:tiny-vlm", "trainer.steps=3", *common))
-    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=2", *common))
-    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=3", *common))
+    common = ["trainer.save_every=1", f"rollout.max_staleness={staleness}", f"actor.lora.rank={lora_rank}"]
+    run(tiny_cfg(straight, "bundled:tiny-vlm", "trainer.steps=3", f"trainer.export_hf={lora_rank > 0}", *common))
+    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=2", "trainer.export_hf=false", *common))
+    run(tiny_cfg(split, "bundled:tiny-vlm", "trainer.steps=3", "trainer.export_hf=false", *common))
     a = {r["step"]: r for r in read_metrics(straight)}
     b = {r["step"]: r for r in read_metrics(split)}
     assert [a[step]["rollout/staleness"] for step in (1, 2, 3)] == [0, staleness, staleness]
@@ -80,23 +81,19 @@ def test_resume_reproduces_uninterrupted_run(staleness, lora_rank, ray_cluster, 
     assert len(keys) > 20
     for k in keys:
         assert a[3][k] == pytest.approx(b[3][k], rel=1e-5, abs=1e-6), k
+    if lora_rank:
+        _check_merged_export(a, straight)
 
 
-def test_a_lora_run_syncs_checked_merged_weights_and_exports_the_merged_model(ray_cluster, tmp_path):
-    """`actor.lora.rank=4` with KL in the reward (the reference: the policy with its adapters off): every step's
-    sync is verified, and `hf_policy` is a plain model of the base architecture, loadable by transformers,
-    whose weights differ from the base's only in the adapted layers."""
+def _check_merged_export(rows: dict[int, dict], run_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    from sapo_ray.main import run
     from sapo_ray.models import load_policy
 
-    run(tiny_cfg(tmp_path, "bundled:tiny-vlm", "actor.lora.rank=4", "actor.optim.lr=1e-2"))
-    rows = read_metrics(tmp_path)
-    assert all(r["sync/verified"] == 1.0 and math.isfinite(r["actor/reward_kl"]) for r in rows[1:])
-    exported = load_file(tmp_path / "hf_policy" / "model.safetensors")
+    assert all(rows[s]["sync/verified"] == 1.0 and math.isfinite(rows[s]["actor/reward_kl"]) for s in (1, 2, 3))
+    exported = load_file(run_dir / "hf_policy" / "model.safetensors")
     assert not any("lora_" in k or "base_layer" in k for k in exported)
-    model, base = load_policy(str(tmp_path / "hf_policy")).state_dict(), load_policy(resolve_model_path("bundled:tiny-vlm")).state_dict()
+    model, base = load_policy(str(run_dir / "hf_policy")).state_dict(), load_policy(resolve_model_path("bundled:tiny-vlm")).state_dict()
     assert model.keys() == base.keys()
     moved = {k for k in model if not torch.equal(model[k].float(), base[k].float())}
     assert moved and all(k.rsplit(".", 2)[-2].endswith("_proj") and ".visual." not in k for k in moved), sorted(moved)

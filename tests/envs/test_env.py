@@ -116,8 +116,8 @@ def test_the_agent_demo_runs_tool_using_episodes(ray_cluster, tmp_path):
 
     run(compose_config("+experiment=agent_demo", f"trainer.run_dir={tmp_path / 'run'}", "trainer.steps=1",
                        "trainer.val_every=0", "trainer.loggers=[jsonl]", "data.prompts_per_step=4", "data.val_size=4",
-                       "rollout.val_n=1", "algorithm.critic_warmup=0", "actor.mini_batch_size=16",
-                       "critic.mini_batch_size=16"))
+                       "rollout.n=2", "rollout.val_n=1", "algorithm.critic_warmup=0", "actor.mini_batch_size=8",
+                       "actor.micro_batch_size=8", "critic.mini_batch_size=8", "critic.micro_batch_size=8"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = rows[1]
     assert trained["episode/tool_calls"] > 0 and trained["episode/turns"] > 1

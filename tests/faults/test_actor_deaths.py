@@ -105,7 +105,7 @@ def test_a_hung_rollout_worker_is_treated_as_dead_after_the_timeout(ray_cluster,
     """SIGSTOP freezes the rollout worker (a hung engine call: alive, never answering): after
     `trainer.rpc_timeout_s` it is replaced like a dead one and the run finishes."""
     cfg = tiny_cfg(tmp_path, "bundled:tiny-vlm", "trainer.steps=3", "trainer.export_hf=false",
-                   "trainer.rpc_timeout_s=45")
+                   "trainer.rpc_timeout_s=25")
     frozen = []
 
     def freeze(trainer):
