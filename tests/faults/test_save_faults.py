@@ -32,25 +32,25 @@ def steps_logged(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_driver_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path):
-    """SIGKILL to the driver as soon as step 3's checkpoint is being written (its temporary exists): the
-    same command again finds step 2's checkpoint (or step 3's, if the save won the race), removes the
+    """SIGKILL to the driver as soon as step 2's checkpoint is being written (its temporary exists): the
+    same command again finds step 1's checkpoint (or step 2's, if the save won the race), removes the
     temporary, and trains to the end."""
-    run = command(tmp_path, "trainer.steps=4", "trainer.save_every=1")
+    run = command(tmp_path, "trainer.steps=3", "trainer.save_every=1")
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        tmp = tmp_path / "checkpoints" / "step_000003.tmp"
+        tmp = tmp_path / "checkpoints" / "step_000002.tmp"
         while not tmp.exists() and proc.poll() is None:
             time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before its third save"
+        assert proc.poll() is None, "the run ended before its second save"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         proc.wait()
     done = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "continuing from checkpoint" in done.stdout + done.stderr
-    assert steps_logged(tmp_path)[-1] == 4 and sorted(steps_logged(tmp_path)) == [0, 1, 2, 3, 4]
+    assert steps_logged(tmp_path)[-1] == 3 and sorted(steps_logged(tmp_path)) == [0, 1, 2, 3]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
