@@ -33,6 +33,7 @@ same check before it creates actors.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -78,8 +79,10 @@ class ModelShape:
     merge_size: int = 2
 
 
+@functools.lru_cache(maxsize=4)
 def _meta_model(path: str) -> torch.nn.Module:
-    """The architecture at `path` on the meta device (no weights read, no memory)."""
+    """The architecture at `path` on the meta device (no weights read, no memory; built once per path for the
+    shape and the adapter count, which only read it)."""
     from transformers import AutoConfig
 
     from sapo_ray.models.loading import build_from_config
