@@ -404,7 +404,6 @@ class PolicyWorker(FSDPWorker):
             self.ref = self._shard(ref).eval()
         self._make_optimizer()
         self.trace: losses.LossTrace | None = None
-        self.gap: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (learner, engine) log-probs, while measured
 
     def loss_trace(self) -> losses.LossTrace:
         """What the loss saw of this rank's rows in the last `update` (`trace_loss`)."""
@@ -447,16 +446,14 @@ class PolicyWorker(FSDPWorker):
             self.trace = losses.LossTrace(torch.zeros(len(batch), R), torch.zeros(len(batch), R, dtype=torch.bool))
         # Without recomputed old log-probs, the first mini-batch's pass (before any optimizer step) is where the
         # learner scores the engine's tokens with the weights the engine was sent: the engine-learner gap.
-        measure = not self.cfg.learner.recompute_old_logp
-        self.gap, first = ([] if measure else None), []
+        gap: list[tuple[torch.Tensor, torch.Tensor]] = []  # (learner, engine) log-probs of those tokens
         for i, index in enumerate(self._minibatch_rows(batch)):
-            for k, v in self._update_minibatch(batch.select(index), index).items():
+            measured = gap if i == 0 and not self.cfg.learner.recompute_old_logp else None
+            for k, v in self._update_minibatch(batch.select(index), index, measured).items():
                 stats.setdefault(k, []).append(v)
-            if i == 0 and measure:
-                first, self.gap = self.gap, None
         out = {k: _mean(v) for k, v in stats.items()}
-        if first:
-            learner, engine = (torch.cat(x) for x in zip(*first))
+        if gap:
+            learner, engine = (torch.cat(x) for x in zip(*gap))
             out.update(bookkeeping.logp_gap(learner, engine, torch.ones_like(learner, dtype=torch.bool)))
         out["actor/pg_loss"] = out.pop("actor/pg_loss_sum")
         out["actor/skipped_steps"] = float(sum(stats["actor/skipped_steps"]))
@@ -465,9 +462,10 @@ class PolicyWorker(FSDPWorker):
         out["actor/lr"] = self.lr()
         return out
 
-    def _update_minibatch(self, minibatch: Batch, index: list[int]) -> dict[str, float]:
+    def _update_minibatch(self, minibatch: Batch, index: list[int], gap: list | None = None) -> dict[str, float]:
         """Accumulate the micro-batches' gradients, then one optimizer step; the mini-batch's metrics. With
-        `trace_loss`, what the loss saw of rows `index` (of the update's batch) goes into `self.trace`."""
+        `trace_loss`, what the loss saw of rows `index` (of the update's batch) goes into `self.trace`; with
+        `gap`, the learner's and the engine's log-probs of its tokens are appended to it."""
         spec = self.cfg.algorithm
         units: dict[str, float] = {}  # each aggregation's count once: one all-reduce each, however often it is used
         count = lambda agg: units[agg] if agg in units else units.setdefault(agg, self._global_units(minibatch, agg))
@@ -484,8 +482,8 @@ class PolicyWorker(FSDPWorker):
                                                entropy_grad=spec.entropy_coef > 0,
                                                layout=self._layout(True))
             mask = micro.response_mask
-            if self.gap is not None:
-                self.gap.append((logp.detach()[mask.bool()].float().cpu(), micro.rollout_logp[mask.bool()].float().cpu()))
+            if gap is not None:
+                gap.append((logp.detach()[mask.bool()].float().cpu(), micro.rollout_logp[mask.bool()].float().cpu()))
             seg = Segments.from_end_mask(micro.seg_end.bool(), mask) if spec.needs_segments else None
             loss, m = registry.policy_loss(spec, logp, micro.old_logp, micro.advantages, mask, segments=seg,
                                            is_weights=micro.is_weights if self.cfg.rollout.tis_cap > 0 else None,
