@@ -297,6 +297,10 @@ class RewardConfig:
     # A run stops (instead of training on zeros) when more than this share of a step's samples fail to
     # score (exceptions, non-finite values, timeouts) three steps running.
     max_error_rate: float = 0.5
+    # Taken off an episode's score for each of its failed tool calls (malformed, unknown tool, raised, timed
+    # out, cut; `env.name` episodes only). 0: a failed call costs only the answer it did not bring, so nothing
+    # makes the call format worth keeping once updates start to wear it.
+    tool_error_penalty: float = 0.0
 
 
 @dataclass

@@ -149,6 +149,10 @@ def validate(cfg) -> None:
     _check(cfg.trainer.max_ckpt_to_keep >= 0, f"trainer.max_ckpt_to_keep={cfg.trainer.max_ckpt_to_keep} must be >= 0 (0 = all)")
     _check(0 <= cfg.reward.max_error_rate <= 1, f"reward.max_error_rate={cfg.reward.max_error_rate} must be in [0, 1]")
     _check(not cfg.reward.batch or cfg.reward.custom, "reward.batch=true needs reward.custom=path/to/file.py:function")
+    _check(cfg.reward.tool_error_penalty >= 0,
+           f"reward.tool_error_penalty={cfg.reward.tool_error_penalty} must be >= 0 (it is taken off the score)")
+    _check(not cfg.reward.tool_error_penalty or cfg.env.name,
+           "reward.tool_error_penalty needs episodes with tools (env.name): a single response calls no tool")
     from sapo_ray.data.datasets import DATASETS
 
     for role in ("train", "val"):

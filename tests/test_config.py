@@ -74,6 +74,8 @@ def test_default_config_is_valid_and_overrides_apply():
     (["data.val=mine"], "data.val='mine' is not a known dataset"),
     (["reward.batch=true"], "reward.batch=true needs reward.custom"),
     (["reward.max_error_rate=2"], "reward.max_error_rate"),
+    (["reward.tool_error_penalty=-0.1", "env.name=tools"], "reward.tool_error_penalty=-0.1 must be >= 0"),
+    (["reward.tool_error_penalty=0.1"], "reward.tool_error_penalty needs episodes with tools"),
     (["trainer.max_ckpt_to_keep=-1"], "trainer.max_ckpt_to_keep"),
     (["critic.layout=unpadded"], "critic.layout='unpadded' is not one of"),
     (["algorithm.segmenter=low_prob"], "algorithm.segment_options.rho=..."),

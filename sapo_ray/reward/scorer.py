@@ -21,8 +21,8 @@ class Scorer:
     """`pool`'s scores for samples, with the failures counted; `check` stops a run whose reward fails for
     more than `max_error_rate` of the samples in each of `FAILING_STEPS` steps running."""
 
-    def __init__(self, pool: RewardPool, max_error_rate: float):
-        self.pool, self.max_error_rate = pool, max_error_rate
+    def __init__(self, pool: RewardPool, max_error_rate: float, tool_error_penalty: float = 0.0):
+        self.pool, self.max_error_rate, self.tool_error_penalty = pool, max_error_rate, tool_error_penalty
         self.failing_steps = 0
         self.errors_seen: set[str] = set()  # error messages already logged
 
@@ -30,13 +30,18 @@ class Scorer:
     def from_config(cls, reward) -> "Scorer":
         """The scorer of config section `reward` (`sapo_ray.config.RewardConfig`)."""
         return cls(RewardPool(reward.num_workers, reward.timeout_s, reward.custom, reward.acc_weight,
-                              reward.format_weight, reward.batch), reward.max_error_rate)
+                              reward.format_weight, reward.batch), reward.max_error_rate, reward.tool_error_penalty)
 
     def score(self, samples: list[Sample], examples: list[dict], prefix: str = "") -> tuple[list[dict], dict, dict]:
-        """Each sample's scores (`examples[sample.prompt_index]` its example); the counts
+        """Each sample's scores (`examples[sample.prompt_index]` its example; an episode's score less
+        `tool_error_penalty` per failed tool call, its `acc` as the reward gave it); the counts
         `{prefix}reward/errors|timeouts|samples`, and the mean of each of the reward function's own numbers
         (`{prefix}reward/<name>`)."""
         scores, errors, timeouts = self.pool.score([s.text for s in samples], [examples[s.prompt_index] for s in samples])
+        if self.tool_error_penalty:
+            for sample, x in zip(samples, scores):
+                if sample.episode is not None:
+                    x["score"] -= self.tool_error_penalty * sum(sample.episode.tool_errors.values())
         counts = {f"{prefix}reward/errors": float(errors), f"{prefix}reward/timeouts": float(timeouts),
                   f"{prefix}reward/samples": float(len(samples))}
         if self.pool.last_error and self.pool.last_error not in self.errors_seen:

@@ -253,3 +253,22 @@ def test_workers_end_with_the_process_that_owns_the_pool(tmp_path, how):
         owner.kill()
         for pid in filter(is_alive, pids):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_each_failed_tool_call_of_an_episode_is_taken_off_its_score():
+    """`reward.tool_error_penalty`: 0.25 per failed call off the score (0.9 x acc + 0.1 x format), the accuracy
+    left as the reward gave it; a one-turn sample and an episode without failures keep their scores."""
+    from sapo_ray.batch import EpisodeStats, Sample
+    from sapo_ray.reward.scorer import Scorer
+
+    right = "<think>x</think> The answer is \\boxed{4}."
+    example = {"data_source": "synthvista", "question_type": "free_form", "answer_type": "integer", "answer": "4",
+               "choices": None, "precision": None, "unit": None}
+    episodes = [None, EpisodeStats(turns=2, tool_calls=1), EpisodeStats(turns=3, tool_calls=3,
+                                                                          tool_errors={"malformed_call": 2, "timeout": 1})]
+    samples = [Sample([1], [2], [0.0], [0.0], right, True, 0, episode=e) for e in episodes]
+    scorer = Scorer(RewardPool(0, 5.0), max_error_rate=0.5, tool_error_penalty=0.25)
+    scores, counts, _ = scorer.score(samples, [example])
+    assert [x["acc"] for x in scores] == [1.0, 1.0, 1.0]
+    assert [x["score"] for x in scores] == pytest.approx([1.0, 1.0, 1.0 - 3 * 0.25])
+    assert counts["reward/errors"] == 0
