@@ -42,9 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # nothing). `model.dtype` is the compute dtype (FSDP2's mixed precision on GPUs, autocast on CPUs), the
 # frozen reference's and the engines' dtype; weights are cast to it when they are synced or exported.
 MASTER_DTYPE = torch.float32
-# What a checkpoint holds of a model: its trained parameters (frozen ones are the checkpoint at `model.path`).
-# Loading is not strict about the frozen ones: `dcp.load` has already failed on any trained tensor it lacks.
-TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+# A checkpoint holds a model's trained parameters (`_checkpoint_state`; frozen ones are `model.path`'s), so
+# loading one is not strict: `dcp.load` has already failed on any trained tensor it lacks.
+LOAD_TRAINED = StateDictOptions(strict=False)
 
 
 def _constant(progress: float) -> float:
@@ -317,13 +317,13 @@ class FSDPWorker:
         state = self._checkpoint_state()
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=TRAINED_ONLY)
+                       options=LOAD_TRAINED)
         self.scheduler.load_state_dict(json.loads(Path(path, "scheduler.json").read_text()))
 
     def _checkpoint_state(self) -> dict:
-        """The model's trained tensors and the optimizer's state, as a checkpoint holds them: torch leaves out
-        frozen parameters but keeps a tied alias of one (a LoRA policy's `lm_head.weight`), dropped here."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=TRAINED_ONLY)
+        """The model's trained tensors and the optimizer's state, as a checkpoint holds them: every name of a
+        frozen parameter is left out, a tied alias included (a LoRA policy's `lm_head.weight`)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optim": optim_sd}
 
