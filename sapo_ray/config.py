@@ -301,6 +301,11 @@ class RewardConfig:
     # out, cut; `env.name` episodes only). 0: a failed call costs only the answer it did not bring, so nothing
     # makes the call format worth keeping once updates start to wear it.
     tool_error_penalty: float = 0.0
+    # An answer to a multiple-choice question that names none of its choices (text or letter) scores 0.
+    # false: MathVista's rule, which counts it as the most similar choice (edit distance), so a wrong
+    # answer can score by luck: `\boxed{yellow}` scores 1 when the choices are red and green and the answer
+    # is green.
+    exact_choice: bool = False
 
 
 @dataclass

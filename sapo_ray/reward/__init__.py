@@ -17,7 +17,7 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 
-from sapo_ray.reward.extract import last_boxed, mathvista_extraction
+from sapo_ray.reward.extract import last_boxed, mathvista_extraction, outside_choices
 from sapo_ray.reward.format import format_reward
 from sapo_ray.reward.verify import is_equivalent, plain
 
@@ -68,19 +68,24 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 
 def compute_score(response: str, example: dict, acc_weight: float | None = None, format_weight: float = 0.1,
-                  reward_fn: RewardFn | None = None) -> dict[str, float]:
+                  reward_fn: RewardFn | None = None, exact_choice: bool = False) -> dict[str, float]:
     """Score one response: {"score": acc_weight * acc + format_weight * format, "acc", "format", **extras}.
 
     `acc` comes from `reward_fn` when given, else from the function registered for
-    `example["data_source"]`; `format` is `format_reward(response)`.
+    `example["data_source"]`; `format` is `format_reward(response)`. `exact_choice`: an answer to a
+    multiple-choice question that names none of its choices has `acc` 0 (`outside_choices`), whatever the
+    function says (MathVista's own rule counts it as the most similar choice).
     """
     fn = reward_fn or get_reward_fn(example["data_source"])
-    return combine(fn(response, example), response, acc_weight, format_weight, fn)
+    return combine(fn(response, example), response, acc_weight, format_weight, fn,
+                   exact_choice and outside_choices(response, example))
 
 
-def combine(value, response: str, acc_weight: float | None, format_weight: float, fn=None) -> dict[str, float]:
+def combine(value, response: str, acc_weight: float | None, format_weight: float, fn=None,
+            wrong: bool = False) -> dict[str, float]:
     """A reward function's return value (a float, or a dict with `score` and extra numbers) as the
-    sample's scores; raises on anything else or on a non-finite number (counted as an error by the pool)."""
+    sample's scores, `acc` 0 when `wrong`; raises on anything else or on a non-finite number (counted as an
+    error by the pool)."""
     name = getattr(fn, "__name__", fn)
     extras = {}
     if isinstance(value, dict):
@@ -97,7 +102,7 @@ def combine(value, response: str, acc_weight: float | None, format_weight: float
                             "with 'score')")
         if not math.isfinite(number):
             raise ValueError(f"reward function {name!r} returned a non-finite {key}: {number}")
-    acc, fmt = float(value), format_reward(response)
+    acc, fmt = 0.0 if wrong else float(value), format_reward(response)
     acc_weight = 1.0 - format_weight if acc_weight is None else acc_weight
     return {"score": acc_weight * acc + format_weight * fmt, "acc": acc, "format": fmt,
             **{k: float(v) for k, v in extras.items()}}
@@ -132,5 +137,6 @@ __all__ = [
     "last_boxed",
     "load_reward_fn",
     "mathvista_extraction",
+    "outside_choices",
     "register_reward",
 ]

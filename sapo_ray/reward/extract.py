@@ -60,3 +60,15 @@ def mathvista_extraction(response: str, example: dict) -> str:
     as `extraction` in MathVista's result files, so that its scorer reproduces the reward."""
     box = last_boxed(response)
     return _unwrap_box(box, example) if box is not None and box.strip() else ""
+
+
+def outside_choices(response: str, example: dict) -> bool:
+    """True when `example` is a multiple-choice question and the response's answer (`mathvista_extraction`)
+    is neither one of its choices (case and surrounding spaces aside) nor a choice's letter: what
+    `reward.exact_choice` scores 0, where MathVista's rule takes the most similar choice instead."""
+    choices = example.get("choices") or []
+    if example.get("question_type") != "multi_choice" or not choices:
+        return False
+    answer = mathvista_extraction(response, example)
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    return answer not in letters and answer.casefold() not in {str(c).strip().casefold() for c in choices}

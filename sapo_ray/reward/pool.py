@@ -17,11 +17,13 @@ from sapo_ray.workers import WorkerPool, describe
 FAILED = {"score": 0.0, "acc": 0.0, "format": 0.0}
 
 
-def _scorer(reward_fn: Callable | str | None, acc_weight: float | None, format_weight: float) -> Callable:
+def _scorer(reward_fn: Callable | str | None, acc_weight: float | None, format_weight: float,
+            exact_choice: bool) -> Callable:
     """In a worker: the function scoring one `(response, example)` payload."""
     if isinstance(reward_fn, str):
         reward_fn = reward.load_reward_fn(reward_fn)
-    return lambda payload: reward.compute_score(payload[0], payload[1], acc_weight, format_weight, reward_fn)
+    return lambda payload: reward.compute_score(payload[0], payload[1], acc_weight, format_weight, reward_fn,
+                                                exact_choice)
 
 
 class RewardPool:
@@ -34,7 +36,8 @@ class RewardPool:
     the first error message of the last `score` call. `batch=True`: `reward_fn(responses, examples)`
     scores the whole batch at once in the caller (no per-sample timeout: such functions usually call a
     service with its own) and returns one value per sample.
-    `num_workers=0` scores inline in the caller, without timeout (for debugging).
+    `num_workers=0` scores inline in the caller, without timeout (for debugging). `exact_choice`: as
+    `compute_score`'s.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class RewardPool:
         acc_weight: float | None = None,
         format_weight: float = 0.1,
         batch: bool = False,
+        exact_choice: bool = False,
     ) -> None:
         if num_workers < 0 or timeout_s <= 0:
             raise ValueError(f"RewardPool needs num_workers >= 0 and timeout_s > 0, got {num_workers}, {timeout_s}")
@@ -54,10 +58,11 @@ class RewardPool:
         self.last_error: str | None = None
         # Loading the hook here fails early, with the hook's own error, instead of inside a worker.
         local_fn = reward.load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
-        self._inline_args = (acc_weight, format_weight, local_fn)
+        self._inline_args = (acc_weight, format_weight, local_fn, exact_choice)
         self._workers: WorkerPool | None = None
         if self.num_workers > 0:
-            self._workers = WorkerPool(self.num_workers, timeout_s, _scorer, (reward_fn, acc_weight, format_weight),
+            self._workers = WorkerPool(self.num_workers, timeout_s, _scorer,
+                                       (reward_fn, acc_weight, format_weight, exact_choice),
                                        preload=("sapo_ray.reward", "sapo_ray.reward.mathvista"), name="RewardWorker")
 
     def score(self, responses: list[str], examples: list[dict]) -> tuple[list[dict], int, int]:
@@ -98,7 +103,7 @@ class RewardPool:
         return results, n_errors, 0
 
     def _score_batch(self, responses: list[str], examples: list[dict]) -> tuple[list[dict], int, int]:
-        acc_weight, format_weight, fn = self._inline_args
+        acc_weight, format_weight, fn, exact_choice = self._inline_args
         try:
             values = list(fn(responses, examples))
             if len(values) != len(responses):
@@ -107,9 +112,10 @@ class RewardPool:
             self._note(error)
             return [dict(FAILED) for _ in responses], len(responses), 0
         results, n_errors = [], 0
-        for value, response in zip(values, responses):
+        for value, response, example in zip(values, responses, examples):
             try:
-                results.append(reward.combine(value, response, acc_weight, format_weight, fn))
+                results.append(reward.combine(value, response, acc_weight, format_weight, fn,
+                                              exact_choice and reward.outside_choices(response, example)))
             except Exception as error:
                 results.append(dict(FAILED))
                 n_errors += 1

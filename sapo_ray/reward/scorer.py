@@ -30,7 +30,8 @@ class Scorer:
     def from_config(cls, reward) -> "Scorer":
         """The scorer of config section `reward` (`sapo_ray.config.RewardConfig`)."""
         return cls(RewardPool(reward.num_workers, reward.timeout_s, reward.custom, reward.acc_weight,
-                              reward.format_weight, reward.batch), reward.max_error_rate, reward.tool_error_penalty)
+                              reward.format_weight, reward.batch, reward.exact_choice), reward.max_error_rate,
+                   reward.tool_error_penalty)
 
     def score(self, samples: list[Sample], examples: list[dict], prefix: str = "") -> tuple[list[dict], dict, dict]:
         """Each sample's scores (`examples[sample.prompt_index]` its example; an episode's score less

@@ -274,3 +274,22 @@ def test_each_failed_tool_call_of_an_episode_is_taken_off_its_score():
     assert [x["acc"] for x in scores] == [1.0, 1.0, 1.0]
     assert [x["score"] for x in scores] == pytest.approx([1.0, 1.0, 1.0 - 3 * 0.25])
     assert counts["reward/errors"] == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_exact_choice_scores_an_answer_outside_the_choices_zero_where_mathvista_takes_the_nearest(num_workers):
+    """`reward.exact_choice`: `greem` is one edit from `green`, so MathVista's rule counts it as the answer;
+    exact matching scores it 0. A letter, a choice in other case, a wrong choice and a free-form question
+    score alike under both rules; a batch reward function is gated the same way."""
+    question = {"data_source": "synthvista", "question_type": "multi_choice", "answer_type": "text",
+                "answer": "green", "choices": ["red", "green"], "precision": None, "unit": None}
+    number = {"data_source": "synthvista", "question_type": "free_form", "answer_type": "integer", "answer": "4",
+              "choices": None, "precision": None, "unit": None}
+    responses = ["\\boxed{greem}", "\\boxed{B}", "\\boxed{ Green }", "\\boxed{red}", "\\boxed{yellow}", "\\boxed{4}"]
+    examples = [question] * 5 + [number]
+    with RewardPool(num_workers, 10.0, format_weight=0.0) as nearest:
+        assert [x["acc"] for x in nearest.score(responses, examples)[0]] == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    with RewardPool(num_workers, 10.0, format_weight=0.0, exact_choice=True) as exact:
+        assert [x["acc"] for x in exact.score(responses, examples)[0]] == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    always = RewardPool(0, 10.0, lambda rs, es: [1.0] * len(rs), format_weight=0.0, batch=True, exact_choice=True)
+    assert [x["acc"] for x in always.score(responses, examples)[0]] == [0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
