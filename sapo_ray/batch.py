@@ -103,6 +103,7 @@ class EpisodeStats:
     tool_errors: dict[str, int] = field(default_factory=dict)  # failed calls by kind
     cut: bool = False  # ended by `max_turns` or the token budget, not by the environment
     transcript: str = ""  # the whole response decoded, observations and special tokens included
+    turn_reward: float = 0.0  # the sum of the environment's rewards of its turns (`envs.env.Step.reward`)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Sample:
     # those tokens (appended, never sampled: their logp and entropy are 0); None for one turn.
     observation_mask: list[int] | None = None
     episode: EpisodeStats | None = None
+    # An episode whose environment rewards turns: each turn's reward at its last token, 0 elsewhere; None: none.
+    turn_rewards: list[float] | None = None
 
 
 @dataclass
@@ -191,6 +194,8 @@ class Batch:
     vision: list[Vision | None]
     rollout_logp: torch.Tensor = Filled("the rollout engine")  # [B, R] log-prob of each token under the engine
     rollout_entropy: torch.Tensor = Filled("the rollout engine")  # [B, R] entropy of the engine's distribution
+    # An environment's reward of each turn at the turn's last token (0 elsewhere; all 0 for single turns).
+    turn_rewards: torch.Tensor = Filled("the rollout engine")  # [B, R] float
     # The reward, grouped by prompt (`bookkeeping.make_batch`).
     scores: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] float, the reward's score
     acc: torch.Tensor = Filled("the reward (bookkeeping.make_batch)")  # [B] float, 1 if the answer is right
@@ -225,6 +230,8 @@ class Batch:
             [s.vision for s in samples],
             rollout_logp=_pad([s.rollout_logp for s in samples], 0.0, left=False, dtype=torch.float32),
             rollout_entropy=_pad([s.rollout_entropy for s in samples], 0.0, left=False, dtype=torch.float32),
+            turn_rewards=_pad([s.turn_rewards or [0.0] * len(s.response_ids) for s in samples], 0.0, left=False,
+                              dtype=torch.float32),
         )
 
     def filled(self) -> dict[str, torch.Tensor]:

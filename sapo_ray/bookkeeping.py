@@ -126,7 +126,7 @@ class Draws:
 
 def episode_metrics(samples: list[Sample], scores: list[dict]) -> dict[str, float]:
     """Per multi-turn episode (none for one-turn samples): turns, tool calls, failed calls (and by kind, in
-    all), observation tokens, the share cut by the limits, and the accuracy of the episodes that called a
+    all), observation tokens, the share cut by the limits, the environment's turn rewards, and the accuracy of the episodes that called a
     tool and of those that did not."""
     pairs = [(s, x) for s, x in zip(samples, scores) if s.episode is not None]
     if not pairs:
@@ -138,6 +138,7 @@ def episode_metrics(samples: list[Sample], scores: list[dict]) -> dict[str, floa
         "episode/tool_errors": sum(sum(s.episode.tool_errors.values()) for s, _ in pairs) / n,
         "episode/observation_tokens": sum(sum(s.observation_mask or []) for s, _ in pairs) / n,
         "episode/cut": sum(s.episode.cut for s, _ in pairs) / n,
+        "episode/turn_reward": sum(s.episode.turn_reward for s, _ in pairs) / n,
     }
     for kind in sorted({k for s, _ in pairs for k in s.episode.tool_errors}):
         out[f"episode/tool_errors/{kind}"] = float(sum(s.episode.tool_errors.get(kind, 0) for s, _ in pairs))
@@ -218,10 +219,12 @@ def advantages(spec: AlgorithmSpec, batch: Batch, seg: Segments | None, response
 
 
 def _estimator_inputs(spec: AlgorithmSpec, batch: Batch) -> dict:
-    """What an advantage estimator reads of the batch beside the scores and segments: the critic's values
-    and, for a KL penalty in the reward, the reference's log-probs, where the algorithm has them."""
+    """What an advantage estimator reads of the batch beside the scores and segments: the critic's values,
+    an episode's turn rewards and, for a KL penalty in the reward, the reference's log-probs, where the
+    algorithm has them."""
     return {"values": batch.values if spec.needs_critic else None, "group_index": batch.group_index,
-            "old_logp": batch.old_logp, "ref_logp": batch.ref_logp if spec.kl_in_reward and spec.kl_coef > 0 else None}
+            "old_logp": batch.old_logp, "ref_logp": batch.ref_logp if spec.kl_in_reward and spec.kl_coef > 0 else None,
+            "turn_rewards": batch.turn_rewards}
 
 
 def td_errors(spec: AlgorithmSpec, batch: Batch, scores: torch.Tensor, seg) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_a_field_read_before_its_phase_fails_with_its_name_and_filler():
         batch.values
     with pytest.raises(MissingField, match=r"Batch\.advantages .*bookkeeping\.advantages"):
         batch.select([0]).advantages
-    assert set(batch.filled()) == {"rollout_logp", "rollout_entropy", "scores", "group_index"}
+    assert set(batch.filled()) == {"rollout_logp", "rollout_entropy", "turn_rewards", "scores", "group_index"}
     filled = batch.with_fields(values=torch.ones(3, 3))
     assert torch.equal(filled.values, torch.ones(3, 3)) and "values" not in batch.filled()  # a copy
 

@@ -407,21 +407,21 @@ def test_memory_metrics_keep_host_and_gpu_apart():
 # ----------------------------------------------------------------------------------------------
 
 
-def episode(turns: int, calls: int, errors: dict, cut: bool, observed: list[int]) -> Sample:
+def episode(turns: int, calls: int, errors: dict, cut: bool, observed: list[int], turn_reward: float = 0.0) -> Sample:
     from sapo_ray.batch import EpisodeStats
 
     n = len(observed)
     return Sample([1, 2], list(range(3, 3 + n)), [-0.5] * n, [1.0] * n, "x", not cut, 0,
-                  observation_mask=observed, episode=EpisodeStats(turns, calls, errors, cut))
+                  observation_mask=observed, episode=EpisodeStats(turns, calls, errors, cut, turn_reward=turn_reward))
 
 
 def test_episode_metrics_by_hand():
-    samples = [episode(3, 2, {"timeout": 1}, False, [0, 1, 1, 0, 1, 0]),
+    samples = [episode(3, 2, {"timeout": 1}, False, [0, 1, 1, 0, 1, 0], turn_reward=0.5),
                episode(1, 0, {}, False, [0, 0]),
-               episode(2, 1, {"unknown_tool": 1}, True, [0, 1, 0])]
+               episode(2, 1, {"unknown_tool": 1}, True, [0, 1, 0], turn_reward=-0.2)]
     metrics = bookkeeping.episode_metrics(samples, [score(1, 1), score(0, 0), score(0, 0)])
     assert metrics == {"episode/turns": 2.0, "episode/tool_calls": 1.0, "episode/tool_errors": 2 / 3,
-                       "episode/observation_tokens": 4 / 3, "episode/cut": 1 / 3,
+                       "episode/observation_tokens": 4 / 3, "episode/cut": 1 / 3, "episode/turn_reward": pytest.approx(0.1),
                        "episode/tool_errors/timeout": 1.0, "episode/tool_errors/unknown_tool": 1.0,
                        "episode/acc_with_tools": 0.5, "episode/acc_without_tools": 0.0}
     assert bookkeeping.episode_metrics([sample(0)], [score(1)]) == {}

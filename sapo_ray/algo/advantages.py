@@ -4,7 +4,8 @@ Conventions (SAPO_SPEC.md "Notation" and section 2):
   * ``mask [B, T]``: 1 on valid response tokens: left-aligned, or with holes where a multi-turn episode
     has observations between the model's tokens (the segments and the per-token GAE skip them).
   * ``values[b, t] = V(x, y_<t)``: the critic's output at the position that predicts token ``t``.
-  * ``token_rewards[b, t] = r_t``: ``score * [t = last valid] - beta * kl_t``.
+  * ``token_rewards[b, t] = r_t``: ``score * [t = last valid] + turn_t - beta * kl_t``, where ``turn_t`` is an
+    environment's reward of a multi-turn episode's turn at that turn's last token (0 without one).
   * Returns are computed **before** whitening; whitening is token-weighted over all valid tokens
     of the batch (mean, unbiased variance, ``(A - mean) / sqrt(var + 1e-8)``), then ``clamp``.
   * Advantages and returns are 0 on padding; rows with no valid token give zeros (no NaN).
@@ -205,11 +206,13 @@ def token_rewards(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k1",
+    turn_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``r_t = score * [t = last valid token] - kl_coef * kl_t`` on valid tokens, 0 on padding.
+    """``r_t = score * [t = last valid token] + turn_rewards_t - kl_coef * kl_t`` on valid tokens, 0 on padding.
 
     ``kl_t = kl.estimate(old_logp, ref_logp, kl_kind)`` (k1: ``old_logp - ref_logp``). ``scores``
-    is ``[B]``; a row with no valid token gets no reward.
+    is ``[B]``; a row with no valid token gets no reward. ``turn_rewards [B, T]``: an episode's turn rewards,
+    each at its turn's last token (`Batch.turn_rewards`).
     """
     valid = mask.bool()
     if scores.dim() != 1 or scores.shape[0] != valid.shape[0]:
@@ -217,6 +220,8 @@ def token_rewards(
     dtype = scores.dtype if scores.is_floating_point() else torch.float32
     zero = torch.zeros((), dtype=dtype, device=scores.device)
     r = torch.where(last_valid_mask(valid), scores.to(dtype).unsqueeze(1), zero)
+    if turn_rewards is not None:
+        r = r + torch.where(valid, turn_rewards.to(dtype), zero)
     if kl_coef != 0.0:
         if old_logp is None or ref_logp is None:
             raise ValueError("a KL penalty in the reward (kl_coef != 0) needs old_logp= and ref_logp=")

@@ -295,18 +295,21 @@ def compute_advantages(
     group_index: torch.Tensor | Sequence[Hashable] | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    turn_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages, returns)`` ``[B, T]`` for any registered algorithm.
 
     ``scores [B]`` are the (shaped) outcome scores; the token rewards are
-    ``advantages.token_rewards`` with the spec's KL-in-reward penalty. ``returns`` are the
+    ``advantages.token_rewards`` with an episode's ``turn_rewards`` and the spec's KL-in-reward penalty
+    (a group estimator's outcome is their sum: the score plus the turns' rewards). ``returns`` are the
     critic targets for GAE estimators (before whitening); for group estimators they are the
     outcome broadcast to the valid tokens (unused without a critic).
     """
     if spec.advantage not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {spec.advantage!r}; choose one of {sorted(ADVANTAGES)}")
     kl_coef = spec.kl_coef if spec.kl_in_reward else 0.0
-    rewards = adv_mod.token_rewards(scores, mask, old_logp, ref_logp, kl_coef=kl_coef, kl_kind=spec.kl_kind)
+    rewards = adv_mod.token_rewards(scores, mask, old_logp, ref_logp, kl_coef=kl_coef, kl_kind=spec.kl_kind,
+                                    turn_rewards=turn_rewards)
     fn = ADVANTAGES[spec.advantage]
     return fn(
         spec, rewards=rewards, scores=scores, mask=mask, values=values, segments=segments, group_index=group_index

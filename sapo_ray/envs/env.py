@@ -2,7 +2,9 @@
 
 An environment is made for one episode from its example (`make_env`) and answers each assistant turn,
 given as text, with a `Step`: the observation to append before the model's next turn (None ends the
-episode) and what the turn did. Environments are registered by name (`register_env`); a user's own is
+episode), what the turn did, and optionally the turn's own reward: it lands on the turn's last token,
+beside the outcome score on the episode's last, so that an estimator with a critic credits the turn that
+earned it. Environments are registered by name (`register_env`); a user's own is
 `"file.py:ClassName"`, a class taking `(example, tools)` with a `step(text) -> Step` method.
 
 `tools` (the built-in): a turn with `<tool_call>` blocks gets their `<tool_response>` blocks as the next
@@ -24,6 +26,7 @@ class Step:
     observation: str | None  # appended before the next turn, tokenized on its own; None ends the episode
     tool_calls: int = 0
     tool_errors: Counter = field(default_factory=Counter)  # by kind (`sapo_ray.envs.tools.ERROR_KINDS`)
+    reward: float = 0.0  # the answered turn's own reward, added to the episode's return at that turn's end
 
 
 class Env(Protocol):

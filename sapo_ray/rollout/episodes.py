@@ -15,6 +15,8 @@ next observation or turn would pass `max_tokens` tokens of response (turns and o
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -41,6 +43,7 @@ class _Episode:
     env: Env
     ids: list[int] = field(default_factory=list)  # the response: turns and observations
     observed: list[int] = field(default_factory=list)  # 1 on observation tokens
+    rewards: list[float] = field(default_factory=list)  # each turn's own reward, at its last token
     logp: list[float] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
     text: str = ""  # the last turn's text
@@ -54,6 +57,7 @@ class _Episode:
     def add_turn(self, sample: Sample) -> None:
         self.ids += sample.response_ids
         self.observed += [0] * len(sample.response_ids)
+        self.rewards += [0.0] * len(sample.response_ids)
         self.logp += sample.rollout_logp
         self.entropy += sample.rollout_entropy
         self.text, self.finished, self.turns = sample.text, sample.finished, self.turns + 1
@@ -61,13 +65,29 @@ class _Episode:
     def add_observation(self, ids: list[int]) -> None:
         self.ids += ids
         self.observed += [1] * len(ids)
+        self.rewards += [0.0] * len(ids)
         self.logp += [0.0] * len(ids)
         self.entropy += [0.0] * len(ids)
 
+    def answered(self, step: Step) -> None:
+        """Count what the environment's answer to the last turn says that turn did."""
+        self.tool_calls += step.tool_calls
+        self.tool_errors.update(step.tool_errors)
+        self.rewards[-1] += step.reward
+
     def sample(self, tokenizer) -> Sample:
-        stats = EpisodeStats(self.turns, self.tool_calls, dict(self.tool_errors), self.cut, tokenizer.decode(self.ids))
+        stats = EpisodeStats(self.turns, self.tool_calls, dict(self.tool_errors), self.cut, tokenizer.decode(self.ids),
+                             sum(self.rewards))
         return Sample(list(self.prompt.ids), self.ids, self.logp, self.entropy, self.text,
-                      self.finished and not self.cut, self.prompt_index, self.prompt.vision, self.observed, stats)
+                      self.finished and not self.cut, self.prompt_index, self.prompt.vision, self.observed, stats,
+                      self.rewards if any(self.rewards) else None)
+
+
+def _checked(step: Step) -> Step:
+    """`step`, if its reward is a finite number (else an environment's error, raised)."""
+    if isinstance(step.reward, bool) or not isinstance(step.reward, numbers.Real) or not math.isfinite(step.reward):
+        raise ValueError(f"a Step's reward must be a finite number, got {step.reward!r}")
+    return step
 
 
 def _cut(sample: Sample, budget: int, tokenizer) -> Sample:
@@ -99,12 +119,11 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
                 episode.done = episode.cut = True
                 continue
             try:
-                step = episode.env.step(episode.text)
+                step = _checked(episode.env.step(episode.text))
             except Exception as error:  # a user's environment failing ends its episode, counted, not the run
                 log.warning("an environment's step raised %s: %s; its episode ends there", type(error).__name__, error)
                 step = Step(None, tool_errors=Counter({"env_raised": 1}))
-            episode.tool_calls += step.tool_calls
-            episode.tool_errors.update(step.tool_errors)
+            episode.answered(step)
             if step.observation is None:
                 episode.done = True
                 continue
@@ -134,9 +153,8 @@ def replay_episode(tokenizer, prompt: Prompt, turns: list[str], env: Env, prompt
     for i, text in enumerate(turns):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
         episode.add_turn(Sample(list(prompt.ids), ids, [0.0] * len(ids), [0.0] * len(ids), text, True, prompt_index))
-        step = env.step(text)
-        episode.tool_calls += step.tool_calls
-        episode.tool_errors.update(step.tool_errors)
+        step = _checked(env.step(text))
+        episode.answered(step)
         if (step.observation is None) != (i == len(turns) - 1):
             raise ValueError(f"turn {i} of {len(turns)} {'ends' if step.observation is None else 'does not end'} "
                              "the episode")

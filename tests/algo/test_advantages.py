@@ -178,6 +178,29 @@ def test_turn_segments_by_hand(anchor, expected):
     torch.testing.assert_close(adv, torch.tensor([expected], dtype=D))
 
 
+def test_a_turn_reward_is_credited_to_its_turn_by_hand():
+    """An environment's reward of 0.5 for the first turn (at its last token, 1) beside the score 1.0: SAPO's turn
+    segments get r = 0.5 and 1.0, so with V = values[1] 0.2 and values[5] 0.6 (gamma 1, lambda 0.9):
+    A_2 = 1.0 - 0.6 = 0.4, A_1 = 0.5 + 0.6 - 0.2 + 0.9 * 0.4 = 1.26 (0.36 more than without it). A group of two
+    episodes alike but for that reward: outcomes 1.5 and 1.0, GRPO's +-0.25 / 0.3536 = +-0.7071."""
+    from sapo_ray.algo import registry
+
+    mask, observation, values, _ = two_turns()
+    turn = torch.tensor([[0.0, 0.5, 0, 0, 0, 0, 0]], dtype=D)
+    seg = segment("turn", mask=mask, observation_mask=observation)
+    sapo = registry.get_algorithm("sapo", gamma=1.0, lam=0.9, whiten=False, adv_clip=None, value_anchor="seg_end_prev",
+                                  kl_coef=0.0)
+    adv, ret = registry.compute_advantages(sapo, scores=torch.tensor([1.0], dtype=D), mask=mask, values=values,
+                                           segments=seg, turn_rewards=turn)
+    torch.testing.assert_close(adv, torch.tensor([[1.26, 1.26, 0, 0, 0.4, 0.4, 0]], dtype=D))
+    torch.testing.assert_close(ret[0, [1, 5]], torch.tensor([1.46, 1.0], dtype=D))
+    grpo = registry.get_algorithm("grpo", kl_coef=0.0)
+    both = lambda x: x.repeat(2, 1)
+    adv, _ = registry.compute_advantages(grpo, scores=torch.tensor([1.0, 1.0], dtype=D), mask=both(mask),
+                                         group_index=[0, 0], turn_rewards=torch.cat([turn, torch.zeros_like(turn)]))
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.7071, -0.7071], dtype=D), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("M", [1, 5, 32, 33, 64, 200, 1100, 4200])  # 1, 2 and 3 levels of blocks
 @pytest.mark.parametrize("c", [0.0, 0.3, 0.95, 1.0])
 def test_discounted_reverse_cumsum_matches_loop(M, c):

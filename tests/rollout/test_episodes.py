@@ -130,6 +130,44 @@ def test_an_environment_that_raises_ends_its_episode_counted(tiny):
     assert two and all(s.episode.tool_errors == {"env_raised": 1} and not s.episode.cut for s in two)
 
 
+def test_each_turn_reward_lands_on_its_turns_last_token_and_a_bad_one_ends_the_episode(tiny):
+    """An environment rewarding turn k with 0.1 * k: each reward sits on its turn's last model token (the token
+    before the observation, or the response's last), nowhere else; the batch carries them; a reward that is
+    not a finite number ends its episode as an environment error."""
+    engine, processor, examples, prompts = tiny
+
+    class Paying(Scripted):
+        def step(self, text):
+            step = super().step(text)
+            return Step(step.observation, step.tool_calls, step.tool_errors, reward=0.1 * self.seen)
+
+    samples = run_episodes(engine.generate, processor.tokenizer, prompts, examples,
+                           SamplingParams(n=2, temperature=1.0, max_new_tokens=64, seed=0), Paying,
+                           EpisodeLimits(max_turns=3, max_tokens=400))
+    answered = [s for s in samples if s.finished]
+    assert answered and all(s.episode.turns == 3 for s in answered)
+    for s in answered:
+        observed = s.observation_mask + [1]
+        ends = [t for t in range(len(s.response_ids)) if not observed[t] and observed[t + 1]]
+        assert len(ends) == 3
+        assert [t for t, r in enumerate(s.turn_rewards) if r] == ends
+        assert [s.turn_rewards[t] for t in ends] == pytest.approx([0.1, 0.2, 0.3])
+        assert s.episode.turn_reward == pytest.approx(0.6)
+    batch = Batch.from_samples(samples, engine.pad_id)
+    for b, s in enumerate(samples):
+        assert batch.turn_rewards[b, :len(s.response_ids)].tolist() == pytest.approx(s.turn_rewards or [0.0] * len(s.response_ids))
+
+    class Nan(Scripted):
+        def step(self, text):
+            return Step(OBSERVATION, reward=float("nan"))
+
+    bad = run_episodes(engine.generate, processor.tokenizer, prompts, examples,
+                       SamplingParams(n=1, temperature=1.0, max_new_tokens=64, seed=0), Nan,
+                       EpisodeLimits(max_turns=3, max_tokens=400))
+    assert all(s.episode.turns == 1 and s.episode.tool_errors == {"env_raised": 1} and s.turn_rewards is None
+               for s in bad if s.finished)
+
+
 def test_a_replayed_teacher_episode_is_laid_out_as_a_sampled_one(tiny):
     """`replay_episode` of synthvista's tool-using turns through the tools environment: each turn's ids and
     end-of-turn token, then the tools' answers tokenized on their own and masked; the warm start's loss
