@@ -95,6 +95,10 @@ class SFTConfig:
     tool_stepwise: bool = False
     """Tool-using rows call one tool a turn, each turn first saying what the last answer named
     (`synthvista.tool_turns(stepwise=True)`), instead of every call in the first turn."""
+    tool_recap: bool = False
+    """With `tool_stepwise`: the last turn reads the chart bar by bar in the words the turns before it said
+    (`Bar 1 is red 3.`), copying each colour from there, then solves as the row's teacher does (its
+    shortcut included; `synthvista.tool_turns(recap=True)`)."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -214,15 +218,17 @@ def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> l
     for ex in batch:
         if rate > 0 and rng.random() < rate:
             params = json.loads(ex["metadata"]["params"])
-            ex = {**ex, "solution": question_answer_solution(params, shortcut=True)[2]}
+            ex = {**ex, "solution": question_answer_solution(params, shortcut=True)[2], "shortcut": True}
         out.append(ex)
     return out
 
 
 def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: random.Random,
-                    stepwise: bool = False) -> list[dict]:
+                    stepwise: bool = False, recap: bool = False) -> list[dict]:
     """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`, one call a
-    turn with `stepwise`), a share `error_rate` of those a sloppy teacher's (a missed call or a needless one)."""
+    turn with `stepwise`), a share `error_rate` of those a sloppy teacher's (a missed call or a needless one).
+    With `recap` the last turn restates the colours and solves as the row's teacher does (a row given the
+    shortcut by `with_teacher_errors` keeps it)."""
     from sapo_ray.data.synthvista import Knobs, tool_turns
 
     out = []
@@ -232,7 +238,7 @@ def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: rand
             sloppy = error_rate > 0 and rng.random() < error_rate
             miss = sloppy and rng.random() < 0.5
             turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss,
-                               stepwise=stepwise)
+                               stepwise=stepwise, recap=recap, shortcut=recap and ex.get("shortcut", False))
             ex = {**ex, "tool_turns": turns}
         out.append(ex)
     return out
@@ -261,7 +267,8 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
                         text_only=text_only, hint=cfg.hint)
         teacher = random.Random(derive_seed(cfg.seed, "sft/teacher", step))
         rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
-        rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher, cfg.tool_stepwise)
+        rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher, cfg.tool_stepwise,
+                               cfg.tool_recap)
         instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
         batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -257,8 +257,10 @@ def describe(params: dict) -> str:
     return f"Bars from left to right: {_bars_text(params)}."
 
 
-def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str, str, str]:
+def question_answer_solution(params: dict, shortcut: bool = False, read: str | None = None) -> tuple[str, str, str]:
     """Return (question, answer, solution) for a row's parameters.
+
+    ``read`` replaces a bar chart's first step, the reading of the picture (``The bars are red 3, ...``).
 
     ``shortcut=True`` gives the solution of a sloppy teacher instead: the same first step (reading
     the picture), then a wrong procedure, each branching from the right one at a single word: count
@@ -292,7 +294,7 @@ def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str,
         return "The bars change during the clip. Which bar grew the most?", answer, _solution(steps, answer)
     value = {b["colour"]: b["value"] for b in bars}
     values = [b["value"] for b in bars]
-    steps = [f"The bars are {_bars_text(params)}."]
+    steps = [read or f"The bars are {_bars_text(params)}."]
     if t in ("bar_max", "bar_argmax"):
         top = bars[0] if shortcut else max(bars, key=lambda b: b["value"])
         steps.append(f"The {'first' if shortcut else 'largest'} value is {top['value']}, the {top['colour']} bar.")
@@ -335,7 +337,8 @@ def _colour_call(x: int, y: int) -> str:
     return f'<tool_call>\n{{"name": "colour_at", "arguments": {{"x": {x}, "y": {y}}}}}\n</tool_call>'
 
 
-def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False, stepwise: bool = False) -> list[str]:
+def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False, stepwise: bool = False,
+               recap: bool = False, shortcut: bool = False) -> list[str]:
     """A tool-using solution of a bar chart question, as the model's turns: the first reads the values and
     asks `colour_at` the colour of each bar at `bar_point`; the last, with the colours known, solves as
     `question_answer_solution` does. `stepwise`: one call a turn, each turn first saying the colour the last
@@ -343,7 +346,14 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     sloppy teacher's variants: `miss` aims the first call above the first bar (the background answers
     "white") and asks again in a turn of its own; `needless` also asks the calculator for a sum the
     solution then writes out. The tools' answers come between the turns (`sapo_ray.envs`), and are what
-    these turns expect."""
+    these turns expect.
+
+    `recap` (with `stepwise`): the last turn says the last answer's colour, then reads the chart bar by bar
+    in the words of the turns before it (`Bar 1 is red 3. Bar 2 is green 5.`), so each colour is copied
+    from where it was said, not recalled from the picture. `shortcut`: the last turn takes the sloppy
+    teacher's procedure (`question_answer_solution(shortcut=True)`)."""
+    if recap and not stepwise:
+        raise ValueError("recap restates the colours said one a turn: it needs stepwise")
     if params["template"] == "count":
         raise ValueError("tool_turns solves bar charts; a count scene has no bars")
     bars = params["bars"]
@@ -351,7 +361,8 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     points = [bar_point(params, k, i) for i in range(len(bars))]
     calls = [_colour_call(x, y) for x, y in points]
     sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{" + ".join(str(b["value"]) for b in bars)}"}}}}\n</tool_call>'
-    _, _, solution = question_answer_solution(params)
+    read = " ".join(f"Bar {i} is {b['colour']} {b['value']}." for i, b in enumerate(bars, 1)) if recap else None
+    _, _, solution = question_answer_solution(params, shortcut, read)
     turns = []
     if stepwise:
         first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. The colour of bar 1:</think>"
@@ -361,8 +372,11 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
         turns.append(first + calls[0])
         for i in range(1, len(bars)):
             turns.append(f"<think>Bar {i} is {bars[i - 1]['colour']}. The colour of bar {i + 1}:</think>{calls[i]}")
+        said = f"Bar {len(bars)} is {bars[-1]['colour']}."
         if needless:
-            turns.append(f"<think>Bar {len(bars)} is {bars[-1]['colour']}. Their sum:</think>{sum_call}")
+            turns.append(f"<think>{said} Their sum:</think>{sum_call}")
+        if recap and not needless:
+            solution = solution.replace("<think>", f"<think>{said} ", 1)
         return turns + [solution]
     first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. Their colours:</think>"
     if miss:

@@ -318,3 +318,29 @@ def test_stepwise_tool_turns_ask_one_bar_a_turn_and_say_what_the_last_answer_nam
         named = [run_call(parse_tool_calls(t)[0], context).text for t in sloppy[:-1]]
         assert named == ["white"] + colours + [str(sum(b["value"] for b in params["bars"]))]
         assert sloppy[-2].startswith(f"<think>Bar {len(colours)} is {colours[-1]}.")
+
+
+def test_a_recap_turn_restates_each_bar_as_it_was_said_and_solves_as_its_teacher_does():
+    """`recap`: the last turn says the last answer's colour, then reads the chart bar by bar in the very words
+    of the turns before it (every `Bar i is <colour>` it writes appeared in an earlier turn, the last bar's
+    in its own opening), then the solution's steps; `shortcut` takes the sloppy procedure, whose answer differs
+    on a sum (a sum becomes a difference)."""
+    k = sv.Knobs(templates=("bar_sum",))
+    row = sv.generate(1, seed=5, templates=["bar_sum"], num_bars=(3, 3))[0]
+    params = json.loads(row["metadata"]["params"])
+    (c1, v1), (c2, v2), (c3, v3) = [(b["colour"], b["value"]) for b in params["bars"]]
+    a, b = params["named"]
+    turns = sv.tool_turns(params, k, stepwise=True, recap=True)
+    value = {c1: v1, c2: v2, c3: v3}
+    assert turns[-1] == (f"<think>Bar 3 is {c3}. Step 1: Bar 1 is {c1} {v1}. Bar 2 is {c2} {v2}. Bar 3 is {c3} {v3}. "
+                         f"Step 2: {a[0].upper() + a[1:]} is {value[a]} and {b} is {value[b]}. "
+                         f"Step 3: {value[a]} + {value[b]} = {value[a] + value[b]}.</think> "
+                         f"The answer is \\boxed{{{value[a] + value[b]}}}.")
+    assert turns[:-1] == sv.tool_turns(params, k, stepwise=True)[:-1]
+    sloppy = sv.tool_turns(params, k, stepwise=True, recap=True, shortcut=True)
+    assert sloppy[-1].endswith(f"{value[a]} - {value[b]} = {value[a] - value[b]}.</think> "
+                               f"The answer is \\boxed{{{value[a] - value[b]}}}.")
+    needless = sv.tool_turns(params, k, needless=True, stepwise=True, recap=True)
+    assert needless[-2].startswith(f"<think>Bar 3 is {c3}. Their sum:") and needless[-1].startswith("<think>Step 1: Bar 1 is")
+    with pytest.raises(ValueError, match="stepwise"):
+        sv.tool_turns(params, k, recap=True)
