@@ -95,10 +95,11 @@ class SFTConfig:
     tool_stepwise: bool = False
     """Tool-using rows call one tool a turn, each turn first saying what the last answer named
     (`synthvista.tool_turns(stepwise=True)`), instead of every call in the first turn."""
-    tool_recap: bool = False
-    """With `tool_stepwise`: the last turn reads the chart bar by bar in the words the turns before it said
-    (`Bar 1 is red 3.`), copying each colour from there, then solves as the row's teacher does (its
-    shortcut included; `synthvista.tool_turns(recap=True)`)."""
+    tool_target: bool = False
+    """Tool-using `bar_argmax` rows ask the colour of the bar the values pick and answer with it
+    (`synthvista.tool_turns(target=True)`), the bar the row's teacher picks (the sloppy one's: the first)."""
+    templates: Optional[list[str]] = None
+    """The synthvista templates of the training rows (`synthvista.TEMPLATES`); default: all."""
     max_train_seconds: float = 420.0
     """Stop training early past this wall time (the CPU is shared)."""
     log_every: int = 20
@@ -127,11 +128,13 @@ def _instruction(name: str) -> str:
     return {"none": "", "default": DEFAULT_INSTRUCTION, "short": SHORT_INSTRUCTION}.get(name, name)
 
 
-def examples(n: int, seed: int, split: str, text_only: bool, hint: bool = True) -> list[dict]:
-    """`n` SynthVista Examples (with `solution`) of `split`; `hint` as the synthvista knob."""
+def examples(n: int, seed: int, split: str, text_only: bool, hint: bool = True,
+             templates: list[str] | None = None) -> list[dict]:
+    """`n` SynthVista Examples (with `solution`) of `split`; `hint` and `templates` as the synthvista knobs."""
     from sapo_ray.data import synthvista
 
-    rows = synthvista.generate(n, seed=seed, split=split, text_only=text_only, hint=hint)
+    rows = synthvista.generate(n, seed=seed, split=split, text_only=text_only, hint=hint,
+                               **({"templates": list(templates)} if templates else {}))
     return [synthvista.to_example(r) for r in rows]
 
 
@@ -224,11 +227,11 @@ def with_teacher_errors(batch: list[dict], rate: float, rng: random.Random) -> l
 
 
 def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: random.Random,
-                    stepwise: bool = False, recap: bool = False) -> list[dict]:
+                    stepwise: bool = False, target: bool = False) -> list[dict]:
     """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`, one call a
     turn with `stepwise`), a share `error_rate` of those a sloppy teacher's (a missed call or a needless one).
-    With `recap` the last turn restates the colours and solves as the row's teacher does (a row given the
-    shortcut by `with_teacher_errors` keeps it)."""
+    With `target`, a `bar_argmax` row asks one bar, the one its teacher picks (a row given the shortcut by
+    `with_teacher_errors` keeps it)."""
     from sapo_ray.data.synthvista import Knobs, tool_turns
 
     out = []
@@ -238,7 +241,7 @@ def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: rand
             sloppy = error_rate > 0 and rng.random() < error_rate
             miss = sloppy and rng.random() < 0.5
             turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss,
-                               stepwise=stepwise, recap=recap, shortcut=recap and ex.get("shortcut", False))
+                               stepwise=stepwise, target=target, shortcut=target and ex.get("shortcut", False))
             ex = {**ex, "tool_turns": turns}
         out.append(ex)
     return out
@@ -264,11 +267,11 @@ def train(model, processor, cfg: SFTConfig, text_only: bool = False, log=print) 
     model.train()
     for step in range(cfg.steps):
         rows = examples(cfg.batch_size, seed=derive_seed(cfg.seed, "sft/data", step), split="train",
-                        text_only=text_only, hint=cfg.hint)
+                        text_only=text_only, hint=cfg.hint, templates=cfg.templates)
         teacher = random.Random(derive_seed(cfg.seed, "sft/teacher", step))
         rows = with_teacher_errors(rows, cfg.teacher_error_rate, teacher)
         rows = with_tool_turns(rows, cfg.tool_use_rate, cfg.teacher_error_rate, teacher, cfg.tool_stepwise,
-                               cfg.tool_recap)
+                               cfg.tool_target)
         instructions = [names[(step * cfg.batch_size + i) % len(names)] for i in range(len(rows))]
         batch = Batch.from_samples(sft_samples(processor, rows, instructions), ids.pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -191,16 +191,17 @@ def test_tool_using_rows_train_as_episodes_with_their_observations_masked(tmp_pa
     stepwise = [r for r in with_tool_turns(rows, 1.0, 0.0, random.Random(0), stepwise=True)
                 if r["metadata"]["template"] != "count"]
     assert all(len(r["tool_turns"]) == len(json.loads(r["metadata"]["params"])["bars"]) + 1 for r in stepwise)
-    # With recap, a row the sloppy teacher solved (`with_teacher_errors`) keeps its procedure in the last turn.
+    # With target, a bar_argmax row the sloppy teacher solved (`with_teacher_errors`) asks the first bar.
     from sapo_ray.sft import with_teacher_errors
 
-    taught = with_teacher_errors(rows, 0.5, random.Random(1))
-    recapped = [r for r in with_tool_turns(taught, 1.0, 0.0, random.Random(0), stepwise=True, recap=True)
-                if r["metadata"]["template"] in ("bar_sum", "bar_diff")]
-    assert {bool(r.get("shortcut")) for r in recapped} == {True, False}
-    for r in recapped:
+    argmax = examples(40, seed=5, split="train", text_only=False, hint=False, templates=["bar_argmax"])
+    assert {r["metadata"]["template"] for r in argmax} == {"bar_argmax"}
+    taught = with_tool_turns(with_teacher_errors(argmax, 0.5, random.Random(1)), 1.0, 0.0, random.Random(0),
+                             stepwise=True, target=True)
+    assert {bool(r.get("shortcut")) for r in taught} == {True, False}
+    for r in taught:
+        assert len(r["tool_turns"]) == 2 and ("The first value" in r["tool_turns"][0]) == bool(r.get("shortcut"))
         assert r["tool_turns"][-1].endswith(r["solution"].split("</think>")[-1])  # the teacher's answer
-        assert "Step 1: Bar 1 is " in r["tool_turns"][-1]
     proc = load_processor("bundled:tiny-vlm")
     samples = sft_samples(proc, bars[:4], [""] * 4)
     assert all(s.episode.turns >= 2 and sum(s.observation_mask) > 0 for s in samples)

@@ -257,10 +257,8 @@ def describe(params: dict) -> str:
     return f"Bars from left to right: {_bars_text(params)}."
 
 
-def question_answer_solution(params: dict, shortcut: bool = False, read: str | None = None) -> tuple[str, str, str]:
+def question_answer_solution(params: dict, shortcut: bool = False) -> tuple[str, str, str]:
     """Return (question, answer, solution) for a row's parameters.
-
-    ``read`` replaces a bar chart's first step, the reading of the picture (``The bars are red 3, ...``).
 
     ``shortcut=True`` gives the solution of a sloppy teacher instead: the same first step (reading
     the picture), then a wrong procedure, each branching from the right one at a single word: count
@@ -294,7 +292,7 @@ def question_answer_solution(params: dict, shortcut: bool = False, read: str | N
         return "The bars change during the clip. Which bar grew the most?", answer, _solution(steps, answer)
     value = {b["colour"]: b["value"] for b in bars}
     values = [b["value"] for b in bars]
-    steps = [read or f"The bars are {_bars_text(params)}."]
+    steps = [f"The bars are {_bars_text(params)}."]
     if t in ("bar_max", "bar_argmax"):
         top = bars[0] if shortcut else max(bars, key=lambda b: b["value"])
         steps.append(f"The {'first' if shortcut else 'largest'} value is {top['value']}, the {top['colour']} bar.")
@@ -338,7 +336,7 @@ def _colour_call(x: int, y: int) -> str:
 
 
 def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = False, stepwise: bool = False,
-               recap: bool = False, shortcut: bool = False) -> list[str]:
+               target: bool = False, shortcut: bool = False) -> list[str]:
     """A tool-using solution of a bar chart question, as the model's turns: the first reads the values and
     asks `colour_at` the colour of each bar at `bar_point`; the last, with the colours known, solves as
     `question_answer_solution` does. `stepwise`: one call a turn, each turn first saying the colour the last
@@ -348,12 +346,11 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     solution then writes out. The tools' answers come between the turns (`sapo_ray.envs`), and are what
     these turns expect.
 
-    `recap` (with `stepwise`): the last turn says the last answer's colour, then reads the chart bar by bar
-    in the words of the turns before it (`Bar 1 is red 3. Bar 2 is green 5.`), so each colour is copied
-    from where it was said, not recalled from the picture. `shortcut`: the last turn takes the sloppy
-    teacher's procedure (`question_answer_solution(shortcut=True)`)."""
-    if recap and not stepwise:
-        raise ValueError("recap restates the colours said one a turn: it needs stepwise")
+    `target` (a `bar_argmax` question; other templates are unaffected): the first turn picks the bar from the
+    values and asks the colour of that bar alone, and the last turn answers with the colour the tool named
+    just before it, so no colour is carried over a turn. `shortcut` picks the sloppy teacher's bar (the
+    first, `question_answer_solution(shortcut=True)`) instead of the tallest; a needless calculator call comes
+    before the colour's."""
     if params["template"] == "count":
         raise ValueError("tool_turns solves bar charts; a count scene has no bars")
     bars = params["bars"]
@@ -361,8 +358,9 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     points = [bar_point(params, k, i) for i in range(len(bars))]
     calls = [_colour_call(x, y) for x, y in points]
     sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{" + ".join(str(b["value"]) for b in bars)}"}}}}\n</tool_call>'
-    read = " ".join(f"Bar {i} is {b['colour']} {b['value']}." for i, b in enumerate(bars, 1)) if recap else None
-    _, _, solution = question_answer_solution(params, shortcut, read)
+    if target and params["template"] == "bar_argmax":
+        return _targeted_turns(bars, values, points, calls, sum_call, k, miss, needless, shortcut)
+    _, _, solution = question_answer_solution(params)
     turns = []
     if stepwise:
         first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. The colour of bar 1:</think>"
@@ -372,11 +370,8 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
         turns.append(first + calls[0])
         for i in range(1, len(bars)):
             turns.append(f"<think>Bar {i} is {bars[i - 1]['colour']}. The colour of bar {i + 1}:</think>{calls[i]}")
-        said = f"Bar {len(bars)} is {bars[-1]['colour']}."
         if needless:
-            turns.append(f"<think>{said} Their sum:</think>{sum_call}")
-        if recap and not needless:
-            solution = solution.replace("<think>", f"<think>{said} ", 1)
+            turns.append(f"<think>Bar {len(bars)} is {bars[-1]['colour']}. Their sum:</think>{sum_call}")
         return turns + [solution]
     first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. Their colours:</think>"
     if miss:
@@ -385,6 +380,24 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
         first = "<think>That is the background. Lower, inside the bars:</think>"
     turns.append(first + "".join(calls + ([sum_call] if needless else [])))
     return turns + [solution]
+
+
+def _targeted_turns(bars: list[dict], values: str, points: list, calls: list[str], sum_call: str, k: Knobs,
+                    miss: bool, needless: bool, shortcut: bool) -> list[str]:
+    """`tool_turns(target=True)` of a `bar_argmax` question."""
+    i = 0 if shortcut else max(range(len(bars)), key=lambda j: bars[j]["value"])
+    word, colour = "first" if shortcut else "largest", bars[i]["colour"]
+    turns = []
+    read = f"Step 1: There are {len(bars)} bars, of values {values}. "
+    if needless:
+        turns.append(f"<think>{read}Their sum:</think>{sum_call}")
+        read = ""
+    pick = f"<think>{read}The {word} value is {bars[i]['value']}, bar {i + 1}. Its colour:</think>"
+    if miss:
+        turns.append(pick + _colour_call(points[i][0], round(0.03 * k.image_size)))
+        pick = f"<think>That is the background. Lower, inside bar {i + 1}:</think>"
+    turns.append(pick + calls[i])
+    return turns + [f"<think>Bar {i + 1} is {colour}.</think> The answer is \\boxed{{{colour}}}."]
 
 
 def _solution(steps: list[str], answer: str) -> str:

@@ -320,27 +320,32 @@ def test_stepwise_tool_turns_ask_one_bar_a_turn_and_say_what_the_last_answer_nam
         assert sloppy[-2].startswith(f"<think>Bar {len(colours)} is {colours[-1]}.")
 
 
-def test_a_recap_turn_restates_each_bar_as_it_was_said_and_solves_as_its_teacher_does():
-    """`recap`: the last turn says the last answer's colour, then reads the chart bar by bar in the very words
-    of the turns before it (every `Bar i is <colour>` it writes appeared in an earlier turn, the last bar's
-    in its own opening), then the solution's steps; `shortcut` takes the sloppy procedure, whose answer differs
-    on a sum (a sum becomes a difference)."""
-    k = sv.Knobs(templates=("bar_sum",))
-    row = sv.generate(1, seed=5, templates=["bar_sum"], num_bars=(3, 3))[0]
+def test_a_targeted_episode_asks_the_bar_its_teacher_picks_and_answers_what_the_tool_named():
+    """`target` on `bar_argmax`: one `colour_at` call, at the tallest bar (the sloppy teacher's: the first), which
+    the real tool answers with that bar's colour on the rendered chart; the last turn says it and answers it.
+    A missed call asks again; a needless calculator call comes first; other templates are unaffected."""
+    from sapo_ray.envs.tools import ToolContext, parse_tool_calls, run_call
+
+    k = sv.Knobs(templates=("bar_argmax",))
+    for r in sv.generate(12, seed=6, templates=["bar_argmax"]):
+        params = json.loads(r["metadata"]["params"])
+        bars, context = params["bars"], ToolContext([r["decoded_image"]])
+        tallest = max(range(len(bars)), key=lambda j: bars[j]["value"])
+        for shortcut, i in ((False, tallest), (True, 0)):
+            word, colour = ("first" if shortcut else "largest"), bars[i]["colour"]
+            first, last = sv.tool_turns(params, k, target=True, shortcut=shortcut)
+            assert first.startswith(f"<think>Step 1: There are {len(bars)} bars, of values "
+                                    + ", ".join(str(b["value"]) for b in bars)
+                                    + f". The {word} value is {bars[i]['value']}, bar {i + 1}. Its colour:</think>")
+            assert [run_call(c, context).text for c in parse_tool_calls(first)] == [colour]
+            assert last == f"<think>Bar {i + 1} is {colour}.</think> The answer is \\boxed{{{colour}}}."
+            assert (colour == r["answer"]) == (not shortcut or i == tallest)
+        sloppy = sv.tool_turns(params, k, miss=True, needless=True, target=True)
+        named = [run_call(parse_tool_calls(t)[0], context).text for t in sloppy[:-1]]
+        assert named == [str(sum(b["value"] for b in bars)), "white", bars[tallest]["colour"]]
+        top = bars[tallest]["colour"]
+        assert sloppy[1].startswith("<think>The largest value") and sloppy[2].startswith("<think>That is the background.")
+        assert sloppy[-1] == f"<think>Bar {tallest + 1} is {top}.</think> The answer is \\boxed{{{top}}}."
+    row = sv.generate(1, seed=6, templates=["bar_sum"])[0]
     params = json.loads(row["metadata"]["params"])
-    (c1, v1), (c2, v2), (c3, v3) = [(b["colour"], b["value"]) for b in params["bars"]]
-    a, b = params["named"]
-    turns = sv.tool_turns(params, k, stepwise=True, recap=True)
-    value = {c1: v1, c2: v2, c3: v3}
-    assert turns[-1] == (f"<think>Bar 3 is {c3}. Step 1: Bar 1 is {c1} {v1}. Bar 2 is {c2} {v2}. Bar 3 is {c3} {v3}. "
-                         f"Step 2: {a[0].upper() + a[1:]} is {value[a]} and {b} is {value[b]}. "
-                         f"Step 3: {value[a]} + {value[b]} = {value[a] + value[b]}.</think> "
-                         f"The answer is \\boxed{{{value[a] + value[b]}}}.")
-    assert turns[:-1] == sv.tool_turns(params, k, stepwise=True)[:-1]
-    sloppy = sv.tool_turns(params, k, stepwise=True, recap=True, shortcut=True)
-    assert sloppy[-1].endswith(f"{value[a]} - {value[b]} = {value[a] - value[b]}.</think> "
-                               f"The answer is \\boxed{{{value[a] - value[b]}}}.")
-    needless = sv.tool_turns(params, k, needless=True, stepwise=True, recap=True)
-    assert needless[-2].startswith(f"<think>Bar 3 is {c3}. Their sum:") and needless[-1].startswith("<think>Step 1: Bar 1 is")
-    with pytest.raises(ValueError, match="stepwise"):
-        sv.tool_turns(params, k, recap=True)
+    assert sv.tool_turns(params, k, stepwise=True, target=True) == sv.tool_turns(params, k, stepwise=True)
