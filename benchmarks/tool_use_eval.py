@@ -1,6 +1,5 @@
 """Greedy tool-using episodes of a checkpoint on synthvista's held-out split: how often it calls tools, how
-many calls, which fail, its accuracy (per template too), and how a recap turn (`sft.tool_recap`) restates the
-bars against the chart (the measurement of a tool-use warm start, RESULTS.md).
+many calls, which fail, and its accuracy, per template too (the measurement of a tool-use warm start, RESULTS.md).
 
     python benchmarks/tool_use_eval.py MODEL_DIR [N] [TEMPLATE,TEMPLATE,...] [MAX_TURNS]
 """
@@ -24,21 +23,6 @@ from sapo_ray.rollout.episodes import EpisodeLimits, run_episodes
 
 # A colour answer and the next turn's first words, in a stepwise episode's transcript ("Bar 1 is red.").
 ANSWER_THEN_SAID = re.compile(r"<tool_response>\n(\w+)\n</tool_response>.*?<think>Bar \d+ is (\w+)\.", re.S)
-# A bar as a recap turn restates it ("Bar 2 is green 5.", `sft.tool_recap`).
-RECAP = re.compile(r"Bar (\d+) is (\w+) (\d+)\.")
-
-
-def recap_reads(samples, examples) -> tuple[int, int, int]:
-    """(bars restated in last turns, with the right colour, with the right value), against the chart."""
-    said = right_colour = right_value = 0
-    for s in samples:
-        bars = json.loads(examples[s.prompt_index]["metadata"]["params"]).get("bars") or []
-        for i, colour, value in RECAP.findall(s.text):
-            if 1 <= int(i) <= len(bars):
-                said += 1
-                right_colour += bars[int(i) - 1]["colour"] == colour
-                right_value += bars[int(i) - 1]["value"] == int(value)
-    return said, right_colour, right_value
 
 
 def main(path: str, n: int = 64, templates: str | None = None, max_turns: int = 3) -> dict:
@@ -56,7 +40,6 @@ def main(path: str, n: int = 64, templates: str | None = None, max_turns: int = 
     calls = [samples[i].episode.tool_calls for i in bars]
     errors = sum((Counter(s.episode.tool_errors) for s in samples), Counter())
     pairs = [p for s in samples for p in ANSWER_THEN_SAID.findall(s.episode.transcript)]
-    said, right_colour, right_value = recap_reads(samples, examples)
     by_template: dict[str, list[float]] = {}
     for s, a in zip(samples, acc):
         by_template.setdefault(examples[s.prompt_index]["metadata"]["template"], []).append(a)
@@ -64,9 +47,7 @@ def main(path: str, n: int = 64, templates: str | None = None, max_turns: int = 
             "bar_episodes_calling": sum(c > 0 for c in calls) / len(bars), "calls_per_bar_episode": sum(calls) / len(bars),
             "turns": sum(s.episode.turns for s in samples) / n, "failed_calls": dict(errors),
             "answers_repeated": sum(a == b for a, b in pairs) / len(pairs) if pairs else None, "answers_then_said": len(pairs),
-            "accuracy_by_template": {k: sum(v) / len(v) for k, v in sorted(by_template.items())},
-            "recap_bars": said, "recap_colours_right": right_colour / said if said else None,
-            "recap_values_right": right_value / said if said else None}
+            "accuracy_by_template": {k: sum(v) / len(v) for k, v in sorted(by_template.items())}}
 
 
 if __name__ == "__main__":
