@@ -91,7 +91,8 @@ class SFTConfig:
     """Share of bar-chart rows solved with tools, as two-turn episodes (`synthvista.tool_turns`: `colour_at`
     at each bar, the tools' answers, then the solution), their observations masked out of the loss. Of
     those, a share `teacher_error_rate` comes from a sloppy teacher: a missed call asked again, or a
-    needless calculator call (half each)."""
+    needless calculator call (half each); a row solved by a sloppy teacher's procedure keeps it after
+    the tools' answers."""
     tool_stepwise: bool = False
     """Tool-using rows call one tool a turn, each turn first saying what the last answer named
     (`synthvista.tool_turns(stepwise=True)`), instead of every call in the first turn."""
@@ -230,8 +231,8 @@ def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: rand
                     stepwise: bool = False, target: bool = False) -> list[dict]:
     """`batch` with a share `rate` of its bar-chart rows given a tool-using solution (`tool_turns`, one call a
     turn with `stepwise`), a share `error_rate` of those a sloppy teacher's (a missed call or a needless one).
-    With `target`, a `bar_argmax` row asks one bar, the one its teacher picks (a row given the shortcut by
-    `with_teacher_errors` keeps it)."""
+    A row given the shortcut by `with_teacher_errors` keeps its wrong procedure (with `target`, a `bar_argmax`
+    row asks the one bar its teacher picks)."""
     from sapo_ray.data.synthvista import Knobs, tool_turns
 
     out = []
@@ -241,7 +242,7 @@ def with_tool_turns(batch: list[dict], rate: float, error_rate: float, rng: rand
             sloppy = error_rate > 0 and rng.random() < error_rate
             miss = sloppy and rng.random() < 0.5
             turns = tool_turns(params, Knobs(**params["knobs"]), miss=miss, needless=sloppy and not miss,
-                               stepwise=stepwise, target=target, shortcut=target and ex.get("shortcut", False))
+                               stepwise=stepwise, target=target, shortcut=ex.get("shortcut", False))
             ex = {**ex, "tool_turns": turns}
         out.append(ex)
     return out

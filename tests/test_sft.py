@@ -202,6 +202,13 @@ def test_tool_using_rows_train_as_episodes_with_their_observations_masked(tmp_pa
     for r in taught:
         assert len(r["tool_turns"]) == 2 and ("The first value" in r["tool_turns"][0]) == bool(r.get("shortcut"))
         assert r["tool_turns"][-1].endswith(r["solution"].split("</think>")[-1])  # the teacher's answer
+    # A stepwise sum the sloppy teacher solved ends with its solution: a minus where the question asks a plus.
+    sums = with_tool_turns(with_teacher_errors(examples(20, seed=5, split="train", text_only=False, hint=False,
+                                                        templates=["bar_sum"]), 0.5, random.Random(1)),
+                           1.0, 0.0, random.Random(0), stepwise=True)
+    assert {bool(r.get("shortcut")) for r in sums} == {True, False}
+    for r in sums:
+        assert r["tool_turns"][-1] == r["solution"] and (" - " in r["solution"]) == bool(r.get("shortcut"))
     proc = load_processor("bundled:tiny-vlm")
     samples = sft_samples(proc, bars[:4], [""] * 4)
     assert all(s.episode.turns >= 2 and sum(s.observation_mask) > 0 for s in samples)

@@ -348,9 +348,11 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
 
     `target` (a `bar_argmax` question; other templates are unaffected): the first turn picks the bar from the
     values and asks the colour of that bar alone, and the last turn answers with the colour the tool named
-    just before it, so no colour is carried over a turn. `shortcut` picks the sloppy teacher's bar (the
-    first, `question_answer_solution(shortcut=True)`) instead of the tallest; a needless calculator call comes
-    before the colour's."""
+    just before it, so no colour is carried over a turn; a needless calculator call comes before the colour's.
+
+    `shortcut`: the sloppy teacher's procedure (`question_answer_solution(shortcut=True)`) once the colours are
+    known: the first bar for the tallest (with `target`, the bar asked about), the other operator for a sum or
+    a difference. The calls are the same as the right procedure's."""
     if params["template"] == "count":
         raise ValueError("tool_turns solves bar charts; a count scene has no bars")
     bars = params["bars"]
@@ -360,7 +362,7 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{" + ".join(str(b["value"]) for b in bars)}"}}}}\n</tool_call>'
     if target and params["template"] == "bar_argmax":
         return _targeted_turns(bars, values, points, calls, sum_call, k, miss, needless, shortcut)
-    _, _, solution = question_answer_solution(params)
+    _, _, solution = question_answer_solution(params, shortcut)
     turns = []
     if stepwise:
         first = f"<think>Step 1: There are {len(bars)} bars, of values {values}. The colour of bar 1:</think>"

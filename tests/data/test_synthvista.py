@@ -349,3 +349,19 @@ def test_a_targeted_episode_asks_the_bar_its_teacher_picks_and_answers_what_the_
     row = sv.generate(1, seed=6, templates=["bar_sum"])[0]
     params = json.loads(row["metadata"]["params"])
     assert sv.tool_turns(params, k, stepwise=True, target=True) == sv.tool_turns(params, k, stepwise=True)
+
+
+@pytest.mark.parametrize("template, right, wrong", [("bar_sum", "+", "-"), ("bar_diff", "-", "+")])
+def test_a_sloppy_teachers_tool_episode_asks_the_same_bars_and_takes_the_other_operator(template, right, wrong):
+    """`shortcut` on a stepwise sum or difference: the same calls, then the last turn applies the other operator
+    to the two named bars' values, so its answer is the shortcut's (5 + 3 = 8 against 5 - 3 = 2)."""
+    k = sv.Knobs(templates=(template,))
+    for r in sv.generate(6, seed=7, templates=[template]):
+        params = json.loads(r["metadata"]["params"])
+        value = {b["colour"]: b["value"] for b in params["bars"]}
+        a, b = params["named"]
+        good, bad = sv.tool_turns(params, k, stepwise=True), sv.tool_turns(params, k, stepwise=True, shortcut=True)
+        assert good[:-1] == bad[:-1] and good[-1] == r["solution"]
+        other = value[a] + value[b] if wrong == "+" else value[a] - value[b]
+        assert f"{value[a]} {right} {value[b]} = {r['answer']}." in good[-1]
+        assert bad[-1].endswith(f"{value[a]} {wrong} {value[b]} = {other}.</think> The answer is \\boxed{{{other}}}.")
