@@ -272,7 +272,11 @@ def test_a_lora_policy_exports_merged_or_as_its_adapter(lora_run, tmp_path):
     adapted = PeftModel.from_pretrained(load_policy(BASE), str(tmp_path / "adapter")).eval()
     batch = vlm_batch(load_processor(BASE))
     with torch.no_grad():
-        assert float((adapted(**batch).logits - loaded(**batch).logits).abs().max()) < 1e-5
+        want, got, base = loaded(**batch).logits, adapted(**batch).logits, load_policy(BASE).eval()(**batch).logits
+    # (W + BA) x and W x + B (A x) round differently in float32 (by up to 1.2e-5 on an Intel AVX512 CPU): a
+    # tolerance relative to the logits' size, far below what the adapters change.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((want - base).abs().max()) > 1e-2
 
 
 def test_adapter_export_of_a_full_policy_is_a_clear_error(run, tmp_path, capsys):
