@@ -22,14 +22,20 @@ runs() {
   for seed in 0 1 2; do
     echo "sapo_turn-seed$seed algorithm=sapo algorithm.segmenter=turn seed=$seed"
     echo "sapo_entropy-seed$seed algorithm=sapo algorithm.segmenter=entropy_topk seed=$seed"
-    for alg in ppo grpo gspo; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
+    for alg in ppo grpo; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
+    # A sequence-level ratio: the old log-probs from the learner itself, as algorithm validation asks of GSPO.
+    echo "gspo-seed$seed algorithm=gspo actor.recompute_old_logp=true seed=$seed"
   done
 }
 
 tables() {
   local dirs=()
   for d in "$STUDY"/*/; do [[ -f $d/metrics.jsonl ]] && dirs+=("$d"); done
-  for metric in val/accuracy val/accuracy_greedy val/episode/tool_calls critic/vf_explained_var episode/acc_with_tools; do
+  for metric in val/accuracy val/accuracy_greedy; do
+    "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric "$metric" --out "$STUDY/${metric//\//_}.png"
+  done
+  for metric in val/episode/tool_calls val/episode/tool_errors reward/accuracy critic/vf_explained_var \
+                episode/acc_with_tools; do
     "$PYTHON" -m sapo_ray.compare "${dirs[@]}" --by-dir --metric "$metric" --out ''
   done
 }

@@ -9,8 +9,9 @@ directory name ending in `<algorithm>-seed<N>` (the default `trainer.experiment`
 directory name is the algorithm. `--by-dir` labels a run by its directory name before `-seed<N>`
 instead (`sapo-seg_newline-seed0` is `sapo-seg_newline`): the study's variants of one algorithm. Any metric in `metrics.jsonl` can be compared (`--metric`).
 
-For each run the metric's series gives three numbers: `first` (value at the first logged step),
-`last` (at the last) and `best` (max over steps; min with --lower-is-better). The table reports
+For each run the metric's series gives five numbers: `first` (value at the first logged step),
+`last` (at the last), `gain` (last - first), `best` (max over steps; min with --lower-is-better) and
+`mean` (over the logged steps: for per-step numbers such as the critic's explained variance). The table reports
 each as mean ± std over the algorithm's runs, std being the sample standard deviation (n - 1; shown
 only for n >= 2).
 
@@ -67,11 +68,18 @@ class Summary:
     first: list[float]
     last: list[float]
     best: list[float]
+    mean: list[float]  # each run's mean over its logged steps
     last_step: int
 
     @property
     def seeds(self) -> list[int | None]:
         return [r.seed for r in self.runs]
+
+    @property
+    def gain(self) -> list[float]:
+        """Each run's last value less its first: a seed's gain, whose spread over seeds is not the spread of
+        `last` when the runs start apart."""
+        return [last - first for first, last in zip(self.first, self.last)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -184,7 +192,8 @@ def summarize(runs: list[Run], metric: str, lower_is_better: bool = False) -> li
         members = sorted(groups[algorithm], key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
         values = [[v for _, v in r.series[metric]] for r in members]
         out.append(Summary(algorithm, members, [v[0] for v in values], [v[-1] for v in values],
-                           [pick(v) for v in values], max(r.series[metric][-1][0] for r in members)))
+                           [pick(v) for v in values], [sum(v) / len(v) for v in values],
+                           max(r.series[metric][-1][0] for r in members)))
     return out
 
 
@@ -194,14 +203,16 @@ def _fmt(values: list[float]) -> str:
 
 
 def format_table(summaries: list[Summary], metric: str, lower_is_better: bool = False) -> str:
-    """A plain-text table: algorithm, runs, their seeds, last step, first/last/best as mean ± std."""
-    header = ["algorithm", "runs", "seeds", "steps", "first", "last", "best"]
+    """A plain-text table: algorithm, runs, their seeds, last step, first/last/gain/best/mean as mean ± std."""
+    header = ["algorithm", "runs", "seeds", "steps", "first", "last", "gain", "best", "mean"]
     rows = [[s.algorithm, str(len(s.runs)), ",".join("?" if x is None else str(x) for x in s.seeds),
-             str(s.last_step), _fmt(s.first), _fmt(s.last), _fmt(s.best)] for s in summaries]
+             str(s.last_step), _fmt(s.first), _fmt(s.last), _fmt(s.gain), _fmt(s.best), _fmt(s.mean)]
+            for s in summaries]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     best = "min" if lower_is_better else "max"
-    title = f"{metric}: first/last/best ({best} over steps) per run, mean ± std (n-1) over runs"
+    title = (f"{metric}: first/last/gain (last - first)/best ({best} over steps)/mean (over steps) per run, "
+             "mean ± std (n-1) over runs")
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

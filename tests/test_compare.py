@@ -91,21 +91,23 @@ def test_identity_by_directory_name_separates_variants_of_one_algorithm(tmp_path
 def test_table_numbers(sweep, capsys):
     assert compare.main([str(sweep), "--out", ""]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("val/accuracy: first/last/best (max over steps)")
+    assert lines[0].startswith("val/accuracy: first/last/gain (last - first)/best (max over steps)/mean (over steps)")
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert set(rows) == {"grpo", "sapo"}
-    # grpo: one seed, no std: first 0.0, last 0.25, best 0.25, last step 5.
-    assert rows["grpo"] == ["grpo", "1", "0", "5", "0.0000", "0.2500", "0.2500"]
+    # grpo: one seed, no std: first 0.0, last 0.25, gain 0.25, best 0.25, mean 0.125, last step 5.
+    assert rows["grpo"] == ["grpo", "1", "0", "5", "0.0000", "0.2500", "0.2500", "0.2500", "0.1250"]
     # sapo: first (0.1, 0.2) -> 0.15 ± sqrt(2 * 0.05^2 / 1) = 0.0707; last (0.4, 0.6) -> 0.5 ± 0.1414;
-    # best (0.5, 0.6) -> 0.55 ± 0.0707.
+    # gain (0.3, 0.4) -> 0.35 ± 0.0707; best (0.5, 0.6) -> 0.55 ± 0.0707;
+    # mean over steps (1.0 / 3, 1.1 / 3) -> 0.35 ± sqrt(2 * (0.1 / 6)^2) = 0.0236.
     assert rows["sapo"] == ["sapo", "2", "0,1", "20", "0.1500", "±", "0.0707", "0.5000", "±", "0.1414",
-                            "0.5500", "±", "0.0707"]
+                            "0.3500", "±", "0.0707", "0.5500", "±", "0.0707", "0.3500", "±", "0.0236"]
 
 
 def test_summary_values_and_lower_is_better(sweep):
     runs = compare.load_runs([sweep])
     (grpo, sapo) = compare.summarize(runs, "val/accuracy")
     assert (sapo.first, sapo.last, sapo.best) == ([0.1, 0.2], [0.4, 0.6], [0.5, 0.6])
+    assert sapo.gain == pytest.approx([0.3, 0.4]) and sapo.mean == pytest.approx([1.0 / 3, 1.1 / 3])
     mean, std = compare.mean_std(sapo.last)
     assert mean == pytest.approx(0.5) and std == pytest.approx(math.sqrt(0.02))
     assert compare.mean_std([0.25]) == (0.25, None)

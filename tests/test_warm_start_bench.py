@@ -45,3 +45,19 @@ def test_estimators_by_hand():
     # 6 samples, 2 right, groups of 2: all right C(2,2)=1, all wrong C(4,2)=6, of C(6,2)=15.
     assert bench.no_signal(6, 2, 2) == pytest.approx(7 / 15)
     assert bench.no_signal(4, 0, 4) == 1.0 and bench.no_signal(8, 4, 4) == pytest.approx(2 / 70)
+
+
+@pytest.mark.parametrize("template", ["bar_argmax", "bar_sum", "bar_diff"])
+def test_the_shortcut_is_told_in_a_tool_episodes_transcript(template):
+    """`benchmarks/branch_choices.py` reads dumped tool episodes with `took_shortcut`: an episode's turns and
+    observations, the sloppy teacher's needless calculator call (`1 + 2 + 3`, no `=`) among them, tell the
+    two procedures apart as a single response does."""
+    import sapo_ray.data.synthvista as sv
+
+    k = sv.Knobs(templates=(template,))
+    for row in generate(6, seed=5, split="train", templates=(template,)):
+        params = json.loads(row["metadata"]["params"])
+        for shortcut in (False, True):
+            turns = sv.tool_turns(params, k, needless=True, stepwise=True, target=True, shortcut=shortcut)
+            transcript = "<|im_end|>\n<|im_start|>user\n<tool_response>\nred\n</tool_response><|im_end|>\n".join(turns)
+            assert bench.took_shortcut(transcript, {"template": template}) == shortcut, transcript
