@@ -6,28 +6,24 @@ and appended; nothing is ever re-tokenized, so the learner trains on exactly the
 or appended (re-tokenizing a conversation between turns changes its ids: verl #3960, TRL #5224).
 
 Episodes advance in rounds: all first turns in one `generate` call (`n` per prompt), then each round
-the environments answer the turns that ended and every live episode's next turn is generated in one
-call, each episode a prompt of its own ids (the engine computes the prefix again). An episode ends
+the environments answer the turns that ended (`step_all`: the round's tool calls run side by side in the
+pool) and every live episode's next turn is generated in one call, each episode a prompt of its own ids
+(the engine computes the prefix again). An episode ends
 when its environment says so, when a turn stops at its length limit, after `max_turns` turns, or when the
 next observation or turn would pass `max_tokens` tokens of response (turns and observations together).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import numbers
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sapo_ray.batch import EpisodeStats, Prompt, Sample, SamplingParams
-from sapo_ray.envs.env import Env, Step, env_factory
+from sapo_ray.envs.env import Env, Step, checked_step, env_factory, step_all
 from sapo_ray.envs.pool import ToolPool
 from sapo_ray.envs.tools import load_tool, tool_schemas
 from sapo_ray.utils import derive_seed
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,13 +79,6 @@ class _Episode:
                       self.rewards if any(self.rewards) else None)
 
 
-def _checked(step: Step) -> Step:
-    """`step`, if its reward is a finite number (else an environment's error, raised)."""
-    if isinstance(step.reward, bool) or not isinstance(step.reward, numbers.Real) or not math.isfinite(step.reward):
-        raise ValueError(f"a Step's reward must be a finite number, got {step.reward!r}")
-    return step
-
-
 def _cut(sample: Sample, budget: int, tokenizer) -> Sample:
     """`sample` with at most `budget` tokens (then unfinished)."""
     if len(sample.response_ids) <= budget:
@@ -111,18 +100,12 @@ def run_episodes(generate: Callable[[list[Prompt], SamplingParams], list[Sample]
     for episode, sample in zip(episodes, first):
         episode.add_turn(sample)
     for turn in range(1, limits.max_turns + 1):
-        live = []
         for episode in episodes:
-            if episode.done:
-                continue
-            if not episode.finished:  # cut at the length limit: no complete turn to answer
+            if not episode.done and not episode.finished:  # cut at the length limit: no complete turn to answer
                 episode.done = episode.cut = True
-                continue
-            try:
-                step = _checked(episode.env.step(episode.text))
-            except Exception as error:  # a user's environment failing ends its episode, counted, not the run
-                log.warning("an environment's step raised %s: %s; its episode ends there", type(error).__name__, error)
-                step = Step(None, tool_errors=Counter({"env_raised": 1}))
+        answering = [episode for episode in episodes if not episode.done]
+        live = []
+        for episode, step in zip(answering, step_all([(e.env, e.text) for e in answering])):
             episode.answered(step)
             if step.observation is None:
                 episode.done = True
@@ -153,7 +136,7 @@ def replay_episode(tokenizer, prompt: Prompt, turns: list[str], env: Env, prompt
     for i, text in enumerate(turns):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
         episode.add_turn(Sample(list(prompt.ids), ids, [0.0] * len(ids), [0.0] * len(ids), text, True, prompt_index))
-        step = _checked(env.step(text))
+        step = checked_step(env.step(text))
         episode.answered(step)
         if (step.observation is None) != (i == len(turns) - 1):
             raise ValueError(f"turn {i} of {len(turns)} {'ends' if step.observation is None else 'does not end'} "

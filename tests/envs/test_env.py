@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from sapo_ray.envs.env import ENVS, ToolEnv, env_factory
-from sapo_ray.envs.pool import ToolPool
+from sapo_ray.envs.env import ENVS, Step, ToolEnv, env_factory, step_all
+from sapo_ray.envs.pool import InlineTools, ToolPool
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,49 @@ def test_calls_are_answered_in_order_and_an_answer_ends_the_episode(tools):
     assert step.observation.endswith("<|im_start|>assistant\n")
     final = env.step("<think>It is blue.</think> The answer is \\boxed{blue}.")
     assert final.observation is None and final.tool_calls == 0
+
+
+class CountingTools(InlineTools):
+    """Runs calls inline and keeps how many each `run` got."""
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, calls):
+        self.runs.append(len(calls))
+        return super().run(calls)
+
+
+def _calc(*expressions):
+    return "".join(f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{e}"}}}}</tool_call>'
+                   for e in expressions)
+
+
+def test_a_rounds_tool_calls_go_to_the_pool_together_and_each_episode_gets_its_own_answers():
+    """`step_all` over one round: the calls of three tool episodes reach the pool in one `run` (4 calls),
+    each episode's observation holds its own results in its own order; an episode whose turn calls nothing
+    ends; another environment (and a `ToolEnv` subclass with a `step` of its own) answers through its `step`,
+    and one that raises ends its episode counted."""
+    tools = CountingTools()
+
+    class Louder(ToolEnv):
+        def step(self, text):
+            return Step("LOUD", tool_calls=0)
+
+    class Broken:
+        def step(self, text):
+            raise RuntimeError("no")
+
+    envs = [ToolEnv({}, tools), ToolEnv({}, tools), Louder({}, tools), ToolEnv({}, tools), Broken(), ToolEnv({}, tools)]
+    texts = [_calc("1 + 1", "2 * 3"), "The answer is 5.", "", _calc("10 - 1"), "", _calc("7 * 6")]
+    steps = step_all(list(zip(envs, texts)))
+    assert tools.runs == [4]
+    assert ["\n2\n" in steps[0].observation, "\n6\n" in steps[0].observation] == [True, True]
+    assert steps[0].observation.index("\n2\n") < steps[0].observation.index("\n6\n") and steps[0].tool_calls == 2
+    assert steps[1].observation is None and steps[2].observation == "LOUD"
+    assert "\n9\n" in steps[3].observation and "\n42\n" in steps[5].observation
+    assert "\n9\n" not in steps[5].observation and steps[5].tool_calls == 1
+    assert steps[4].observation is None and steps[4].tool_errors == Counter({"env_raised": 1})
 
 
 def test_environments_by_name_or_file(tmp_path):
