@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study of turn-level credit (benchmarks/RESULTS.md, "The agent demo and turn-level credit"): on the
 # agent demo's tool-using episodes (`+experiment=agent_demo`), SAPO with each turn a segment against SAPO
-# with entropy segments, PPO, GRPO and GSPO. Each run goes into benchmarks/agent_study/<name>/ and keeps
+# with entropy segments, PPO, GRPO and GSPO, seeds 0-2 at the demo's lr and an lr grid on seed 0. Each run goes into benchmarks/agent_study/<name>/ and keeps
 # only small text files: metrics.jsonl, the resolved config.yaml and command.txt (the line that reruns it
 # from the repository root; runs are deterministic on the CPU).
 #
@@ -18,13 +18,23 @@ RUN_FIRST=(+experiment=agent_demo)
 source launch/study_lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 
+# name and overrides of each variant, at the demo's lr (2e-5).
+variants() {
+  echo "sapo_turn algorithm=sapo algorithm.segmenter=turn"
+  echo "sapo_entropy algorithm=sapo algorithm.segmenter=entropy_topk"
+  echo "ppo algorithm=ppo"
+  echo "grpo algorithm=grpo"
+  # A sequence-level ratio: the old log-probs from the learner itself, as algorithm validation asks of GSPO.
+  echo "gspo algorithm=gspo actor.recompute_old_logp=true"
+}
+
 runs() {
   for seed in 0 1 2; do
-    echo "sapo_turn-seed$seed algorithm=sapo algorithm.segmenter=turn seed=$seed"
-    echo "sapo_entropy-seed$seed algorithm=sapo algorithm.segmenter=entropy_topk seed=$seed"
-    for alg in ppo grpo; do echo "$alg-seed$seed algorithm=$alg seed=$seed"; done
-    # A sequence-level ratio: the old log-probs from the learner itself, as algorithm validation asks of GSPO.
-    echo "gspo-seed$seed algorithm=gspo actor.recompute_old_logp=true seed=$seed"
+    variants | while read -r name overrides; do echo "$name-seed$seed $overrides seed=$seed"; done
+  done
+  # The lr grid, on seed 0: each variant at half and twice the demo's lr.
+  for lr in 1e-5 4e-5; do
+    variants | while read -r name overrides; do echo "$name-lr$lr-seed0 $overrides actor.optim.lr=$lr seed=0"; done
   done
 }
 
