@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The study of turn-level credit (benchmarks/RESULTS.md, "The agent demo and turn-level credit"): on the
 # agent demo's tool-using episodes (`+experiment=agent_demo`), SAPO with each turn a segment against SAPO
-# with entropy segments, PPO, GRPO and GSPO, seeds 0-2 at the demo's lr and an lr grid on seed 0. Each run goes into benchmarks/agent_study/<name>/ and keeps
-# only small text files: metrics.jsonl, the resolved config.yaml and command.txt (the line that reruns it
-# from the repository root; runs are deterministic on the CPU).
+# with entropy segments, PPO, GRPO and GSPO, seeds 0-2 at the demo's lr and an lr grid on seed 0. Each run
+# goes into benchmarks/agent_study/<name>/ and keeps only small text files: metrics.jsonl, the resolved
+# config.yaml and command.txt (the line that reruns it from the repository root; runs are deterministic on
+# the CPU).
 #
 #   launch/agent_study.sh --list                      # the runs, with their overrides
 #   launch/agent_study.sh                             # every run not yet in benchmarks/agent_study
