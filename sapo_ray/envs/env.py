@@ -113,11 +113,12 @@ def step_all(turns: list[tuple[Env, str]]) -> list[Step]:
     for pool, pending in batched.values():
         try:
             results = iter(pool.run([call for _, calls in pending for call in calls]))
-            for i, calls in pending:
-                steps[i] = ToolEnv.answer([next(results) for _ in calls])
         except Exception as error:
             for i, _ in pending:
                 steps[i] = _raised(error)
+            continue
+        for i, calls in pending:
+            steps[i] = ToolEnv.answer([next(results) for _ in calls])
     return steps
 
 

@@ -8,9 +8,9 @@ or appended (re-tokenizing a conversation between turns changes its ids: verl #3
 Episodes advance in rounds: all first turns in one `generate` call (`n` per prompt), then each round
 the environments answer the turns that ended (`step_all`: the round's tool calls run side by side in the
 pool) and every live episode's next turn is generated in one call, each episode a prompt of its own ids
-(the engine computes the prefix again). An episode ends
-when its environment says so, when a turn stops at its length limit, after `max_turns` turns, or when the
-next observation or turn would pass `max_tokens` tokens of response (turns and observations together).
+(the engine computes the prefix again). An episode ends when its environment says so, when a turn stops at
+its length limit, after `max_turns` turns, or when the next observation or turn would pass `max_tokens`
+tokens of response (turns and observations together).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_a_rounds_tool_calls_go_to_the_pool_together_and_each_episode_gets_its_o
     texts = [_calc("1 + 1", "2 * 3"), "The answer is 5.", "", _calc("10 - 1"), "", _calc("7 * 6")]
     steps = step_all(list(zip(envs, texts)))
     assert tools.runs == [4]
-    assert ["\n2\n" in steps[0].observation, "\n6\n" in steps[0].observation] == [True, True]
+    assert "\n2\n" in steps[0].observation and "\n6\n" in steps[0].observation
     assert steps[0].observation.index("\n2\n") < steps[0].observation.index("\n6\n") and steps[0].tool_calls == 2
     assert steps[1].observation is None and steps[2].observation == "LOUD"
     assert "\n9\n" in steps[3].observation and "\n42\n" in steps[5].observation
