@@ -46,7 +46,9 @@ runs() {
   echo "sapo_turn-critic4x-seed0 algorithm=sapo algorithm.segmenter=turn critic.ppo_epochs=4 seed=0"
   echo "sapo_turn-critic4x-warm10-seed0 algorithm=sapo algorithm.segmenter=turn critic.ppo_epochs=4 algorithm.critic_warmup=10 seed=0"
   # Value pre-training on the warm start's own episodes (VC-PPO's): 30 critic-only steps, then the 30 of the others.
-  echo "sapo_turn-critic-pre30-seed0 algorithm=sapo algorithm.segmenter=turn algorithm.critic_warmup=30 trainer.steps=60 seed=0"
+  for seed in 0 1 2; do
+    echo "sapo_turn-critic-pre30-seed$seed algorithm=sapo algorithm.segmenter=turn algorithm.critic_warmup=30 trainer.steps=60 seed=$seed"
+  done
 }
 
 tables() {
