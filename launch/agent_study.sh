@@ -29,6 +29,9 @@ variants() {
   echo "gspo algorithm=gspo actor.recompute_old_logp=true"
 }
 
+# The overrides of variant $1.
+overrides() { variants | awk -v n="$1" '$1 == n {$1 = ""; print substr($0, 2)}'; }
+
 runs() {
   for seed in 0 1 2; do
     variants | while read -r name overrides; do echo "$name-seed$seed $overrides seed=$seed"; done
@@ -38,16 +41,14 @@ runs() {
     variants | while read -r name overrides; do echo "$name-lr$lr-seed0 $overrides actor.optim.lr=$lr seed=0"; done
   done
   # Seeds 1-2 where the grid's best lr is not the demo's: GSPO's is 1e-5 (seed 0: +13.1, against +7.8 at 2e-5).
-  variants | awk '$1 == "gspo"' | while read -r name overrides; do
-    for seed in 1 2; do echo "$name-lr1e-5-seed$seed $overrides actor.optim.lr=1e-5 seed=$seed"; done
-  done
+  for seed in 1 2; do echo "gspo-lr1e-5-seed$seed $(overrides gspo) actor.optim.lr=1e-5 seed=$seed"; done
   # A critic trained harder, to ask whether turn credit pays once values explain the return: four passes of
   # the critic over each batch, and ten critic-only steps (the policy then updates on 20).
-  echo "sapo_turn-critic4x-seed0 algorithm=sapo algorithm.segmenter=turn critic.ppo_epochs=4 seed=0"
-  echo "sapo_turn-critic4x-warm10-seed0 algorithm=sapo algorithm.segmenter=turn critic.ppo_epochs=4 algorithm.critic_warmup=10 seed=0"
+  echo "sapo_turn-critic4x-seed0 $(overrides sapo_turn) critic.ppo_epochs=4 seed=0"
+  echo "sapo_turn-critic4x-warm10-seed0 $(overrides sapo_turn) critic.ppo_epochs=4 algorithm.critic_warmup=10 seed=0"
   # Value pre-training on the warm start's own episodes (VC-PPO's): 30 critic-only steps, then the 30 of the others.
   for seed in 0 1 2; do
-    echo "sapo_turn-critic-pre30-seed$seed algorithm=sapo algorithm.segmenter=turn algorithm.critic_warmup=30 trainer.steps=60 seed=$seed"
+    echo "sapo_turn-critic-pre30-seed$seed $(overrides sapo_turn) algorithm.critic_warmup=30 trainer.steps=60 seed=$seed"
   done
 }
 

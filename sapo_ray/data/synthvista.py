@@ -357,7 +357,8 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
         raise ValueError("tool_turns solves bar charts; a count scene has no bars")
     if target and params["template"] == "bar_argmax":
         return _targeted_turns(params, k, miss, needless, shortcut)
-    bars, values, points, calls, sum_call = _chart_calls(params, k)
+    bars = params["bars"]
+    values, points, calls, sum_call = _chart_calls(params, k)
     _, _, solution = question_answer_solution(params, shortcut)
     turns = []
     if stepwise:
@@ -380,20 +381,19 @@ def tool_turns(params: dict, k: Knobs, miss: bool = False, needless: bool = Fals
     return turns + [solution]
 
 
-def _chart_calls(params: dict, k: Knobs) -> tuple[list[dict], str, list[tuple[int, int]], list[str], str]:
-    """What a tool-using solution of a bar chart writes: its bars, their values as read (`"3, 5, 2"`), each
-    bar's `bar_point`, the `colour_at` call of each, and the calculator call summing the values."""
-    bars = params["bars"]
-    points = [bar_point(params, k, i) for i in range(len(bars))]
-    expression = " + ".join(str(b["value"]) for b in bars)
-    sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>'
-    return (bars, ", ".join(str(b["value"]) for b in bars), points, [_colour_call(x, y) for x, y in points],
-            sum_call)
+def _chart_calls(params: dict, k: Knobs) -> tuple[str, list[tuple[int, int]], list[str], str]:
+    """What a tool-using solution of a bar chart writes: the bars' values as read (`"3, 5, 2"`), each bar's
+    `bar_point`, the `colour_at` call of each, and the calculator call summing the values."""
+    values = [str(b["value"]) for b in params["bars"]]
+    points = [bar_point(params, k, i) for i in range(len(values))]
+    sum_call = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{" + ".join(values)}"}}}}\n</tool_call>'
+    return ", ".join(values), points, [_colour_call(x, y) for x, y in points], sum_call
 
 
 def _targeted_turns(params: dict, k: Knobs, miss: bool, needless: bool, shortcut: bool) -> list[str]:
     """`tool_turns(target=True)` of a `bar_argmax` question."""
-    bars, values, points, calls, sum_call = _chart_calls(params, k)
+    bars = params["bars"]
+    values, points, calls, sum_call = _chart_calls(params, k)
     i = 0 if shortcut else max(range(len(bars)), key=lambda j: bars[j]["value"])
     word, colour = "first" if shortcut else "largest", bars[i]["colour"]
     turns = []
